@@ -1,0 +1,36 @@
+# Every target installs what it needs when .venv is missing, so each works alone on a fresh clone.
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+MODEL   ?= models/demo-tiny
+SIZE    ?= tiny
+HOST    ?= 127.0.0.1
+PORT    ?= 8000
+
+.PHONY: install serve test bench demo-model clean
+
+install: .venv/.installed
+
+.venv/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+$(MODEL)/config.json: | .venv/.installed
+	.venv/bin/mace demo-model $(MODEL) --size $(SIZE)
+
+demo-model: $(MODEL)/config.json
+
+serve: .venv/.installed $(MODEL)/config.json
+	.venv/bin/mace serve --model $(MODEL) --host $(HOST) --port $(PORT)
+
+test: .venv/.installed
+	$(PY) -m pytest -q
+
+bench: .venv/.installed
+	$(MAKE) demo-model MODEL=models/demo-base SIZE=base
+	.venv/bin/mace bench engine --model models/demo-base --out bench-results/engine.json
+
+clean:
+	rm -rf .venv models bench-results

@@ -1,0 +1,1 @@
+"""Model execution: loading, the paged attention, the runner, sampling, the worker thread."""

@@ -1,0 +1,134 @@
+"""Paged attention, plugged into transformers through ``AttentionInterface``.
+
+The model runs one forward per iteration over a packed batch of shape (1, T): the decode tokens
+of many sequences first, then prefill chunks. The attention function receives the packed
+queries and the new keys and values (after RoPE), writes K/V into the block pool at each token's
+slot, and attends over each sequence's block table.
+
+Pool layout per layer: ``(num_blocks, block_size, num_kv_heads, head_dim)`` for K and for V, the
+layout flash-attn's paged kernels read. On CPU (and on CUDA without flash-attn) we gather the
+blocks a sequence needs and call torch SDPA.
+
+Called without ``mace_meta`` (training, reference log-probs, ``model.generate``), the function is
+plain SDPA, so one model object serves both paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTENTION_NAME = "mace_paged"
+
+
+@dataclass(slots=True)
+class PrefillSpan:
+    """A multi-token chunk of one sequence inside the packed batch."""
+
+    start: int  # first row in the packed batch
+    length: int  # number of query tokens
+    # Block ids covering the keys [0, context + length); None when the chunk starts at position
+    # 0 and can attend over its own fresh K/V with a plain causal mask.
+    block_ids: torch.Tensor | None = None
+    # (length, num_blocks * block_size) bool: key j visible to query i.
+    mask: torch.Tensor | None = None
+
+
+@dataclass(slots=True)
+class PagedAttentionMetadata:
+    """Built once per iteration by the runner, shared by every layer."""
+
+    # Per layer (K, V), each (num_blocks, block_size, num_kv_heads, head_dim).
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    # (T,) flat slot (block * block_size + offset) each packed token writes to.
+    slot_mapping: torch.Tensor
+    # Rows [0, num_decode_tokens) are single-token chunks, batched together.
+    num_decode_tokens: int = 0
+    # (num_decode_tokens * max_blocks,) block ids, padded with block 0.
+    decode_block_ids: torch.Tensor | None = None
+    # (num_decode_tokens, 1, 1, max_blocks * block_size) bool: which keys are real.
+    decode_mask: torch.Tensor | None = None
+    prefills: list[PrefillSpan] = field(default_factory=list)
+
+
+def paged_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    meta: PagedAttentionMetadata | None = kwargs.get("mace_meta")
+    if meta is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    _, num_heads, num_tokens, head_dim = query.shape  # (1, H, T, D)
+    num_kv_heads = key.shape[1]
+    group = num_heads // num_kv_heads
+    k_cache, v_cache = meta.kv_caches[module.layer_idx]
+    block_size = k_cache.shape[1]
+
+    # 1. Write this iteration's K/V into the pool.
+    k_new = key[0].transpose(0, 1)  # (T, Hkv, D)
+    v_new = value[0].transpose(0, 1)
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k_new)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v_new)
+
+    q = query[0]  # (H, T, D)
+    out = query.new_empty(num_tokens, num_heads, head_dim)
+
+    # 2. Decodes: one query per sequence. Fold the GQA group into the query-length axis so
+    # that K/V are never repeated: (Bd, Hkv, G, D) against (Bd, Hkv, L, D).
+    num_decodes = meta.num_decode_tokens
+    if num_decodes:
+        qd = q[:, :num_decodes].transpose(0, 1).reshape(num_decodes, num_kv_heads, group, head_dim)
+        length = meta.decode_mask.shape[-1]
+        kd = k_cache.index_select(0, meta.decode_block_ids)  # (Bd * nb, bs, Hkv, D)
+        vd = v_cache.index_select(0, meta.decode_block_ids)
+        kd = kd.view(num_decodes, length, num_kv_heads, head_dim).transpose(1, 2)  # (Bd, Hkv, L, D)
+        vd = vd.view(num_decodes, length, num_kv_heads, head_dim).transpose(1, 2)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scaling)
+        out[:num_decodes] = od.reshape(num_decodes, num_heads, head_dim)
+
+    # 3. Prefill chunks, one SDPA call each.
+    for span in meta.prefills:
+        rows = slice(span.start, span.start + span.length)
+        qp = q[None, :, rows]  # (1, H, c, D)
+        if span.block_ids is None:
+            kp, vp = key[:, :, rows], value[:, :, rows]  # (1, Hkv, c, D)
+            op = F.scaled_dot_product_attention(
+                qp, kp, vp, is_causal=True, scale=scaling, enable_gqa=group > 1
+            )
+        else:
+            n = span.block_ids.numel() * block_size
+            kp = k_cache.index_select(0, span.block_ids).view(1, n, num_kv_heads, head_dim)
+            vp = v_cache.index_select(0, span.block_ids).view(1, n, num_kv_heads, head_dim)
+            op = F.scaled_dot_product_attention(
+                qp,
+                kp.transpose(1, 2),
+                vp.transpose(1, 2),
+                attn_mask=span.mask,
+                scale=scaling,
+                enable_gqa=group > 1,
+            )
+        out[rows] = op[0].transpose(0, 1)  # (c, H, D)
+    return out.unsqueeze(0), None  # (1, T, H, D)
+
+
+def register_paged_attention() -> None:
+    """Make ``attn_implementation="mace_paged"`` known to transformers (idempotent).
+
+    The mask function is SDPA's: the unpaged path needs a real causal mask, and the paged path
+    passes an already-4D placeholder mask, which transformers hands through untouched.
+    """
+    AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)

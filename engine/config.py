@@ -1,0 +1,37 @@
+"""Engine configuration: one dataclass, validated once, passed explicitly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    device: str = "cpu"
+    dtype: str | None = None  # "float32" | "bfloat16" | "float16"; None: fp32 on CPU, bf16 on CUDA
+    block_size: int = 16
+    # The KV pool: an explicit byte budget, or a fraction of the memory free after loading.
+    kv_cache_bytes: int | None = None
+    kv_cache_fraction: float = 0.3
+    # Per-iteration token budget (prefill chunks + decodes) and concurrent sequences.
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 64
+    enable_chunked_prefill: bool = True
+    max_model_len: int | None = None  # None: the model's own context
+    seed: int = 0
+    vocab_size: int | None = None  # filled from the model; prompt ids are checked against it
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
+            raise ValueError(f"kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
+        if not 0.0 < self.kv_cache_fraction <= 0.95:
+            raise ValueError(f"kv_cache_fraction must be in (0, 0.95], got {self.kv_cache_fraction}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype}")

@@ -1,0 +1,114 @@
+"""The contract between the scheduler and the worker: one plan in, one result out, per iteration.
+
+Both are plain dataclasses of ids, counts and token ids; no tensors cross this seam. The chain:
+
+    IterationPlan ──(ModelRunner.prepare)──> packed tensors: input_ids (1, T), position_ids (1, T),
+        PagedAttentionMetadata (slot mapping, decode block tables, prefill spans)
+    ──(one forward, sample)──> IterationResult
+
+Token order inside the packed batch is the runner's business; results are keyed by ``seq_id``.
+The scheduler owns the block pool: a chunk's ``block_table`` already covers every position it
+writes, so the runner never allocates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class SequenceChunk:
+    """One sequence's share of an iteration: feed ``token_ids`` at positions
+    ``start_pos .. start_pos + len(token_ids) - 1`` (a prefill chunk, or one decode token)."""
+
+    seq_id: int
+    token_ids: list[int]
+    start_pos: int
+    # Block ids covering positions [0, start_pos + len(token_ids)), in order.
+    block_table: list[int]
+    # Set when the chunk ends at the sequence's last token: sample the next one.
+    sampling: SamplingParams | None = None
+    # The seed for this sequence and the index of the output token being sampled; together
+    # they seed the noise, so sampling does not depend on the rest of the batch.
+    seed: int = 0
+    output_index: int = 0
+    # Prompt scoring: for chunk positions ``prompt_logprob_start + i`` the log-prob of
+    # ``prompt_logprob_targets[i]`` (the next prompt token), with this many alternatives.
+    prompt_logprob_start: int = 0
+    prompt_logprob_targets: list[int] = field(default_factory=list)
+    num_prompt_top_logprobs: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(slots=True)
+class FinetuneChunk:
+    """A slice of fine-tune work the worker runs in the same iteration, after the inference
+    forward (the trainer issue fills this in: reference log-probs or a DPO gradient chunk).
+
+    ``kind`` is ``"reference"`` (no-grad log-probs of stored pairs) or ``"gradient"`` (forward and
+    backward of one or more pairs' response tokens); ``num_tokens`` is what the scheduler sized it to.
+    """
+
+    task_id: int
+    kind: str
+    pair_ids: list[int]
+    num_tokens: int
+
+
+@dataclass(slots=True)
+class IterationPlan:
+    """Everything the worker does in one iteration."""
+
+    iteration: int
+    # Inference work: at most one chunk per sequence.
+    chunks: list[SequenceChunk]
+    # Optional fine-tune work, run after the inference forward (trainer issue).
+    finetune: FinetuneChunk | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """A token's log-prob and the top alternatives at its position, best first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class SequenceResult:
+    seq_id: int
+    # The sampled token, or None when the chunk did not end at the sequence's last token.
+    token_id: int | None = None
+    logprob: TokenLogprob | None = None
+    # One entry per target in the chunk's ``prompt_logprob_targets``.
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class FinetuneResult:
+    task_id: int
+    # DPO loss per pair (trainer issue); feeds the scheduler's fine-tune priority.
+    losses: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class IterationResult:
+    iteration: int
+    outputs: list[SequenceResult]
+    num_tokens: int
+    # Measured on the worker: input preparation, the model forward, sampling, whole iteration.
+    prepare_s: float = 0.0
+    forward_s: float = 0.0
+    sample_s: float = 0.0
+    total_s: float = 0.0
+    finetune: FinetuneResult | None = None

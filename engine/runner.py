@@ -1,0 +1,162 @@
+"""The model runner: turns an IterationPlan into one packed forward and an IterationResult.
+
+It owns the KV pool tensors and nothing else that changes: block tables come in the plan, so
+the runner is stateless between iterations (which is what makes preemption and aborts cheap).
+Only the worker thread calls ``execute``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from engine.attention import PagedAttentionMetadata, PrefillSpan
+from engine.plan import IterationPlan, IterationResult, SequenceChunk, SequenceResult
+from engine.sampling import sample, top_logprobs
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int) -> None:
+        config = model.config
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        num_kv_heads = config.num_key_value_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        # Zeroed, not empty: padded decode slots are masked out, but 0 * NaN garbage is NaN.
+        self.kv_pool = torch.zeros(
+            config.num_hidden_layers, 2, num_blocks, block_size, num_kv_heads, head_dim,
+            dtype=self.dtype, device=self.device,
+        )  # (layers, K/V, blocks, block_size, Hkv, D)
+        self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_pool]
+        # transformers returns an already-4D mask untouched; the paged path ignores it.
+        self._placeholder_mask = torch.zeros(1, 1, 0, 0, dtype=torch.bool, device=self.device)
+        self._decoder = model.get_decoder()
+        self._lm_head = model.get_output_embeddings()
+
+    @property
+    def kv_pool_bytes(self) -> int:
+        return self.kv_pool.numel() * self.kv_pool.element_size()
+
+    def _prepare(self, chunks: list[SequenceChunk]):
+        """Pack the chunks (decodes first) into tensors and attention metadata."""
+        bs = self.block_size
+        decodes = [c for c in chunks if len(c.token_ids) == 1]
+        prefills = [c for c in chunks if len(c.token_ids) > 1]
+        ordered = decodes + prefills
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        for c in decodes:
+            pos = c.start_pos
+            input_ids.append(c.token_ids[0])
+            positions.append(pos)
+            slots.append(c.block_table[pos // bs] * bs + pos % bs)
+
+        meta = PagedAttentionMetadata(kv_caches=self.kv_caches, slot_mapping=None, num_decode_tokens=len(decodes))
+        if decodes:
+            max_blocks = max(c.start_pos // bs + 1 for c in decodes)
+            table = [c.block_table[: c.start_pos // bs + 1] for c in decodes]
+            table = [t + [0] * (max_blocks - len(t)) for t in table]
+            meta.decode_block_ids = torch.tensor(table, dtype=torch.long).view(-1).to(self.device)
+            lengths = torch.tensor([c.start_pos + 1 for c in decodes])
+            mask = torch.arange(max_blocks * bs)[None, :] < lengths[:, None]  # (Bd, L)
+            meta.decode_mask = mask[:, None, None, :].to(self.device)
+
+        row = len(decodes)
+        for c in prefills:
+            n, start = len(c.token_ids), c.start_pos
+            pos = torch.arange(start, start + n)
+            table = torch.tensor(c.block_table[: (start + n - 1) // bs + 1], dtype=torch.long)
+            input_ids.extend(c.token_ids)
+            positions.extend(range(start, start + n))
+            slots.extend((table[pos // bs] * bs + pos % bs).tolist())
+            span = PrefillSpan(start=row, length=n)
+            if start > 0:
+                keys = torch.arange(table.numel() * bs)
+                span.block_ids = table.to(self.device)
+                span.mask = (keys[None, :] <= pos[:, None]).to(self.device)  # (c, L) causal + padding
+            meta.prefills.append(span)
+            row += n
+
+        meta.slot_mapping = torch.tensor(slots, dtype=torch.long, device=self.device)
+        ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)  # (1, T)
+        pos_ids = torch.tensor([positions], dtype=torch.long, device=self.device)  # (1, T)
+        return ordered, ids, pos_ids, meta
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def execute(self, plan: IterationPlan) -> IterationResult:
+        t0 = time.perf_counter()
+        if plan.finetune is not None:
+            raise NotImplementedError("fine-tune chunks arrive with the trainer issue")
+        if not plan.chunks:
+            return IterationResult(plan.iteration, [], 0)
+        ordered, ids, pos_ids, meta = self._prepare(plan.chunks)
+        t1 = time.perf_counter()
+        hidden = self._decoder(
+            input_ids=ids,
+            position_ids=pos_ids,
+            attention_mask=self._placeholder_mask,
+            use_cache=False,
+            mace_meta=meta,
+        ).last_hidden_state[0]  # (T, hidden)
+
+        # Logits only where they are used: the last row of each sampling chunk, and the rows
+        # whose prompt log-probs were asked for.
+        sample_rows: list[int] = []
+        score_rows: list[int] = []
+        row = 0
+        for c in ordered:
+            if c.prompt_logprob_targets:
+                first = row + c.prompt_logprob_start - c.start_pos
+                score_rows.extend(range(first, first + len(c.prompt_logprob_targets)))
+            row += len(c.token_ids)
+            if c.sampling is not None:
+                sample_rows.append(row - 1)
+        rows = torch.tensor(sample_rows + score_rows, dtype=torch.long, device=self.device)
+        logits = self._lm_head(hidden.index_select(0, rows)).float() if len(rows) else None
+        self._sync()
+        t2 = time.perf_counter()
+
+        results = {c.seq_id: SequenceResult(c.seq_id) for c in ordered}
+        sampling = [c for c in ordered if c.sampling is not None]
+        if sampling:
+            tokens, logprobs = sample(
+                logits[: len(sampling)],
+                [c.sampling for c in sampling],
+                [c.seed for c in sampling],
+                [c.output_index for c in sampling],
+            )
+            for c, tok, lp in zip(sampling, tokens, logprobs):
+                results[c.seq_id].token_id = tok
+                results[c.seq_id].logprob = lp
+        if score_rows:
+            scoring = [c for c in ordered if c.prompt_logprob_targets]
+            lp = torch.log_softmax(logits[len(sampling):], dim=-1)
+            targets = torch.tensor(
+                [t for c in scoring for t in c.prompt_logprob_targets], device=lp.device
+            )
+            num_top = [c.num_prompt_top_logprobs for c in scoring for _ in c.prompt_logprob_targets]
+            entries = top_logprobs(lp, targets, num_top)
+            i = 0
+            for c in scoring:
+                n = len(c.prompt_logprob_targets)
+                results[c.seq_id].prompt_logprobs = entries[i : i + n]
+                i += n
+        t3 = time.perf_counter()
+        return IterationResult(
+            iteration=plan.iteration,
+            outputs=list(results.values()),
+            num_tokens=ids.shape[1],
+            prepare_s=t1 - t0,
+            forward_s=t2 - t1,
+            sample_s=t3 - t2,
+            total_s=t3 - t0,
+        )

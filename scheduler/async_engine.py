@@ -1,0 +1,98 @@
+"""The asyncio face of the engine: requests stream out of an async iterator while a scheduler
+coroutine feeds the worker thread one plan at a time.
+
+The event loop never runs a tensor op; the worker never touches asyncio objects (it resolves a
+future through ``loop.call_soon_threadsafe``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+
+from engine.plan import IterationResult
+from engine.runner import ModelRunner
+from engine.sampling_params import SamplingParams
+from engine.worker import Worker
+from scheduler.core import EngineCore, RequestOutput
+
+
+class EngineError(RuntimeError):
+    """The forward failed for this request; the engine itself keeps running."""
+
+
+class AsyncEngine:
+    def __init__(self, core: EngineCore, runner: ModelRunner) -> None:
+        self.core = core
+        self.worker = Worker(runner)
+        self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._ids = itertools.count()
+        self.num_iterations = 0
+
+    async def start(self) -> None:
+        self.worker.start()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="mace-scheduler")
+
+    async def stop(self) -> None:
+        """Abort what is left, finish the iteration in flight, stop the worker."""
+        for rid in list(self._streams):
+            self.abort(rid)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await asyncio.to_thread(self.worker.stop)
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs. Raises InvalidRequestError before the first output if the
+        request cannot be served; leaving the iteration early aborts the request."""
+        rid = request_id or f"req-{next(self._ids)}"
+        self.core.add_request(rid, prompt_token_ids, params)
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._streams[rid] = queue
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                finished = out.finished
+                if out.error is not None:
+                    raise EngineError(out.error)
+                yield out
+        finally:
+            self._streams.pop(rid, None)
+            if not finished:
+                self.abort(rid)
+
+    def abort(self, request_id: str) -> None:
+        if self.core.abort(request_id):
+            self._wake.set()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            plan = self.core.schedule() if self.core.has_work else None
+            if plan is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            done: asyncio.Future[IterationResult | BaseException] = loop.create_future()
+            self.worker.submit(plan, lambda r: loop.call_soon_threadsafe(_resolve, done, r))
+            result = await done
+            self.num_iterations += 1
+            for out in self.core.process_result(result, plan.iteration):
+                queue = self._streams.get(out.request_id)
+                if queue is not None:
+                    queue.put_nowait(out)
+
+
+def _resolve(fut: asyncio.Future, value) -> None:
+    if not fut.done():  # cancelled when the engine stops mid-iteration
+        fut.set_result(value)

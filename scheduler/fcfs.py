@@ -1,0 +1,128 @@
+"""First-come-first-served planner with chunked prefill (the MACE scheduler replaces it).
+
+Each iteration has a token budget. Running sequences go first, oldest first: a decode costs one
+token, an unfinished prefill takes what is left of the budget (chunked prefill) or must fit
+whole (chunked prefill off). Then waiting sequences are admitted in arrival order while budget,
+sequence slots and blocks last; the first one that does not fit stops admission, so nobody
+overtakes the head of the queue. When a running sequence needs a block and none is free, the
+newest running sequence is preempted (its blocks freed, recomputed later).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from cache.block_pool import BlockPool
+from scheduler.request import Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class ScheduledSequence:
+    seq: Sequence
+    num_new_tokens: int
+
+
+class FcfsScheduler:
+    def __init__(
+        self,
+        pool: BlockPool,
+        max_num_batched_tokens: int,
+        max_num_seqs: int,
+        enable_chunked_prefill: bool = True,
+    ) -> None:
+        self.pool = pool
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order
+        self.num_preemptions = 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Take a sequence out (finished or aborted) and return its blocks to the pool."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self._release(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.block_table:
+            self.pool.free(seq.block_table)
+            seq.block_table = []
+        seq.num_computed_tokens = 0
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _grow(self, seq: Sequence, num_new: int) -> bool:
+        """Give ``seq`` the blocks to hold ``num_new`` more tokens; False if the pool is short."""
+        need = self.pool.blocks_for_tokens(seq.num_computed_tokens + num_new) - len(seq.block_table)
+        if need <= 0:
+            return True
+        blocks = self.pool.allocate(need)
+        if blocks is None:
+            return False
+        seq.block_table.extend(blocks)
+        return True
+
+    def _chunk_size(self, seq: Sequence, budget: int, is_first: bool) -> int:
+        remaining = seq.num_tokens - seq.num_computed_tokens
+        if remaining <= budget:
+            return remaining
+        # Too big for what is left: a chunk if allowed, else only alone in the iteration.
+        if self.enable_chunked_prefill:
+            return budget
+        return remaining if is_first else 0
+
+    def schedule(self) -> list[ScheduledSequence]:
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledSequence] = []
+        preempted = False
+
+        # 1. Running sequences, oldest first.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = self._chunk_size(seq, budget, not scheduled)
+            if num_new == 0:
+                i += 1
+                continue
+            while not self._grow(seq, num_new):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                break  # seq preempted itself: nothing newer is left to schedule
+            scheduled.append(ScheduledSequence(seq, num_new))
+            budget -= num_new
+            i += 1
+
+        # 2. Waiting sequences, in arrival order; none while memory is short.
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            num_new = self._chunk_size(seq, budget, not scheduled)
+            if num_new == 0 or not self._grow(seq, num_new):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(ScheduledSequence(seq, num_new))
+            budget -= num_new
+        return scheduled

@@ -1,0 +1,1 @@
+"""HTTP routes, the `mace` CLI and benchmarks."""
