@@ -1,0 +1,78 @@
+"""Shared fixtures: the tiny demo model and a tiny random Qwen2 model, built once per session."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+from engine.config import EngineConfig
+from engine.demo_model import build_demo_model
+from scheduler.builder import build_engine
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory) -> str:
+    return str(build_demo_model(tmp_path_factory.mktemp("demo-tiny"), "tiny", seed=0))
+
+
+@pytest.fixture(scope="session")
+def qwen2_model_dir(tmp_path_factory, demo_model_dir) -> str:
+    """A random Qwen2-architecture model (biased q/k/v projections) with the demo tokenizer."""
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=96,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(1)
+    model = Qwen2ForCausalLM(config)
+    out = tmp_path_factory.mktemp("qwen2-tiny")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def reference_models(demo_model_dir, qwen2_model_dir):
+    """Plain transformers models (SDPA attention) to compare the engine against."""
+    cache = {}
+
+    def get(path: str):
+        if path not in cache:
+            cache[path] = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+        return cache[path]
+
+    return get
+
+
+@pytest.fixture
+def make_engine(demo_model_dir):
+    """Build (core, runner) on the demo model (or ``model=``) with small, test-sized defaults."""
+
+    def make(model: str | None = None, **overrides):
+        config = EngineConfig(
+            model=model or demo_model_dir,
+            kv_cache_bytes=8 << 20,
+            block_size=16,
+            max_num_batched_tokens=64,
+            max_num_seqs=16,
+        )
+        return build_engine(dataclasses.replace(config, **overrides))
+
+    return make
+
+
+def random_prompts(lengths: list[int], seed: int = 0, vocab: int = 8000) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]

@@ -1,0 +1,71 @@
+"""The asyncio engine over the worker thread."""
+
+import asyncio
+import threading
+
+import pytest
+
+from engine.sampling_params import InvalidRequestError, SamplingParams
+from scheduler.async_engine import AsyncEngine
+from scheduler.builder import generate
+from tests.conftest import random_prompts
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+async def collect(engine, prompt, params, request_id=None):
+    tokens = []
+    async for out in engine.generate(prompt, params, request_id):
+        tokens.extend(out.new_token_ids)
+    return tokens
+
+
+async def test_concurrent_streams_match_the_inline_engine(make_engine):
+    prompts = random_prompts([5, 60, 23, 110, 8, 41, 77, 3], seed=13)
+    params = [SamplingParams(max_tokens=10 + i, **GREEDY) for i in range(len(prompts))]
+    core, runner = make_engine()
+    expected = generate(core, runner, prompts, params)
+
+    engine = AsyncEngine(*make_engine())
+    await engine.start()
+    try:
+        got = await asyncio.wait_for(
+            asyncio.gather(*(collect(engine, p, sp) for p, sp in zip(prompts, params))), timeout=120
+        )
+        assert got == expected
+        assert engine.worker._thread is not threading.current_thread()
+        assert engine.core.pool.num_free_blocks == engine.core.pool.num_blocks
+    finally:
+        await engine.stop()
+    assert not engine.worker._thread.is_alive()
+
+
+async def test_leaving_a_stream_early_aborts_and_frees_blocks(make_engine):
+    engine = AsyncEngine(*make_engine())
+    await engine.start()
+    try:
+        stream = engine.generate(random_prompts([50])[0], SamplingParams(max_tokens=200, **GREEDY), "leaver")
+        n = 0
+        async for _ in stream:
+            n += 1
+            if n == 3:
+                break
+        await stream.aclose()
+        assert "leaver" not in engine.core.sequences
+        # Another request still runs to completion afterwards.
+        tokens = await asyncio.wait_for(collect(engine, [5, 6, 7], SamplingParams(max_tokens=4, **GREEDY)), 60)
+        assert len(tokens) == 4
+        assert engine.core.pool.num_free_blocks == engine.core.pool.num_blocks
+    finally:
+        await engine.stop()
+
+
+async def test_invalid_request_raises_before_any_output(make_engine):
+    engine = AsyncEngine(*make_engine())
+    await engine.start()
+    try:
+        with pytest.raises(InvalidRequestError):
+            await collect(engine, random_prompts([2000])[0], SamplingParams())
+        assert not engine.core.has_work
+    finally:
+        await engine.stop()
