@@ -34,6 +34,7 @@ class ModelRunner:
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_pool]
         # transformers returns an already-4D mask untouched; the paged path ignores it.
         self._placeholder_mask = torch.zeros(1, 1, 0, 0, dtype=torch.bool, device=self.device)
+        self._scratch = torch.empty(0, device=self.device)
         self._decoder = model.get_decoder()
         self._lm_head = model.get_output_embeddings()
 
@@ -58,34 +59,52 @@ class ModelRunner:
 
         meta = PagedAttentionMetadata(kv_caches=self.kv_caches, slot_mapping=None, num_decode_tokens=len(decodes))
         if decodes:
-            max_blocks = max(c.start_pos // bs + 1 for c in decodes)
-            table = [c.block_table[: c.start_pos // bs + 1] for c in decodes]
-            table = [t + [0] * (max_blocks - len(t)) for t in table]
-            meta.decode_block_ids = torch.tensor(table, dtype=torch.long).view(-1).to(self.device)
-            lengths = torch.tensor([c.start_pos + 1 for c in decodes])
-            mask = torch.arange(max_blocks * bs)[None, :] < lengths[:, None]  # (Bd, L)
-            meta.decode_mask = mask[:, None, None, :].to(self.device)
+            lengths = [c.start_pos + 1 for c in decodes]
+            max_len = max(lengths)
+            max_blocks = (max_len - 1) // bs + 1
+            table = torch.tensor(
+                [c.block_table[:max_blocks] + [0] * (max_blocks - len(c.block_table[:max_blocks])) for c in decodes],
+                dtype=torch.long,
+            )  # (Bd, max_blocks)
+            key_slots = (table[:, :, None] * bs + torch.arange(bs)).view(len(decodes), -1)[:, :max_len]
+            if min(lengths) < max_len:
+                mask = torch.arange(max_len)[None, :] < torch.tensor(lengths)[:, None]  # (Bd, L)
+                key_slots = key_slots.masked_fill(~mask, 0)
+                meta.decode_mask = mask[:, None, None, :].to(self.device)
+            meta.decode_key_slots = key_slots.reshape(-1).to(self.device)
+            meta.decode_max_len = max_len
 
         row = len(decodes)
         for c in prefills:
             n, start = len(c.token_ids), c.start_pos
-            pos = torch.arange(start, start + n)
             table = torch.tensor(c.block_table[: (start + n - 1) // bs + 1], dtype=torch.long)
+            key_slots = (table[:, None] * bs + torch.arange(bs)).view(-1)[: start + n]  # (L,)
             input_ids.extend(c.token_ids)
             positions.extend(range(start, start + n))
-            slots.extend((table[pos // bs] * bs + pos % bs).tolist())
+            slots.extend(key_slots[start:].tolist())
             span = PrefillSpan(start=row, length=n)
             if start > 0:
-                keys = torch.arange(table.numel() * bs)
-                span.block_ids = table.to(self.device)
-                span.mask = (keys[None, :] <= pos[:, None]).to(self.device)  # (c, L) causal + padding
+                queries = torch.arange(start, start + n)
+                span.key_slots = key_slots.to(self.device)
+                span.mask = (torch.arange(start + n)[None, :] <= queries[:, None]).to(self.device)  # (c, L)
             meta.prefills.append(span)
             row += n
 
+        gather_rows = max([len(decodes) * meta.decode_max_len] + [s.key_slots.numel() for s in meta.prefills if s.key_slots is not None])
+        meta.k_scratch, meta.v_scratch = self._scratch_for(gather_rows)
         meta.slot_mapping = torch.tensor(slots, dtype=torch.long, device=self.device)
         ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)  # (1, T)
         pos_ids = torch.tensor([positions], dtype=torch.long, device=self.device)  # (1, T)
         return ordered, ids, pos_ids, meta
+
+    def _scratch_for(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V scratch of at least ``rows`` rows, kept between iterations and grown by half
+        again when too small (so a slowly growing batch does not reallocate every step)."""
+        _, _, _, _, num_kv_heads, head_dim = self.kv_pool.shape
+        if self._scratch.numel() == 0 or self._scratch.shape[1] < rows:
+            size = max(rows, int(self._scratch.shape[1] * 1.5) if self._scratch.numel() else rows)
+            self._scratch = torch.empty(2, size, num_kv_heads, head_dim, dtype=self.dtype, device=self.device)
+        return self._scratch[0], self._scratch[1]
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
