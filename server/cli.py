@@ -1,0 +1,82 @@
+"""The `mace` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _demo_model(args: argparse.Namespace) -> None:
+    from engine.demo_model import build_demo_model
+
+    out = build_demo_model(args.dir, args.size, seed=args.seed)
+    print(f"built the {args.size} demo model in {out}")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from server.app import serve
+
+    serve(args)
+
+
+def _bench_engine(args: argparse.Namespace) -> None:
+    from server.bench.engine import main
+
+    main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mace", description="MACE-serve: an LLM server that keeps aligning while it serves")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo-model", help="build the built-in demo model (random weights, offline tokenizer)")
+    p.add_argument("dir")
+    p.add_argument("--size", choices=["tiny", "small", "base"], default="tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_demo_model)
+
+    p = sub.add_parser("serve", help="serve a local checkpoint over HTTP")
+    p.add_argument("--model", required=True, help="local Hugging Face checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-cache-bytes", type=int, default=None, help="KV pool size; default: a fraction of free memory")
+    p.add_argument("--kv-cache-fraction", type=float, default=0.3)
+    p.add_argument("--max-num-batched-tokens", type=int, default=256)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--no-chunked-prefill", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("bench", help="benchmarks")
+    bench = p.add_subparsers(dest="bench", required=True)
+    from server.bench.engine import add_arguments
+
+    b = bench.add_parser("engine", help="engine throughput/latency vs transformers (no HTTP)")
+    add_arguments(b)
+    b.set_defaults(func=_bench_engine)
+    return parser
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main(argv: list[str] | None = None) -> None:
+    # Never reach for a hub: every model and tokenizer is local.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
