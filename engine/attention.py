@@ -17,12 +17,15 @@ plain SDPA, so one model object serves both paths.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from engine.cpu_kernels import paged_decode_attention
 
 ATTENTION_NAME = "mace_paged"
 
@@ -50,6 +53,12 @@ class PagedAttentionMetadata:
     slot_mapping: torch.Tensor
     # Rows [0, num_decode_tokens) are single-token chunks, batched together.
     num_decode_tokens: int = 0
+    # The C decode kernel (engine.cpu_kernels) when it serves this iteration; it reads the pool in
+    # place through the block tables and lengths below. Otherwise the SDPA path's slots and mask.
+    decode_kernel: Any = None
+    # (num_decode_tokens, max_blocks) int64 block ids and (num_decode_tokens,) int64 key counts.
+    decode_block_tables: torch.Tensor | None = None
+    decode_lens: torch.Tensor | None = None
     # (num_decode_tokens * max_len,) slots of each decode's keys, padded with slot 0.
     decode_key_slots: torch.Tensor | None = None
     decode_max_len: int = 0
@@ -94,7 +103,12 @@ def paged_attention_forward(
     # 2. Decodes: one query per sequence. Fold the GQA group into the query-length axis so
     # that K/V are never repeated: (Bd, Hkv, G, D) against (Bd, Hkv, L, D).
     num_decodes = meta.num_decode_tokens
-    if num_decodes:
+    if num_decodes and meta.decode_kernel is not None:
+        out[:num_decodes] = paged_decode_attention(
+            meta.decode_kernel, q[:, :num_decodes].transpose(0, 1), k_cache, v_cache,
+            meta.decode_block_tables, meta.decode_lens, scaling or head_dim**-0.5,
+        )  # (Bd, H, D)
+    elif num_decodes:
         length = meta.decode_max_len
         qd = q[:, :num_decodes].transpose(0, 1).reshape(num_decodes, num_kv_heads, group, head_dim)
         kd = _gather(k_slots, meta.decode_key_slots, meta.k_scratch).view(num_decodes, length, num_kv_heads, head_dim)

@@ -20,6 +20,9 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     max_model_len: int | None = None  # None: the model's own context
     seed: int = 0
+    # Decode attention on CPU fp32: "auto" uses the C kernel that reads the pool in place (when a
+    # C compiler is at hand), "sdpa" always gathers keys and calls torch SDPA.
+    decode_attention: str = "auto"
     vocab_size: int | None = None  # filled from the model; prompt ids are checked against it
 
     def __post_init__(self) -> None:
@@ -33,5 +36,7 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.decode_attention not in ("auto", "sdpa"):
+            raise ValueError(f"decode_attention must be auto or sdpa, got {self.decode_attention}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype}")

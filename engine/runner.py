@@ -11,13 +11,14 @@ import time
 
 import torch
 
+from engine import cpu_kernels
 from engine.attention import PagedAttentionMetadata, PrefillSpan
 from engine.plan import IterationPlan, IterationResult, SequenceChunk, SequenceResult
 from engine.sampling import sample, top_logprobs
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, decode_attention: str = "auto") -> None:
         config = model.config
         self.model = model
         self.device = next(model.parameters()).device
@@ -35,6 +36,10 @@ class ModelRunner:
         # transformers returns an already-4D mask untouched; the paged path ignores it.
         self._placeholder_mask = torch.zeros(1, 1, 0, 0, dtype=torch.bool, device=self.device)
         self._scratch = torch.empty(0, device=self.device)
+        # The C decode kernel reads the pool in place (CPU, fp32); elsewhere the SDPA path.
+        self.decode_kernel = None
+        if decode_attention == "auto" and self.device.type == "cpu" and self.dtype == torch.float32:
+            self.decode_kernel = cpu_kernels.load()
         self._decoder = model.get_decoder()
         self._lm_head = model.get_output_embeddings()
 
@@ -66,13 +71,18 @@ class ModelRunner:
                 [c.block_table[:max_blocks] + [0] * (max_blocks - len(c.block_table[:max_blocks])) for c in decodes],
                 dtype=torch.long,
             )  # (Bd, max_blocks)
-            key_slots = (table[:, :, None] * bs + torch.arange(bs)).view(len(decodes), -1)[:, :max_len]
-            if min(lengths) < max_len:
-                mask = torch.arange(max_len)[None, :] < torch.tensor(lengths)[:, None]  # (Bd, L)
-                key_slots = key_slots.masked_fill(~mask, 0)
-                meta.decode_mask = mask[:, None, None, :].to(self.device)
-            meta.decode_key_slots = key_slots.reshape(-1).to(self.device)
-            meta.decode_max_len = max_len
+            if self.decode_kernel is not None:
+                meta.decode_kernel = self.decode_kernel
+                meta.decode_block_tables = table.to(self.device)
+                meta.decode_lens = torch.tensor(lengths, dtype=torch.long, device=self.device)
+            else:
+                key_slots = (table[:, :, None] * bs + torch.arange(bs)).view(len(decodes), -1)[:, :max_len]
+                if min(lengths) < max_len:
+                    mask = torch.arange(max_len)[None, :] < torch.tensor(lengths)[:, None]  # (Bd, L)
+                    key_slots = key_slots.masked_fill(~mask, 0)
+                    meta.decode_mask = mask[:, None, None, :].to(self.device)
+                meta.decode_key_slots = key_slots.reshape(-1).to(self.device)
+                meta.decode_max_len = max_len
 
         row = len(decodes)
         for c in prefills:

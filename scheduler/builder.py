@@ -48,7 +48,7 @@ def build_from_model(model: torch.nn.Module, tokenizer, config: EngineConfig) ->
         raise ValueError(f"the KV budget of {budget} bytes holds no block of {block_bytes} bytes")
     log.info("KV pool: %d blocks of %d tokens (%.1f MiB)", num_blocks, config.block_size, num_blocks * block_bytes / 2**20)
     core = EngineCore(config, tokenizer, eos_token_ids(model, tokenizer), num_blocks)
-    return core, ModelRunner(model, num_blocks, config.block_size)
+    return core, ModelRunner(model, num_blocks, config.block_size, config.decode_attention)
 
 
 def generate(

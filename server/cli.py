@@ -18,7 +18,22 @@ def _demo_model(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> None:
     from server.app import serve
 
+    if args.model is None:
+        args.model = str(_default_model())
     serve(args)
+
+
+def _default_model():
+    """The tiny demo model, built once into the user's cache and reused."""
+    from pathlib import Path
+
+    from engine.demo_model import build_demo_model
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mace-serve" / "demo-tiny"
+    if not (cache / "config.json").exists():
+        logging.getLogger(__name__).info("building the tiny demo model in %s", cache)
+        build_demo_model(cache, "tiny")
+    return cache
 
 
 def _bench_engine(args: argparse.Namespace) -> None:
@@ -38,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo_model)
 
     p = sub.add_parser("serve", help="serve a local checkpoint over HTTP")
-    p.add_argument("--model", required=True, help="local Hugging Face checkpoint directory")
+    p.add_argument("--model", default=None, help="local Hugging Face checkpoint directory (default: the tiny demo model)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")

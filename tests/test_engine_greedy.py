@@ -20,11 +20,15 @@ def reference(model, prompt, max_new):
 
 @pytest.mark.parametrize("model_name", ["demo", "qwen2"])
 @pytest.mark.parametrize("chunked", [True, False])
+@pytest.mark.parametrize("decode_attention", ["auto", "sdpa"])  # the C kernel, and gather + SDPA
 def test_greedy_matches_generate_with_staggered_arrivals(
-    model_name, chunked, make_engine, reference_models, demo_model_dir, qwen2_model_dir
+    model_name, chunked, decode_attention, make_engine, reference_models, demo_model_dir, qwen2_model_dir
 ):
     path = demo_model_dir if model_name == "demo" else qwen2_model_dir
-    core, runner = make_engine(model=path, enable_chunked_prefill=chunked, max_num_batched_tokens=48)
+    core, runner = make_engine(
+        model=path, enable_chunked_prefill=chunked, max_num_batched_tokens=48, decode_attention=decode_attention
+    )
+    assert (runner.decode_kernel is not None) == (decode_attention == "auto")
     prompts = random_prompts(LENGTHS, seed=7)
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in MAX_NEW]
     got: dict[str, list[int]] = {}
