@@ -31,6 +31,7 @@ class AsyncEngine:
         self._task: asyncio.Task | None = None
         self._ids = itertools.count()
         self.num_iterations = 0
+        self.worker_busy_s = 0.0  # summed iteration time on the worker: busy / wall = utilization
 
     async def start(self) -> None:
         self.worker.start()
@@ -87,6 +88,8 @@ class AsyncEngine:
             self.worker.submit(plan, lambda r: loop.call_soon_threadsafe(_resolve, done, r))
             result = await done
             self.num_iterations += 1
+            if isinstance(result, IterationResult):
+                self.worker_busy_s += result.total_s
             for out in self.core.process_result(result, plan.iteration):
                 queue = self._streams.get(out.request_id)
                 if queue is not None:

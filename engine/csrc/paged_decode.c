@@ -15,10 +15,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-int paged_decode_attention_f32(const float *q, const float *k_cache, const float *v_cache,
-                               const int64_t *tables, const int64_t *lens, float *out,
-                               int64_t B, int64_t H, int64_t HKV, int64_t D, int64_t BS,
-                               int64_t max_blocks, float scale, int num_threads) {
+static inline __attribute__((always_inline)) int
+decode(const float *q, const float *k_cache, const float *v_cache, const int64_t *tables,
+       const int64_t *lens, float *out, int64_t B, int64_t H, int64_t HKV, const int64_t D,
+       int64_t BS, int64_t max_blocks, float scale, int num_threads) {
     const int64_t G = H / HKV, row = HKV * D;
     int failed = 0;
 #pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
@@ -71,4 +71,19 @@ int paged_decode_attention_f32(const float *q, const float *k_cache, const float
         free(scores);
     }
     return failed;
+}
+
+/* Head dims known at compile time let the compiler unroll and vectorize the inner loops fully. */
+int paged_decode_attention_f32(const float *q, const float *k_cache, const float *v_cache,
+                               const int64_t *tables, const int64_t *lens, float *out,
+                               int64_t B, int64_t H, int64_t HKV, int64_t D, int64_t BS,
+                               int64_t max_blocks, float scale, int num_threads) {
+    switch (D) {
+    case 64:
+        return decode(q, k_cache, v_cache, tables, lens, out, B, H, HKV, 64, BS, max_blocks, scale, num_threads);
+    case 128:
+        return decode(q, k_cache, v_cache, tables, lens, out, B, H, HKV, 128, BS, max_blocks, scale, num_threads);
+    default:
+        return decode(q, k_cache, v_cache, tables, lens, out, B, H, HKV, D, BS, max_blocks, scale, num_threads);
+    }
 }
