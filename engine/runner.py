@@ -48,64 +48,66 @@ class ModelRunner:
         return self.kv_pool.numel() * self.kv_pool.element_size()
 
     def _prepare(self, chunks: list[SequenceChunk]):
-        """Pack the chunks (decodes first) into tensors and attention metadata."""
-        bs = self.block_size
+        """Pack the chunks, decodes first, into (1, T) ids and positions plus attention metadata."""
         decodes = [c for c in chunks if len(c.token_ids) == 1]
         prefills = [c for c in chunks if len(c.token_ids) > 1]
-        ordered = decodes + prefills
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        for c in decodes:
-            pos = c.start_pos
-            input_ids.append(c.token_ids[0])
-            positions.append(pos)
-            slots.append(c.block_table[pos // bs] * bs + pos % bs)
-
         meta = PagedAttentionMetadata(kv_caches=self.kv_caches, slot_mapping=None, num_decode_tokens=len(decodes))
+        input_ids = [c.token_ids[0] for c in decodes]
+        positions = [c.start_pos for c in decodes]
+        slots = [self._slot(c.block_table, c.start_pos) for c in decodes]
         if decodes:
-            lengths = [c.start_pos + 1 for c in decodes]
-            max_len = max(lengths)
-            max_blocks = (max_len - 1) // bs + 1
-            table = torch.tensor(
-                [c.block_table[:max_blocks] + [0] * (max_blocks - len(c.block_table[:max_blocks])) for c in decodes],
-                dtype=torch.long,
-            )  # (Bd, max_blocks)
-            if self.decode_kernel is not None:
-                meta.decode_kernel = self.decode_kernel
-                meta.decode_block_tables = table.to(self.device)
-                meta.decode_lens = torch.tensor(lengths, dtype=torch.long, device=self.device)
-            else:
-                key_slots = (table[:, :, None] * bs + torch.arange(bs)).view(len(decodes), -1)[:, :max_len]
-                if min(lengths) < max_len:
-                    mask = torch.arange(max_len)[None, :] < torch.tensor(lengths)[:, None]  # (Bd, L)
-                    key_slots = key_slots.masked_fill(~mask, 0)
-                    meta.decode_mask = mask[:, None, None, :].to(self.device)
-                meta.decode_key_slots = key_slots.reshape(-1).to(self.device)
-                meta.decode_max_len = max_len
-
+            self._decode_metadata(decodes, meta)
         row = len(decodes)
         for c in prefills:
-            n, start = len(c.token_ids), c.start_pos
-            table = torch.tensor(c.block_table[: (start + n - 1) // bs + 1], dtype=torch.long)
-            key_slots = (table[:, None] * bs + torch.arange(bs)).view(-1)[: start + n]  # (L,)
-            input_ids.extend(c.token_ids)
-            positions.extend(range(start, start + n))
-            slots.extend(key_slots[start:].tolist())
-            span = PrefillSpan(start=row, length=n)
-            if start > 0:
-                queries = torch.arange(start, start + n)
-                span.key_slots = key_slots.to(self.device)
-                span.mask = (torch.arange(start + n)[None, :] <= queries[:, None]).to(self.device)  # (c, L)
+            span, chunk_slots = self._prefill_span(c, row)
             meta.prefills.append(span)
-            row += n
-
-        gather_rows = max([len(decodes) * meta.decode_max_len] + [s.key_slots.numel() for s in meta.prefills if s.key_slots is not None])
-        meta.k_scratch, meta.v_scratch = self._scratch_for(gather_rows)
+            input_ids.extend(c.token_ids)
+            positions.extend(range(c.start_pos, c.start_pos + len(c.token_ids)))
+            slots.extend(chunk_slots)
+            row += span.length
+        gather_rows = [len(decodes) * meta.decode_max_len]
+        gather_rows += [s.key_slots.numel() for s in meta.prefills if s.key_slots is not None]
+        meta.k_scratch, meta.v_scratch = self._scratch_for(max(gather_rows))
         meta.slot_mapping = torch.tensor(slots, dtype=torch.long, device=self.device)
         ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)  # (1, T)
         pos_ids = torch.tensor([positions], dtype=torch.long, device=self.device)  # (1, T)
-        return ordered, ids, pos_ids, meta
+        return decodes + prefills, ids, pos_ids, meta
+
+    def _slot(self, block_table: list[int], pos: int) -> int:
+        return block_table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def _decode_metadata(self, decodes: list[SequenceChunk], meta: PagedAttentionMetadata) -> None:
+        """Block tables and lengths for the C kernel, or padded key slots and a mask for SDPA."""
+        bs = self.block_size
+        lengths = [c.start_pos + 1 for c in decodes]
+        max_len = max(lengths)
+        max_blocks = (max_len - 1) // bs + 1
+        rows = [c.block_table[:max_blocks] for c in decodes]
+        table = torch.tensor([r + [0] * (max_blocks - len(r)) for r in rows], dtype=torch.long)  # (Bd, nb)
+        if self.decode_kernel is not None:
+            meta.decode_kernel = self.decode_kernel
+            meta.decode_block_tables = table.to(self.device)
+            meta.decode_lens = torch.tensor(lengths, dtype=torch.long, device=self.device)
+            return
+        key_slots = (table[:, :, None] * bs + torch.arange(bs)).view(len(decodes), -1)[:, :max_len]  # (Bd, L)
+        if min(lengths) < max_len:
+            mask = torch.arange(max_len)[None, :] < torch.tensor(lengths)[:, None]  # (Bd, L)
+            key_slots = key_slots.masked_fill(~mask, 0)
+            meta.decode_mask = mask[:, None, None, :].to(self.device)
+        meta.decode_key_slots = key_slots.reshape(-1).to(self.device)
+        meta.decode_max_len = max_len
+
+    def _prefill_span(self, c: SequenceChunk, row: int) -> tuple[PrefillSpan, list[int]]:
+        """The chunk's span in the packed batch, and the slots its tokens write to."""
+        bs, n, start = self.block_size, len(c.token_ids), c.start_pos
+        table = torch.tensor(c.block_table[: (start + n - 1) // bs + 1], dtype=torch.long)
+        key_slots = (table[:, None] * bs + torch.arange(bs)).view(-1)[: start + n]  # (L,) every key it sees
+        span = PrefillSpan(start=row, length=n)
+        if start > 0:  # attends over earlier chunks too: gather them, causal mask offset by start
+            queries = torch.arange(start, start + n)
+            span.key_slots = key_slots.to(self.device)
+            span.mask = (torch.arange(start + n)[None, :] <= queries[:, None]).to(self.device)  # (c, L)
+        return span, key_slots[start:].tolist()
 
     def _scratch_for(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V scratch of at least ``rows`` rows, kept between iterations and grown by half
