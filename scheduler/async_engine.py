@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from collections.abc import AsyncIterator
 
 from engine.plan import IterationResult
@@ -16,6 +17,9 @@ from engine.runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.worker import Worker
 from scheduler.core import EngineCore, RequestOutput
+
+
+log = logging.getLogger(__name__)
 
 
 class EngineError(RuntimeError):
@@ -77,23 +81,39 @@ class AsyncEngine:
             self._wake.set()
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            plan = self.core.schedule() if self.core.has_work else None
-            if plan is None:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            done: asyncio.Future[IterationResult | BaseException] = loop.create_future()
-            self.worker.submit(plan, lambda r: loop.call_soon_threadsafe(_resolve, done, r))
-            result = await done
-            self.num_iterations += 1
-            if isinstance(result, IterationResult):
-                self.worker_busy_s += result.total_s
-            for out in self.core.process_result(result, plan.iteration):
-                queue = self._streams.get(out.request_id)
-                if queue is not None:
-                    queue.put_nowait(out)
+            try:
+                await self._iterate()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug of ours: fail what is in flight, keep serving
+                log.exception("engine iteration failed")
+                self._fail_all(exc)
+
+    async def _iterate(self) -> None:
+        plan = self.core.schedule() if self.core.has_work else None
+        if plan is None:
+            self._wake.clear()
+            await self._wake.wait()
+            return
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[IterationResult | BaseException] = loop.create_future()
+        self.worker.submit(plan, lambda r: loop.call_soon_threadsafe(_resolve, done, r))
+        result = await done
+        self.num_iterations += 1
+        if isinstance(result, IterationResult):
+            self.worker_busy_s += result.total_s
+        for out in self.core.process_result(result, plan.iteration):
+            queue = self._streams.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for rid, queue in list(self._streams.items()):
+            self.core.abort(rid)
+            queue.put_nowait(
+                RequestOutput(rid, [], "", True, "error", 0, 0, error=f"{type(exc).__name__}: {exc}")
+            )
 
 
 def _resolve(fut: asyncio.Future, value) -> None:

@@ -76,3 +76,29 @@ def make_engine(demo_model_dir):
 def random_prompts(lengths: list[int], seed: int = 0, vocab: int = 8000) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="session")
+def mistral_model_dir(tmp_path_factory, demo_model_dir) -> str:
+    """A random Mistral-architecture model whose sliding window (256) is shorter than its
+    positions (512): the engine must cap its context at the window."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        sliding_window=256,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(2)
+    model = MistralForCausalLM(config)
+    out = tmp_path_factory.mktemp("mistral-tiny")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)

@@ -69,3 +69,29 @@ async def test_invalid_request_raises_before_any_output(make_engine):
         assert not engine.core.has_work
     finally:
         await engine.stop()
+
+
+async def test_a_failed_forward_fails_its_requests_and_the_engine_goes_on(make_engine):
+    from scheduler.async_engine import EngineError
+
+    core, runner = make_engine()
+    engine = AsyncEngine(core, runner)
+    real_execute = runner.execute
+    calls = {"n": 0}
+
+    def flaky(plan):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("injected failure")
+        return real_execute(plan)
+
+    runner.execute = flaky
+    await engine.start()
+    try:
+        with pytest.raises(EngineError, match="injected failure"):
+            await asyncio.wait_for(collect(engine, [5, 6, 7, 8], SamplingParams(max_tokens=10, **GREEDY)), 60)
+        assert core.pool.num_free_blocks == core.pool.num_blocks and not core.has_work
+        tokens = await asyncio.wait_for(collect(engine, [5, 6, 7, 8], SamplingParams(max_tokens=3, **GREEDY)), 60)
+        assert len(tokens) == 3
+    finally:
+        await engine.stop()

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from engine.sampling_params import SamplingParams
+from scheduler.builder import generate
 from tests.conftest import random_prompts
 
 LENGTHS = [5, 130, 17, 1, 64, 33, 200, 16, 48]  # mixed, block-aligned and not
@@ -80,3 +81,16 @@ def test_preemption_under_a_small_pool_keeps_outputs_exact(make_engine, referenc
     for i, p in enumerate(prompts):
         assert got[f"r{i}"] == reference(ref_model, p, 30)
     assert core.pool.num_free_blocks == 12
+
+
+def test_mistral_greedy_matches_generate_and_context_stops_at_the_window(
+    make_engine, reference_models, mistral_model_dir
+):
+    core, runner = make_engine(model=mistral_model_dir, max_num_batched_tokens=32)
+    assert core.config.max_model_len == 256  # the sliding window, not the 512 positions
+    prompts = random_prompts([3, 40, 90, 150], seed=8)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    got = generate(core, runner, prompts, params)
+    ref_model = reference_models(mistral_model_dir)
+    assert got == [reference(ref_model, p, 16) for p in prompts]
+    assert core.pool.num_free_blocks == core.pool.num_blocks

@@ -20,6 +20,7 @@ import asyncio
 import json
 import platform
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -357,8 +358,14 @@ def main(args: argparse.Namespace) -> dict:
             r["best_mace_throughput_ratio"] = round(base["output_tok_s"] / r["output_tok_s"], 2)
     decode = None if args.skip_decode else run_decode_overhead(args)
     report = {
-        "command": "mace bench engine " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "func"),
-        "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__, "device": "cpu"},
+        "command": "mace " + " ".join(sys.argv[1:]),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": _cpu_name(),
+            "cpus": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "device": "cpu",
+        },
         "workload": {"requests": args.num_requests, "prompt_tokens": workload.num_prompt_tokens, "output_tokens": workload.num_output_tokens},
         "mixed": rows,
         "decode": decode,
@@ -367,8 +374,42 @@ def main(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    out.with_suffix(".md").write_text(markdown_table(report))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
     return report
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+    except OSError:
+        return platform.processor() or "unknown"
+
+
+def markdown_table(report: dict) -> str:
+    w = report["workload"]
+    lines = [
+        f"Workload: {w['requests']} requests, {w['prompt_tokens']} prompt and {w['output_tokens']} output tokens, "
+        f"all at t=0; {report['machine'].get('processor', 'cpu')}, {report['machine']['cpus']} threads, "
+        f"torch {report['machine']['torch']}. Command: `{report['command']}`.",
+        "",
+        "| system | output tok/s | best mace / this | TPOT p50 | TPOT p99 | TTFT p50 | TTFT p99 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["mixed"]:
+        lines.append(
+            f"| {r['system']} | {r['output_tok_s']:.1f} | {r.get('best_mace_throughput_ratio', '-')} | "
+            f"{r['tpot_p50_ms']:.0f} ms | {r['tpot_p99_ms']:.0f} ms | {r['ttft_p50_s']:.1f} s | {r['ttft_p99_s']:.1f} s |"
+        )
+    d = report["decode"]
+    if d:
+        lines += [
+            "",
+            f"Decode batch {d['batch']} (prompt {d['prompt_len']}, {d['steps']} steps): engine {d['engine_tok_s']} tok/s, "
+            f"bare forward loop with DynamicCache {d['bare_loop_tok_s']} tok/s, ratio {d['ratio']}.",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def _print_table(report: dict) -> None:
