@@ -14,8 +14,10 @@ class EngineConfig:
     # The KV pool: an explicit byte budget, or a fraction of the memory free after loading.
     kv_cache_bytes: int | None = None
     kv_cache_fraction: float = 0.3
-    # Per-iteration token budget (prefill chunks + decodes) and concurrent sequences.
-    max_num_batched_tokens: int = 512
+    # Per-iteration token budget (prefill chunks + decodes) and concurrent sequences. None: 64 on
+    # CPU, where one token costs about a millisecond of a 63M model and the budget bounds TPOT
+    # (see the README's benchmark), 2048 on CUDA.
+    max_num_batched_tokens: int | None = None
     max_num_seqs: int = 64
     enable_chunked_prefill: bool = True
     max_model_len: int | None = None  # None: the model's own context
@@ -32,7 +34,7 @@ class EngineConfig:
             raise ValueError(f"kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
         if not 0.0 < self.kv_cache_fraction <= 0.95:
             raise ValueError(f"kv_cache_fraction must be in (0, 0.95], got {self.kv_cache_fraction}")
-        if self.max_num_batched_tokens < 1:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")

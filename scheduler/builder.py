@@ -29,6 +29,9 @@ def build_from_model(model: torch.nn.Module, tokenizer, config: EngineConfig) ->
     mcfg = model.config
     context = max_context_len(mcfg)
     max_model_len = min(config.max_model_len or context, context)
+    if config.max_num_batched_tokens is None:
+        budget = 64 if next(model.parameters()).device.type == "cpu" else 2048
+        config = dataclasses.replace(config, max_num_batched_tokens=budget)
     if not config.enable_chunked_prefill and config.max_num_batched_tokens < max_model_len:
         # Without chunking a whole prompt must fit one iteration's budget.
         log.info("chunked prefill off: raising max_num_batched_tokens to %d", max_model_len)

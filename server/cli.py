@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-bytes", type=int, default=None, help="KV pool size; default: a fraction of free memory")
     p.add_argument("--kv-cache-fraction", type=float, default=0.3)
-    p.add_argument("--max-num-batched-tokens", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per iteration (default: 64 on CPU, 2048 on CUDA)")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-chunked-prefill", action="store_true")
