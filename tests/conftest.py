@@ -102,3 +102,28 @@ def mistral_model_dir(tmp_path_factory, demo_model_dir) -> str:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def qwen3_model_dir(tmp_path_factory, demo_model_dir) -> str:
+    """A random Qwen3-architecture model (q/k norms inside attention) with the demo tokenizer."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(3)
+    model = Qwen3ForCausalLM(config)
+    out = tmp_path_factory.mktemp("qwen3-tiny")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)

@@ -94,3 +94,11 @@ def test_mistral_greedy_matches_generate_and_context_stops_at_the_window(
     ref_model = reference_models(mistral_model_dir)
     assert got == [reference(ref_model, p, 16) for p in prompts]
     assert core.pool.num_free_blocks == core.pool.num_blocks
+
+
+def test_qwen3_greedy_matches_generate(make_engine, reference_models, qwen3_model_dir):
+    core, runner = make_engine(model=qwen3_model_dir, max_num_batched_tokens=32)
+    prompts = random_prompts([5, 37, 120], seed=12)
+    got = generate(core, runner, prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    ref_model = reference_models(qwen3_model_dir)
+    assert got == [reference(ref_model, p, 12) for p in prompts]
