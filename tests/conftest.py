@@ -20,6 +20,15 @@ def demo_model_dir(tmp_path_factory) -> str:
     return str(build_demo_model(tmp_path_factory.mktemp("demo-tiny"), "tiny", seed=0))
 
 
+def _save_random_model(tmp_path_factory, name: str, model_cls, config, seed: int, tokenizer) -> str:
+    """Build a seeded random model of ``model_cls`` and save it with the demo tokenizer."""
+    torch.manual_seed(seed)
+    out = tmp_path_factory.mktemp(name)
+    model_cls(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
 @pytest.fixture(scope="session")
 def qwen2_model_dir(tmp_path_factory, demo_model_dir) -> str:
     """A random Qwen2-architecture model (biased q/k/v projections) with the demo tokenizer."""
@@ -35,12 +44,7 @@ def qwen2_model_dir(tmp_path_factory, demo_model_dir) -> str:
         tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(1)
-    model = Qwen2ForCausalLM(config)
-    out = tmp_path_factory.mktemp("qwen2-tiny")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return str(out)
+    return _save_random_model(tmp_path_factory, "qwen2-tiny", Qwen2ForCausalLM, config, 1, tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -96,12 +100,7 @@ def mistral_model_dir(tmp_path_factory, demo_model_dir) -> str:
         sliding_window=256,
         eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(2)
-    model = MistralForCausalLM(config)
-    out = tmp_path_factory.mktemp("mistral-tiny")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return str(out)
+    return _save_random_model(tmp_path_factory, "mistral-tiny", MistralForCausalLM, config, 2, tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -121,9 +120,4 @@ def qwen3_model_dir(tmp_path_factory, demo_model_dir) -> str:
         max_position_embeddings=512,
         eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(3)
-    model = Qwen3ForCausalLM(config)
-    out = tmp_path_factory.mktemp("qwen3-tiny")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return str(out)
+    return _save_random_model(tmp_path_factory, "qwen3-tiny", Qwen3ForCausalLM, config, 3, tokenizer)
