@@ -43,10 +43,6 @@ class ModelRunner:
         self._decoder = model.get_decoder()
         self._lm_head = model.get_output_embeddings()
 
-    @property
-    def kv_pool_bytes(self) -> int:
-        return self.kv_pool.numel() * self.kv_pool.element_size()
-
     def _prepare(self, chunks: list[SequenceChunk]):
         """Pack the chunks, decodes first, into (1, T) ids and positions plus attention metadata."""
         decodes = [c for c in chunks if len(c.token_ids) == 1]
