@@ -20,20 +20,20 @@ class IncrementalDetokenizer:
         self.text = ""
         self._num_emitted = 0  # characters of ``text`` already handed out
 
-    def push(self, token_id: int) -> bool:
-        """Add one token; return True when the text now contains a stop string (the text is
-        cut just before it)."""
+    def push(self, token_id: int) -> str | None:
+        """Add one token; return the stop string the text now contains (the text is cut just
+        before it), or None."""
         piece = self._stream.step(self._backend, token_id)
         if not piece:
-            return False
+            return None
         start = max(0, len(self.text) - self._hold)
         self.text += piece
         for s in self._stop:
             at = self.text.find(s, start)
             if at != -1:
                 self.text = self.text[:at]
-                return True
-        return False
+                return s
+        return None
 
     def take_delta(self, finished: bool) -> str:
         """Text not handed out yet; while running, minus what could still become a stop string."""

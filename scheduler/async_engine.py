@@ -17,6 +17,7 @@ from engine.runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.worker import Worker
 from scheduler.core import EngineCore, RequestOutput
+from scheduler.request import RequestOptions
 
 
 log = logging.getLogger(__name__)
@@ -54,12 +55,17 @@ class AsyncEngine:
         await asyncio.to_thread(self.worker.stop)
 
     async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        options: RequestOptions | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs. Raises InvalidRequestError before the first output if the
-        request cannot be served; leaving the iteration early aborts the request."""
+        request cannot be served; leaving the iteration early aborts the request. A request the
+        engine aborts itself (``abort``, ``stop``) ends with a finished output, reason "abort"."""
         rid = request_id or f"req-{next(self._ids)}"
-        self.core.add_request(rid, prompt_token_ids, params)
+        self.core.add_request(rid, prompt_token_ids, params, options)
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._streams[rid] = queue
         self._wake.set()
@@ -77,8 +83,23 @@ class AsyncEngine:
                 self.abort(rid)
 
     def abort(self, request_id: str) -> None:
-        if self.core.abort(request_id):
-            self._wake.set()
+        """Drop a request; its blocks are free before the next plan. A live stream of it ends
+        with a finished output (reason "abort")."""
+        seq = self.core.sequences.get(request_id)
+        if not self.core.abort(request_id):
+            return
+        self._wake.set()
+        queue = self._streams.get(request_id)
+        if queue is not None:
+            queue.put_nowait(
+                RequestOutput(request_id, [], seq.detokenizer.take_delta(True), True, "abort",
+                              seq.num_prompt_tokens, seq.num_output_tokens)
+            )
+
+    @property
+    def num_requests(self) -> int:
+        """Requests in the engine, waiting or running."""
+        return len(self.core.sequences)
 
     async def _run(self) -> None:
         while True:

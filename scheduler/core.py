@@ -22,7 +22,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.plan import IterationPlan, IterationResult, SequenceChunk, TokenLogprob
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from scheduler.fcfs import FcfsScheduler, ScheduledSequence
-from scheduler.request import FinishReason, Sequence, SequenceStatus
+from scheduler.request import FinishReason, RequestOptions, Sequence, SequenceStatus
 
 
 @dataclass(slots=True)
@@ -39,6 +39,8 @@ class RequestOutput:
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
     # Set once, on the output that completes the prompt: one entry per prompt token.
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # Why a "stop" finish stopped: the stop string or stop token id; None for EOS (as vLLM).
+    stop_reason: str | int | None = None
     error: str | None = None
 
 
@@ -62,7 +64,13 @@ class EngineCore:
 
     # -- requests -----------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        options: RequestOptions | None = None,
+    ) -> Sequence:
         """Queue a request, or raise InvalidRequestError (nothing changes) if it cannot be served."""
         if request_id in self.sequences:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
@@ -107,6 +115,7 @@ class EngineCore:
             detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop),
             arrival_s=time.monotonic(),
             prompt_logprobs=[None],
+            options=options or RequestOptions(),
         )
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
@@ -190,8 +199,11 @@ class EngineCore:
         reason = None
         if token_id in seq.stop_token_ids:
             reason = FinishReason.STOP
-        elif seq.detokenizer.push(token_id):
+            if token_id not in self.eos_token_ids:
+                seq.stop_reason = token_id
+        elif (stop := seq.detokenizer.push(token_id)) is not None:
             reason = FinishReason.STOP
+            seq.stop_reason = stop
         elif seq.num_output_tokens >= seq.max_tokens:
             reason = FinishReason.LENGTH
         new_lp = [logprob] if logprob is not None else []
@@ -213,6 +225,7 @@ class EngineCore:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
             new_logprobs=logprobs,
+            stop_reason=seq.stop_reason if finished else None,
         )
 
     def _finish(self, seq: Sequence, reason: FinishReason, tokens: list[int], logprobs: list[TokenLogprob]) -> RequestOutput:

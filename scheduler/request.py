@@ -30,6 +30,20 @@ class FinishReason(str, enum.Enum):
     ERROR = "error"  # the forward failed
 
 
+@dataclass(frozen=True, slots=True)
+class RequestOptions:
+    """What a request asks of the scheduler beyond sampling (the API's extension fields).
+
+    ``priority``: larger is more urgent (vLLM's sign is the opposite; we follow the SDKs' plain
+    reading). ``slo_ttft_ms`` / ``slo_tbt_ms``: this request's latency targets; None takes the
+    server's defaults. The FCFS planner ignores them; the MACE scheduler reads them.
+    """
+
+    priority: int = 0
+    slo_ttft_ms: float | None = None
+    slo_tbt_ms: float | None = None
+
+
 @dataclass(eq=False, slots=True)
 class Sequence:
     seq_id: int
@@ -51,6 +65,8 @@ class Sequence:
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     num_preemptions: int = 0
     first_token_s: float | None = None
+    stop_reason: str | int | None = None
+    options: RequestOptions = field(default_factory=RequestOptions)
 
     @property
     def num_prompt_tokens(self) -> int:

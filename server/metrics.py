@@ -1,0 +1,48 @@
+"""Prometheus metrics of one server (``GET /metrics``), on a registry of its own.
+
+Latencies follow DESIGN.md: TTFT from arrival to the first token, inter-token latency between
+streamed tokens, end-to-end from arrival to the last. Gauges read the engine when scraped, so they
+are never stale. Later issues (cache, trainer, scheduler) register their metrics on ``registry``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from scheduler.async_engine import AsyncEngine
+
+# Seconds; fine below 100 ms where decode gaps live, coarse up to minutes for long generations.
+_LATENCY_BUCKETS_S = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
+                      1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+OUTCOMES = ("stop", "length", "abort", "error", "rejected")
+
+
+class ServerMetrics:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.ttft_s = Histogram("mace_time_to_first_token_seconds", "Arrival to first token.",
+                                buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.itl_s = Histogram("mace_inter_token_latency_seconds", "Gap between consecutive tokens of a request.",
+                               buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.e2e_s = Histogram("mace_e2e_request_latency_seconds", "Arrival to the last token.",
+                               buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.prompt_tokens = Counter("mace_prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
+        self.generation_tokens = Counter("mace_generation_tokens", "Tokens generated.", registry=r)
+        self.requests = Counter("mace_requests", "Finished requests (one per choice) by outcome.",
+                                ["outcome"], registry=r)
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome)  # every series exists from the start, at 0
+        core = engine.core
+        Gauge("mace_requests_running", "Sequences being computed.", registry=r).set_function(
+            lambda: len(core.scheduler.running))
+        Gauge("mace_requests_waiting", "Sequences waiting for admission.", registry=r).set_function(
+            lambda: len(core.scheduler.waiting))
+        Gauge("mace_kv_blocks_total", "KV-cache blocks in the pool.", registry=r).set_function(
+            lambda: core.pool.num_blocks)
+        Gauge("mace_kv_blocks_used", "KV-cache blocks held by live sequences.", registry=r).set_function(
+            lambda: core.pool.num_used_blocks)
+        Gauge("mace_engine_iterations", "Iterations run by the worker.", registry=r).set_function(
+            lambda: engine.num_iterations)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
