@@ -9,11 +9,13 @@ MAX_STOP_SEQUENCES = 16
 
 
 class InvalidRequestError(ValueError):
-    """A request the engine refuses; ``param`` names the offending field for the API's error body."""
+    """A request the engine refuses; ``param`` names the offending field for the API's error body,
+    ``code`` a machine-readable reason where one applies (OpenAI's ``context_length_exceeded``)."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+        self.code = code
 
 
 @dataclass(frozen=True, slots=True)

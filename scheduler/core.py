@@ -83,6 +83,7 @@ class EngineCore:
                 f"the prompt has {num_prompt} tokens; this model's context is {max_len} tokens, "
                 "which must also hold at least one output token",
                 "prompt",
+                "context_length_exceeded",
             )
         vocab = self.config.vocab_size
         if vocab and any(not 0 <= t < vocab for t in prompt_token_ids):
@@ -95,6 +96,7 @@ class EngineCore:
                 f"the prompt ({num_prompt} tokens) plus max_tokens ({max_tokens}) exceeds the "
                 f"context of {max_len} tokens",
                 "max_tokens",
+                "context_length_exceeded",
             )
         if self.pool.blocks_for_tokens(num_prompt + max(max_tokens, 1)) > self.pool.num_blocks:
             raise InvalidRequestError(

@@ -1,166 +1,140 @@
-"""HTTP front end (aiohttp on uvloop): TGI-style `/generate` and `/generate_stream`, `/health`.
+"""The HTTP front end: aiohttp on uvloop.
 
-The OpenAI-compatible routes, metrics, limits and auth arrive with the server issue; this is the
-smallest front end that serves the engine for real.
+Routes: OpenAI's ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``; TGI's
+``/generate``, ``/generate_stream``, ``/info``; ``/health`` and ``/metrics``.
+
+Every response carries ``x-request-id``. Errors are JSON in the route's family shape (see
+``server.errors``). A client that disconnects cancels its handler (``handler_cancellation``),
+which closes its engine stream and aborts the request at once. SIGTERM: stop listening, refuse
+new requests (503), give in-flight ones ``--shutdown-grace`` seconds, abort the rest (their
+streams end cleanly), stop the worker, exit 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import logging
-import uuid
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 
-import msgspec
 import uvloop
 from aiohttp import web
 
 from engine.config import EngineConfig
-from engine.sampling_params import InvalidRequestError, SamplingParams
-from scheduler.async_engine import AsyncEngine, EngineError
+from scheduler.async_engine import AsyncEngine
 from scheduler.builder import build_engine
-from scheduler.core import RequestOutput
+from server import openai_api, tgi_api
+from server.errors import ApiError, error_response, is_expected
+from server.metrics import ServerMetrics
+from server.serving import Serving
+from server.state import REQUEST_ID, STATE, ServerState
 
 log = logging.getLogger(__name__)
-ENGINE = web.AppKey("engine", AsyncEngine)
+_OPEN_PATHS = frozenset({"/health"})
 
 
-class GenerateParameters(msgspec.Struct, omit_defaults=True):
-    max_new_tokens: int | None = 20
-    do_sample: bool = False
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-    stop: list[str] = []
-    details: bool = False
-
-
-class GenerateRequest(msgspec.Struct):
-    inputs: str
-    parameters: GenerateParameters = msgspec.field(default_factory=GenerateParameters)
-
-
-_decode_request = msgspec.json.Decoder(GenerateRequest).decode
-_encode = msgspec.json.Encoder().encode
-# TGI's names for why generation ended.
-_TGI_FINISH = {"stop": "eos_token", "length": "length", "abort": "length", "error": "length"}
-
-
-def _tgi_error(status: int, message: str, error_type: str = "validation") -> web.Response:
-    return web.Response(status=status, body=_encode({"error": message, "error_type": error_type}), content_type="application/json")
-
-
-def _sampling(p: GenerateParameters) -> SamplingParams:
-    # TGI samples when do_sample is set or any sampling knob is given; greedy otherwise.
-    sample = p.do_sample or p.temperature is not None or p.top_p is not None or (p.top_k or 0) > 0
-    return SamplingParams(
-        max_tokens=p.max_new_tokens,
-        temperature=(p.temperature if p.temperature is not None else 1.0) if sample else 0.0,
-        top_p=p.top_p if p.top_p is not None else 1.0,
-        top_k=p.top_k or 0,
-        seed=p.seed,
-        stop=tuple(p.stop),
-        logprobs=0,
-    )
-
-
-async def _parse(request: web.Request) -> tuple[list[int], SamplingParams, bool]:
+@web.middleware
+async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Request ids on every response; exceptions rendered in the route family's error shape."""
+    rid = request.headers.get("x-request-id", "")
+    request[REQUEST_ID] = rid if 0 < len(rid) <= 128 and rid.isascii() and rid.isprintable() else Serving.new_request_id()
     try:
-        body = _decode_request(await request.read())
-    except msgspec.ValidationError as exc:
-        raise InvalidRequestError(str(exc)) from exc
-    except msgspec.DecodeError as exc:
-        raise InvalidRequestError(f"malformed JSON: {exc}") from exc
-    if not body.inputs:
-        raise InvalidRequestError("`inputs` must not be empty", "inputs")
-    tokenizer = request.app[ENGINE].core.tokenizer
-    return tokenizer.encode(body.inputs, add_special_tokens=False), _sampling(body.parameters), body.parameters.details
-
-
-def _token(out: RequestOutput, text: str) -> dict:
-    lp = out.new_logprobs[0].logprob if out.new_logprobs else None
-    return {"id": out.new_token_ids[0], "text": text, "logprob": lp, "special": False}
-
-
-async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
-async def generate(request: web.Request) -> web.Response:
-    engine = request.app[ENGINE]
-    rid = uuid.uuid4().hex
-    try:
-        prompt, params, details = await _parse(request)
-        text, tokens, last = [], [], None
-        async for out in engine.generate(prompt, params, rid):
-            text.append(out.new_text)
-            if out.new_token_ids:
-                tokens.append(_token(out, out.new_text))
-            last = out
-    except InvalidRequestError as exc:
-        return _tgi_error(422, str(exc))
-    except EngineError as exc:
-        return _tgi_error(500, str(exc), "generation")
-    body: dict = {"generated_text": "".join(text)}
-    if details:
-        body["details"] = {
-            "finish_reason": _TGI_FINISH[last.finish_reason],
-            "generated_tokens": last.num_output_tokens,
-            "seed": params.seed,
-            "prefill": [],
-            "tokens": tokens,
-        }
-    return web.Response(body=_encode(body), content_type="application/json", headers={"x-request-id": rid})
-
-
-async def generate_stream(request: web.Request) -> web.StreamResponse:
-    engine = request.app[ENGINE]
-    rid = uuid.uuid4().hex
-    try:
-        prompt, params, _ = await _parse(request)
-        stream = engine.generate(prompt, params, rid)
-        first = await anext(stream)
-    except InvalidRequestError as exc:
-        return _tgi_error(422, str(exc))
-    except EngineError as exc:
-        return _tgi_error(500, str(exc), "generation")
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "x-request-id": rid})
-    await response.prepare(request)
-    text = []
-    out: RequestOutput | None = first
-    try:
-        while out is not None:
-            text.append(out.new_text)
-            event = {"token": _token(out, out.new_text) if out.new_token_ids else None, "generated_text": None, "details": None}
-            if out.finished:
-                event["generated_text"] = "".join(text)
-                event["details"] = {"finish_reason": _TGI_FINISH[out.finish_reason], "generated_tokens": out.num_output_tokens, "seed": params.seed}
-            await response.write(b"data:" + _encode(event) + b"\n\n")
-            out = await anext(stream, None)
-    except EngineError as exc:
-        await response.write(b"data:" + _encode({"error": str(exc), "error_type": "generation"}) + b"\n\n")
-    finally:
-        await stream.aclose()  # a client that went away aborts its request here
+        response = await handler(request)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        if not is_expected(exc):
+            log.exception("unhandled error in %s", request.path)
+        response = error_response(exc, request.path.startswith("/generate"))
+    if not response.prepared:
+        response.headers["x-request-id"] = request[REQUEST_ID]
     return response
 
 
-def build_app(engine: AsyncEngine) -> web.Application:
-    app = web.Application(client_max_size=4 << 20)
-    app[ENGINE] = engine
+@web.middleware
+async def _auth(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    key = request.app[STATE].api_key
+    if key is not None and request.path not in _OPEN_PATHS:
+        given = request.headers.get("Authorization", "")
+        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), key.encode())):
+            raise ApiError(401, "a valid API key is required: Authorization: Bearer KEY", "Authorization", "invalid_api_key")
+    return await handler(request)
+
+
+async def health(request: web.Request) -> web.Response:
+    serving = request.app[STATE].serving
+    if serving.is_draining:
+        return web.json_response({"status": "shutting down"}, status=503)
+    return web.json_response({"status": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[STATE].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+def build_app(
+    engine: AsyncEngine,
+    *,
+    model_name: str | None = None,
+    api_key: str | None = None,
+    max_waiting_requests: int = 256,
+    max_request_bytes: int = 4 << 20,
+    shutdown_grace_s: float = 30.0,
+) -> web.Application:
+    """The application over an engine it starts on startup and stops on cleanup."""
+    model_path = engine.core.config.model
+    name = model_name or (Path(model_path).name if model_path else "mace")
+    aliases = frozenset(a for a in (name, model_path, str(Path(model_path).resolve()) if model_path else None) if a)
+    app = web.Application(client_max_size=max_request_bytes, middlewares=[_errors, _auth])
+    metrics_ = ServerMetrics(engine)
+    app[STATE] = state = ServerState(
+        serving=Serving(engine, metrics_, max_waiting_requests), metrics=metrics_, model_name=name,
+        model_aliases=aliases, created=int(time.time()), api_key=api_key, shutdown_grace_s=shutdown_grace_s,
+    )
     app.router.add_get("/health", health)
-    app.router.add_post("/generate", generate)
-    app.router.add_post("/generate_stream", generate_stream)
+    app.router.add_get("/metrics", metrics)
+    openai_api.add_routes(app)
+    tgi_api.add_routes(app)
 
     async def start(app: web.Application) -> None:
         await engine.start()
+
+    async def drain(app: web.Application) -> None:
+        await state.serving.drain(state.shutdown_grace_s)
 
     async def stop(app: web.Application) -> None:
         await engine.stop()
 
     app.on_startup.append(start)
+    app.on_shutdown.append(drain)
     app.on_cleanup.append(stop)
     return app
+
+
+def make_runner(app: web.Application) -> web.AppRunner:
+    """How an app runs, the same in ``mace serve`` and in tests."""
+    return web.AppRunner(app, handler_cancellation=True, shutdown_timeout=5.0, access_log=None)
+
+
+async def _serve_forever(app: web.Application, host: str, port: int) -> None:
+    runner = make_runner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    log.info("serving %s on http://%s:%d", app[STATE].model_name, host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining in-flight requests (up to %.0f s)", app[STATE].shutdown_grace_s)
+    await runner.cleanup()
+    log.info("stopped")
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -177,7 +151,13 @@ def serve(args: argparse.Namespace) -> None:
         max_model_len=args.max_model_len,
         seed=args.seed,
     )
+    api_key = args.api_key
+    if args.api_key_file:
+        api_key = Path(args.api_key_file).read_text().strip()
     engine = AsyncEngine(*build_engine(config))
-    loop = uvloop.new_event_loop()
-    asyncio.set_event_loop(loop)
-    web.run_app(build_app(engine), host=args.host, port=args.port, loop=loop, print=lambda msg: log.info(msg))
+    app = build_app(
+        engine, model_name=args.served_model_name, api_key=api_key or None,
+        max_waiting_requests=args.max_waiting_requests, max_request_bytes=args.max_request_bytes,
+        shutdown_grace_s=args.shutdown_grace,
+    )
+    uvloop.run(_serve_forever(app, args.host, args.port))

@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-chunked-prefill", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the directory's name)")
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every route but /health")
+    p.add_argument("--api-key-file", default=None, help="read the API key from this file")
+    p.add_argument("--max-waiting-requests", type=int, default=256, help="queued sequences before answering 429")
+    p.add_argument("--max-request-bytes", type=int, default=4 << 20, help="larger bodies get 413")
+    p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("bench", help="benchmarks")

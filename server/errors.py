@@ -1,0 +1,86 @@
+"""Errors of the HTTP layer and their two body shapes.
+
+``/v1/*`` answers OpenAI's ``{"error": {"message", "type", "param", "code"}}``; ``/generate*``
+answers TGI's ``{"error", "error_type"}``. Handlers raise; the error middleware renders.
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+from aiohttp import web
+
+from engine.sampling_params import InvalidRequestError
+from scheduler.async_engine import EngineError
+from server.protocol import openai, tgi
+from server.serving import Overloaded, ShuttingDown
+
+_encode = msgspec.json.Encoder().encode
+_PATH = re.compile(r"at `\$\.?([^`]*)`")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.param = param
+        self.code = code
+
+
+async def read_json(request: web.Request, body_type: type):
+    """Decode a JSON body into ``body_type`` or raise ``ApiError`` naming the problem."""
+    if request.content_type != "application/json":
+        raise ApiError(415, f"Content-Type must be application/json, got {request.content_type or 'none'}",
+                       "Content-Type", "unsupported_media_type")
+    try:
+        raw = await request.read()  # raises 413 past client_max_size
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise ApiError(413, f"the body is over the limit of {request.app._client_max_size} bytes",
+                       None, "request_too_large") from exc
+    try:
+        return msgspec.json.decode(raw, type=body_type)
+    except msgspec.ValidationError as exc:
+        match = _PATH.search(str(exc))
+        raise InvalidRequestError(str(exc), match.group(1) if match else None) from exc
+    except msgspec.DecodeError as exc:
+        raise InvalidRequestError(f"malformed JSON: {exc}") from exc
+
+
+def is_expected(exc: BaseException) -> bool:
+    """Errors that are the request's fault or the server's state, not a bug of ours."""
+    return isinstance(exc, (ApiError, InvalidRequestError, Overloaded, ShuttingDown, EngineError, web.HTTPException))
+
+
+def classify(exc: BaseException, is_tgi: bool) -> tuple[int, str, str | None, str | None, str]:
+    """(status, message, param, code, kind) for an exception a handler raised."""
+    if isinstance(exc, ApiError):
+        return exc.status, str(exc), exc.param, exc.code, "validation"
+    if isinstance(exc, InvalidRequestError):
+        return (422 if is_tgi else 400), str(exc), exc.param, exc.code, "validation"
+    if isinstance(exc, Overloaded):
+        return 429, str(exc), None, "queue_full", "overloaded"
+    if isinstance(exc, ShuttingDown):
+        return 503, str(exc), None, "shutting_down", "unavailable"
+    if isinstance(exc, EngineError):
+        return 500, str(exc), None, None, "generation"
+    if isinstance(exc, web.HTTPException):
+        return exc.status, exc.reason if exc.text is None or exc.text.startswith(f"{exc.status}:") else exc.text, None, None, "validation"
+    return 500, f"internal error: {type(exc).__name__}", None, None, "generation"
+
+
+_OPENAI_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+                429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+
+
+def error_body(status: int, message: str, param: str | None, code: str | None, kind: str, is_tgi: bool) -> bytes:
+    if is_tgi:
+        return _encode(tgi.ErrorResponse(error=message, error_type=kind))
+    etype = _OPENAI_TYPE.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return _encode(openai.ErrorResponse(openai.ErrorInfo(message=message, type=etype, param=param, code=code)))
+
+
+def error_response(exc: BaseException, is_tgi: bool) -> web.Response:
+    status, message, param, code, kind = classify(exc, is_tgi)
+    return web.Response(status=status, body=error_body(status, message, param, code, kind, is_tgi),
+                        content_type="application/json")

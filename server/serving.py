@@ -1,0 +1,200 @@
+"""What both APIs share: admission (queue limit, draining), fan-out of one API request into
+several engine sequences (``n``, prompt lists), per-token metrics, and token text for log-probs.
+
+No aiohttp here: handlers turn ``Overloaded`` / ``ShuttingDown`` / ``InvalidRequestError`` into
+their API's error bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from engine.sampling_params import InvalidRequestError, SamplingParams
+from scheduler.async_engine import AsyncEngine, EngineError
+from scheduler.core import RequestOutput
+from scheduler.request import RequestOptions
+from server.metrics import ServerMetrics
+
+
+class Overloaded(RuntimeError):
+    """The waiting queue is full: answer 429 now rather than let memory grow."""
+
+
+class ShuttingDown(RuntimeError):
+    """The server is draining after SIGTERM: answer 503."""
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceSpec:
+    """One engine sequence of an API request (one choice)."""
+
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+class Serving:
+    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, max_waiting_requests: int) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.max_waiting_requests = max_waiting_requests
+        self.is_draining = False
+        self._token_text: dict[int, str] = {}
+        tokenizer = engine.core.tokenizer
+        self.tokenizer = tokenizer
+        self.special_ids = frozenset(tokenizer.all_special_ids)
+
+    @staticmethod
+    def new_request_id() -> str:
+        return uuid.uuid4().hex
+
+    def token_text(self, token_id: int) -> str:
+        """A token's own text (what log-prob entries show), cached: a vocabulary is finite."""
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def admit(self, num_sequences: int) -> None:
+        if self.is_draining:
+            raise ShuttingDown("the server is shutting down")
+        waiting = len(self.engine.core.scheduler.waiting)
+        if waiting + num_sequences > self.max_waiting_requests:
+            self.metrics.requests.labels("rejected").inc(num_sequences)
+            raise Overloaded(
+                f"the queue is full ({waiting} sequences waiting, limit {self.max_waiting_requests}); retry later"
+            )
+
+    async def submit(self, specs: list[SequenceSpec], options: RequestOptions) -> RequestStream:
+        """Validate and queue every sequence of a request, or raise (``InvalidRequestError``,
+        ``Overloaded``, ``ShuttingDown``) having queued none. The caller iterates the returned
+        stream and must ``aclose()`` it (a ``finally``): that aborts whatever still runs.
+
+        Engine ids are ours (the client's x-request-id need not be unique)."""
+        self.admit(len(specs))
+        request_id = self.new_request_id()
+        gens = []
+        try:
+            for i, spec in enumerate(specs):
+                rid = request_id if len(specs) == 1 else f"{request_id}-{i}"
+                gens.append(self._tracked(rid, spec, options))
+                await anext(gens[-1])  # validates and queues; yields None
+        except BaseException:
+            for gen in gens:
+                await gen.aclose()
+            raise
+        return RequestStream(gens)
+
+    async def _tracked(self, rid: str, spec: SequenceSpec, options: RequestOptions) -> AsyncIterator[RequestOutput | None]:
+        """One sequence with its metrics. Yields None once queued, then the outputs."""
+        m = self.metrics
+        arrival = last = time.monotonic()
+        engine_stream = self.engine.generate(spec.prompt_token_ids, spec.params, rid, options)
+        outcome = "abort"
+        try:
+            try:
+                first = await anext(engine_stream)
+            except InvalidRequestError:
+                m.requests.labels("rejected").inc()
+                raise
+            except StopAsyncIteration:  # cannot happen: a stream always ends with a finished output
+                return
+            m.prompt_tokens.inc(len(spec.prompt_token_ids))
+            yield None
+            out: RequestOutput | None = first
+            while out is not None:
+                if out.new_token_ids:
+                    now = time.monotonic()
+                    if out.num_output_tokens == len(out.new_token_ids):
+                        m.ttft_s.observe(now - arrival)
+                    else:
+                        m.itl_s.observe(now - last)
+                    last = now
+                    m.generation_tokens.inc(len(out.new_token_ids))
+                if out.finished:
+                    outcome = out.finish_reason or "stop"
+                    m.e2e_s.observe(time.monotonic() - arrival)
+                yield out
+                if out.finished:
+                    return
+                out = await anext(engine_stream, None)
+        except BaseException as exc:
+            if isinstance(exc, EngineError):
+                outcome = "error"
+            raise
+        finally:
+            await engine_stream.aclose()
+            if outcome != "rejected":
+                m.requests.labels(outcome).inc()
+
+    async def drain(self, grace_s: float) -> None:
+        """Refuse new work, let what runs finish for up to ``grace_s``, then abort the rest
+        (their streams end with finish reason "abort")."""
+        self.is_draining = True
+        deadline = time.monotonic() + grace_s
+        while self.engine.num_requests and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for rid in list(self.engine.core.sequences):
+            self.engine.abort(rid)
+
+
+class RequestStream:
+    """``(index, output)`` pairs of a request's sequences, in the order they are produced."""
+
+    def __init__(self, gens: list[AsyncIterator[RequestOutput | None]]) -> None:
+        self._gens = gens
+        self._outputs = _single(gens[0]) if len(gens) == 1 else _merge(gens)
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> tuple[int, RequestOutput]:
+        return await anext(self._outputs)
+
+    async def aclose(self) -> None:
+        await self._outputs.aclose()
+        for gen in self._gens:  # an output iterator never started does not close them itself
+            await gen.aclose()
+
+
+async def _single(gen: AsyncIterator[RequestOutput | None]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async for out in gen:
+        yield 0, out
+
+
+async def _merge(gens: list[AsyncIterator[RequestOutput | None]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave already-started sequence streams; closing this closes (aborts) them all."""
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, gen) -> None:
+        try:
+            async for out in gen:
+                await queue.put((i, out))
+        except Exception as exc:
+            await queue.put((i, exc))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for gen in gens:
+            await gen.aclose()

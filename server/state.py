@@ -1,0 +1,26 @@
+"""What the route handlers share, kept on the aiohttp application under one key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from server.metrics import ServerMetrics
+from server.serving import Serving
+
+
+@dataclass
+class ServerState:
+    serving: Serving
+    metrics: ServerMetrics
+    model_name: str  # what /v1/models lists and responses carry
+    model_aliases: frozenset[str]  # names a request's `model` may use
+    created: int  # unix seconds the server started
+    api_key: str | None = None
+    shutdown_grace_s: float = 30.0
+
+
+STATE = web.AppKey("state", ServerState)
+# The id a response shows (x-request-id): the client's own when it sent one, else ours.
+REQUEST_ID = web.RequestKey("request_id", str)
