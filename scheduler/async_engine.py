@@ -54,6 +54,23 @@ class AsyncEngine:
                 pass
         await asyncio.to_thread(self.worker.stop)
 
+    def add_request(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        options: RequestOptions | None = None,
+    ) -> OutputStream:
+        """Queue a request now (or raise InvalidRequestError, changing nothing) and return the
+        stream of its outputs. The caller must iterate it to the end or ``aclose()`` it; closing
+        early aborts the request."""
+        rid = request_id or f"req-{next(self._ids)}"
+        self.core.add_request(rid, prompt_token_ids, params, options)
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._streams[rid] = queue
+        self._wake.set()
+        return OutputStream(self, rid, queue)
+
     async def generate(
         self,
         prompt_token_ids: list[int],
@@ -61,26 +78,16 @@ class AsyncEngine:
         request_id: str | None = None,
         options: RequestOptions | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs. Raises InvalidRequestError before the first output if the
-        request cannot be served; leaving the iteration early aborts the request. A request the
-        engine aborts itself (``abort``, ``stop``) ends with a finished output, reason "abort"."""
-        rid = request_id or f"req-{next(self._ids)}"
-        self.core.add_request(rid, prompt_token_ids, params, options)
-        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self._streams[rid] = queue
-        self._wake.set()
-        finished = False
+        """``add_request`` as one async generator: raises InvalidRequestError before the first
+        output if the request cannot be served; leaving the iteration early aborts the request.
+        A request the engine aborts itself (``abort``, ``stop``) ends with a finished output,
+        reason "abort"."""
+        stream = self.add_request(prompt_token_ids, params, request_id, options)
         try:
-            while not finished:
-                out = await queue.get()
-                finished = out.finished
-                if out.error is not None:
-                    raise EngineError(out.error)
+            async for out in stream:
                 yield out
         finally:
-            self._streams.pop(rid, None)
-            if not finished:
-                self.abort(rid)
+            await stream.aclose()
 
     def abort(self, request_id: str) -> None:
         """Drop a request; its blocks are free before the next plan. A live stream of it ends
@@ -135,6 +142,37 @@ class AsyncEngine:
             queue.put_nowait(
                 RequestOutput(rid, [], "", True, "error", 0, 0, error=f"{type(exc).__name__}: {exc}")
             )
+
+
+class OutputStream:
+    """One request's outputs, in order; ends after the finished one. ``aclose`` (idempotent)
+    aborts the request if it has not finished."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue[RequestOutput]) -> None:
+        self.request_id = request_id
+        self._engine = engine
+        self._queue = queue
+        self._is_done = False
+
+    def __aiter__(self) -> OutputStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._is_done:
+            raise StopAsyncIteration
+        out = await self._queue.get()
+        if out.finished:
+            self._is_done = True
+            self._engine._streams.pop(self.request_id, None)
+        if out.error is not None:
+            raise EngineError(out.error)
+        return out
+
+    async def aclose(self) -> None:
+        if not self._is_done:
+            self._is_done = True
+            self._engine._streams.pop(self.request_id, None)
+            self._engine.abort(self.request_id)
 
 
 def _resolve(fut: asyncio.Future, value) -> None:

@@ -52,10 +52,13 @@ def is_expected(exc: BaseException) -> bool:
     return isinstance(exc, (ApiError, InvalidRequestError, Overloaded, ShuttingDown, EngineError, web.HTTPException))
 
 
+_TGI_KIND = {401: "unauthorized", 404: "not_found"}
+
+
 def classify(exc: BaseException, is_tgi: bool) -> tuple[int, str, str | None, str | None, str]:
     """(status, message, param, code, kind) for an exception a handler raised."""
     if isinstance(exc, ApiError):
-        return exc.status, str(exc), exc.param, exc.code, "validation"
+        return exc.status, str(exc), exc.param, exc.code, _TGI_KIND.get(exc.status, "validation")
     if isinstance(exc, InvalidRequestError):
         return (422 if is_tgi else 400), str(exc), exc.param, exc.code, "validation"
     if isinstance(exc, Overloaded):
@@ -82,5 +85,7 @@ def error_body(status: int, message: str, param: str | None, code: str | None, k
 
 def error_response(exc: BaseException, is_tgi: bool) -> web.Response:
     status, message, param, code, kind = classify(exc, is_tgi)
+    # 429 (queue full) and 503 (draining) are worth retrying; say when
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
     return web.Response(status=status, body=error_body(status, message, param, code, kind, is_tgi),
-                        content_type="application/json")
+                        content_type="application/json", headers=headers)

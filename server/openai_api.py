@@ -325,7 +325,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         started = [False] * len(choices)
-        text_len = [0] * len(choices)
+        token_chars = [0] * len(choices)  # characters of token texts so far, for text_offset
 
         def chunk(i: int, out: RequestOutput) -> bytes | None:
             c = choices[i]
@@ -341,9 +341,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
                 return None
             lp = None
             if body.logprobs is not None:
-                offset = text_len[i] + len(text) - len(out.new_text)
-                lp = logprobs(i, c, out.new_logprobs, offset, body.echo and out.prompt_logprobs is not None)
-            text_len[i] += len(text)
+                # offsets count the tokens' own texts (as the non-streamed answer does), not the
+                # streamed text, which may lag behind (held-back stop prefixes, split characters)
+                if body.echo and out.prompt_logprobs is not None:
+                    token_chars[i] = len(prompt_text(i))
+                lp = logprobs(i, c, out.new_logprobs, token_chars[i], body.echo and out.prompt_logprobs is not None)
+                token_chars[i] += sum(len(t) for t in lp.tokens[-len(out.new_logprobs):]) if out.new_logprobs else 0
             return _encode(oa.Completion(
                 f"cmpl-{rid}", created, model,
                 [oa.CompletionChoice(i, text, out.finish_reason if out.finished else None, lp, out.stop_reason)],

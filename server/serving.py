@@ -93,20 +93,16 @@ class Serving:
         """One sequence with its metrics. Yields None once queued, then the outputs."""
         m = self.metrics
         arrival = last = time.monotonic()
-        engine_stream = self.engine.generate(spec.prompt_token_ids, spec.params, rid, options)
+        try:
+            engine_stream = self.engine.add_request(spec.prompt_token_ids, spec.params, rid, options)
+        except InvalidRequestError:
+            m.requests.labels("rejected").inc()
+            raise
+        m.prompt_tokens.inc(len(spec.prompt_token_ids))
         outcome = "abort"
         try:
-            try:
-                first = await anext(engine_stream)
-            except InvalidRequestError:
-                m.requests.labels("rejected").inc()
-                raise
-            except StopAsyncIteration:  # cannot happen: a stream always ends with a finished output
-                return
-            m.prompt_tokens.inc(len(spec.prompt_token_ids))
             yield None
-            out: RequestOutput | None = first
-            while out is not None:
+            async for out in engine_stream:
                 if out.new_token_ids:
                     now = time.monotonic()
                     if out.num_output_tokens == len(out.new_token_ids):
@@ -119,17 +115,12 @@ class Serving:
                     outcome = out.finish_reason or "stop"
                     m.e2e_s.observe(time.monotonic() - arrival)
                 yield out
-                if out.finished:
-                    return
-                out = await anext(engine_stream, None)
-        except BaseException as exc:
-            if isinstance(exc, EngineError):
-                outcome = "error"
+        except EngineError:
+            outcome = "error"
             raise
         finally:
             await engine_stream.aclose()
-            if outcome != "rejected":
-                m.requests.labels(outcome).inc()
+            m.requests.labels(outcome).inc()
 
     async def drain(self, grace_s: float) -> None:
         """Refuse new work, let what runs finish for up to ``grace_s``, then abort the rest

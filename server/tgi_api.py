@@ -92,7 +92,7 @@ async def generate(request: web.Request) -> web.Response:
             last = out
     finally:
         await stream.aclose()
-    if last.finish_reason == "abort":
+    if last is None or last.finish_reason == "abort":
         raise EngineError("the request was aborted: the server is shutting down")
     generated = ("".join(text))
     if p.return_full_text:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -75,6 +76,31 @@ def make_engine(demo_model_dir):
         return build_engine(dataclasses.replace(config, **overrides))
 
     return make
+
+
+@pytest.fixture
+def start_server(make_engine):
+    """``async with start_server(engine_overrides={...}, **build_app_kwargs) as (url, engine)``:
+    a real server on 127.0.0.1 (a free port), run exactly as ``mace serve`` runs it."""
+    from aiohttp import web
+
+    from scheduler.async_engine import AsyncEngine
+    from server.app import build_app, make_runner
+
+    @contextlib.asynccontextmanager
+    async def start(engine_overrides: dict | None = None, **app_kwargs):
+        engine = AsyncEngine(*make_engine(**(engine_overrides or {})))
+        runner = make_runner(build_app(engine, **app_kwargs))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            yield f"http://127.0.0.1:{port}", engine
+        finally:
+            await runner.cleanup()
+
+    return start
 
 
 def random_prompts(lengths: list[int], seed: int = 0, vocab: int = 8000) -> list[list[int]]:
