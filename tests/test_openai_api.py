@@ -38,8 +38,9 @@ async def _stream(http, url, body) -> list[dict]:
 
 def _metric(text: str, name: str) -> float:
     for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{") and line.split(" ")[0] == name:
-            return float(line.rsplit(" ", 1)[1])
+        key, _, value = line.rpartition(" ")
+        if key == name:
+            return float(value)
     raise KeyError(name)
 
 
