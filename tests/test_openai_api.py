@@ -12,6 +12,11 @@ import torch
 from server.sse import DONE, Decoder
 
 TIMEOUT = aiohttp.ClientTimeout(total=120)
+REQUIRED_METRICS = [
+    "mace_time_to_first_token_seconds", "mace_inter_token_latency_seconds", "mace_e2e_request_latency_seconds",
+    "mace_requests_running", "mace_requests_waiting", "mace_kv_blocks_total", "mace_kv_blocks_used",
+    "mace_prompt_tokens_total", "mace_generation_tokens_total", "mace_requests_total",
+]
 CHAT = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "What does parse() return?"}]
 
 
@@ -169,6 +174,12 @@ async def test_fifty_concurrent_streams_all_complete(start_server):
         async with http.get(f"{url}/metrics") as r:
             metrics = await r.text()
     assert results == [(6 + i % 5, "length") for i in range(50)]
+    for name in REQUIRED_METRICS:
+        assert f"# TYPE {name} " in metrics, name
+    assert _metric(metrics, "mace_prompt_tokens_total") == sum(
+        len(engine.core.tokenizer.encode(f"def task_{i}(x):")) for i in range(50))
+    assert _metric(metrics, "mace_inter_token_latency_seconds_count") == sum(5 + i % 5 for i in range(50))
+    assert _metric(metrics, "mace_kv_blocks_total") == engine.core.pool.num_blocks
     assert _metric(metrics, 'mace_requests_total{outcome="length"}') == 50
     assert _metric(metrics, "mace_time_to_first_token_seconds_count") == 50
     assert _metric(metrics, "mace_generation_tokens_total") == sum(6 + i % 5 for i in range(50))
