@@ -6,7 +6,7 @@ SIZE    ?= tiny
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 
-.PHONY: install serve test bench demo-model clean
+.PHONY: install serve test bench bench-http demo-model clean
 
 install: .venv/.installed
 
@@ -31,6 +31,11 @@ test: .venv/.installed
 bench: .venv/.installed
 	$(MAKE) demo-model MODEL=models/demo-base SIZE=base
 	.venv/bin/mace bench engine --model models/demo-base --out bench-results/engine.json
+	$(MAKE) bench-http
+
+bench-http: .venv/.installed
+	$(MAKE) demo-model MODEL=models/demo-base SIZE=base
+	.venv/bin/mace bench http --model models/demo-base --out bench-results/http.json
 
 clean:
 	rm -rf .venv models bench-results

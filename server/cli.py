@@ -42,6 +42,12 @@ def _bench_engine(args: argparse.Namespace) -> None:
     main(args)
 
 
+def _bench_http(args: argparse.Namespace) -> None:
+    from server.bench.http_layer import main
+
+    main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mace", description="MACE-serve: an LLM server that keeps aligning while it serves")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench.add_parser("engine", help="engine throughput/latency vs transformers (no HTTP)")
     add_arguments(b)
     b.set_defaults(func=_bench_engine)
+
+    from server.bench.http_layer import add_arguments as add_http_arguments
+
+    b = bench.add_parser("http", help="tokens/s streamed over HTTP vs the engine alone, same workload, same run")
+    add_http_arguments(b)
+    b.set_defaults(func=_bench_http)
     return parser
 
 

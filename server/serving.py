@@ -138,23 +138,21 @@ class RequestStream:
 
     def __init__(self, gens: list[AsyncIterator[RequestOutput | None]]) -> None:
         self._gens = gens
-        self._outputs = _single(gens[0]) if len(gens) == 1 else _merge(gens)
+        self._outputs = None if len(gens) == 1 else _merge(gens)
 
     def __aiter__(self) -> RequestStream:
         return self
 
     async def __anext__(self) -> tuple[int, RequestOutput]:
+        if self._outputs is None:  # one sequence: no merging layer on the per-token path
+            return 0, await anext(self._gens[0])
         return await anext(self._outputs)
 
     async def aclose(self) -> None:
-        await self._outputs.aclose()
+        if self._outputs is not None:
+            await self._outputs.aclose()
         for gen in self._gens:  # an output iterator never started does not close them itself
             await gen.aclose()
-
-
-async def _single(gen: AsyncIterator[RequestOutput | None]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    async for out in gen:
-        yield 0, out
 
 
 async def _merge(gens: list[AsyncIterator[RequestOutput | None]]) -> AsyncIterator[tuple[int, RequestOutput]]:
