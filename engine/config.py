@@ -20,6 +20,8 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None
     max_num_seqs: int = 64
     enable_chunked_prefill: bool = True
+    # Share full KV blocks of common prefixes between requests (a trie over blocks).
+    enable_prefix_caching: bool = True
     max_model_len: int | None = None  # None: the model's own context
     seed: int = 0
     # Decode attention on CPU fp32: "auto" uses the C kernel that reads the pool in place (when a

@@ -49,7 +49,7 @@ class EngineCore:
         self.config = config
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
-        self.pool = BlockPool(num_blocks, config.block_size)
+        self.pool = BlockPool(num_blocks, config.block_size, enable_prefix_cache=config.enable_prefix_caching)
         self.scheduler = FcfsScheduler(
             self.pool,
             max_num_batched_tokens=config.max_num_batched_tokens,
@@ -182,6 +182,7 @@ class EngineCore:
             if seq.is_finished:  # aborted while the iteration ran
                 continue
             seq.num_computed_tokens += s.num_new_tokens
+            self.scheduler.cache_computed_blocks(seq)
             res = by_id[seq.seq_id]
             seq.prompt_logprobs.extend(res.prompt_logprobs)
             if res.token_id is None:

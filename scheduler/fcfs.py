@@ -6,6 +6,11 @@ whole (chunked prefill off). Then waiting sequences are admitted in arrival orde
 sequence slots and blocks last; the first one that does not fit stops admission, so nobody
 overtakes the head of the queue. When a running sequence needs a block and none is free, the
 newest running sequence is preempted (its blocks freed, recomputed later).
+
+Prefix caching: a sequence being admitted first takes the longest cached prefix of its tokens
+(whole blocks, never all of its tokens: the last one must be computed to sample); those tokens
+count as computed. Once a block of a running sequence is full and computed, it is offered to
+the cache, so a request arriving later, or this one after a preemption, can reuse it.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ class FcfsScheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
+        self.num_prefix_query_tokens = 0  # tokens of admitted sequences looked up in the cache
+        self.num_prefix_hit_tokens = 0  # of which found there (not recomputed)
 
     @property
     def has_work(self) -> bool:
@@ -60,6 +67,48 @@ class FcfsScheduler:
             self.pool.free(seq.block_table)
             seq.block_table = []
         seq.num_computed_tokens = 0
+        seq.prefix_node, seq.num_prefix_blocks = None, 0
+
+    # -- prefix cache ----------------------------------------------------------------------------
+
+    def _cacheable_blocks(self, seq: Sequence) -> int:
+        """Leading blocks of ``seq`` a cache lookup may cover: whole blocks, leaving at least one
+        token to compute. Prompt scoring needs logits at every prompt position: none."""
+        if self.pool.trie is None or seq.params.prompt_logprobs is not None:
+            return 0
+        return (seq.num_tokens - 1) // self.pool.block_size
+
+    def num_cached_prefix_tokens(self, seq: Sequence) -> int:
+        """How many of a waiting sequence's tokens the cache would spare it (changes nothing)."""
+        max_blocks = self._cacheable_blocks(seq)
+        if max_blocks == 0:
+            return 0
+        return len(self.pool.trie.match(seq.token_ids(0, max_blocks * self.pool.block_size), max_blocks)) * self.pool.block_size
+
+    def _take_cached_prefix(self, seq: Sequence) -> None:
+        """Start a fresh sequence from the longest cached prefix of its tokens."""
+        if self.pool.trie is None:
+            return
+        max_blocks = self._cacheable_blocks(seq)
+        path = self.pool.match_prefix(seq.token_ids(0, max_blocks * self.pool.block_size), max_blocks) if max_blocks else []
+        blocks = [node.block for node in path]
+        self.pool.share(blocks)
+        seq.block_table = blocks
+        seq.num_computed_tokens = seq.num_cached_tokens = len(blocks) * self.pool.block_size
+        seq.prefix_node = path[-1] if path else self.pool.trie.root
+        seq.num_prefix_blocks = len(blocks)
+
+    def cache_computed_blocks(self, seq: Sequence) -> None:
+        """Offer ``seq``'s newly full, computed blocks to the prefix cache."""
+        if seq.prefix_node is None:
+            return
+        bs = self.pool.block_size
+        num_full = seq.num_computed_tokens // bs
+        if num_full > seq.num_prefix_blocks:
+            start = seq.num_prefix_blocks
+            tokens = seq.token_ids(start * bs, num_full * bs)
+            seq.prefix_node = self.pool.cache_full_blocks(seq.prefix_node, tokens, seq.block_table, start, num_full)
+            seq.num_prefix_blocks = num_full
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -117,9 +166,13 @@ class FcfsScheduler:
         # 2. Waiting sequences, in arrival order; none while memory is short.
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            self._take_cached_prefix(seq)
             num_new = self._chunk_size(seq, budget, not scheduled)
             if num_new == 0 or not self._grow(seq, num_new):
+                self._release(seq)  # cached blocks go back to the cache
                 break
+            self.num_prefix_query_tokens += seq.num_tokens
+            self.num_prefix_hit_tokens += seq.num_cached_tokens
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from cache.prefix_cache import TrieNode
 from engine.detokenizer import IncrementalDetokenizer
 from engine.plan import TokenLogprob
 from engine.sampling_params import SamplingParams
@@ -67,6 +68,11 @@ class Sequence:
     first_token_s: float | None = None
     stop_reason: str | int | None = None
     options: RequestOptions = field(default_factory=RequestOptions)
+    # Prefix cache: the trie node of block ``num_prefix_blocks - 1`` of the block table (the
+    # root when 0), under which the next full block is offered; None stops offering.
+    prefix_node: TrieNode | None = None
+    num_prefix_blocks: int = 0
+    num_cached_tokens: int = 0  # tokens reused from the cache at the last admission
 
     @property
     def num_prompt_tokens(self) -> int:

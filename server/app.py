@@ -148,6 +148,7 @@ def serve(args: argparse.Namespace) -> None:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
         enable_chunked_prefill=not args.no_chunked_prefill,
+        enable_prefix_caching=not args.no_prefix_cache,
         max_model_len=args.max_model_len,
         seed=args.seed,
     )

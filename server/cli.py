@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-chunked-prefill", action="store_true")
+    p.add_argument("--no-prefix-cache", action="store_true", help="do not share KV blocks of common prefixes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the directory's name)")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every route but /health")

@@ -8,6 +8,8 @@ are never stale. Later issues (cache, trainer, scheduler) register their metrics
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from scheduler.async_engine import AsyncEngine
 
@@ -41,8 +43,27 @@ class ServerMetrics:
             lambda: core.pool.num_blocks)
         Gauge("mace_kv_blocks_used", "KV-cache blocks held by live sequences.", registry=r).set_function(
             lambda: core.pool.num_used_blocks)
+        Gauge("mace_kv_blocks_cached", "KV-cache blocks no sequence holds, kept for prefix reuse.",
+              registry=r).set_function(lambda: core.pool.num_cached_blocks)
         Gauge("mace_engine_iterations", "Iterations run by the worker.", registry=r).set_function(
             lambda: engine.num_iterations)
+        r.register(_EngineCounters(engine))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _EngineCounters(Collector):
+    """Counters the engine keeps itself, read at scrape time."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._scheduler = engine.core.scheduler
+
+    def collect(self):
+        s = self._scheduler
+        yield CounterMetricFamily("mace_prefix_cache_queries", "Tokens of admitted sequences looked up in the prefix cache.",
+                                  value=s.num_prefix_query_tokens)
+        yield CounterMetricFamily("mace_prefix_cache_hits", "Of those, tokens found there and not recomputed.",
+                                  value=s.num_prefix_hit_tokens)
+        yield CounterMetricFamily("mace_preemptions", "Sequences preempted for memory (recomputed later).",
+                                  value=s.num_preemptions)

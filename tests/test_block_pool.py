@@ -39,7 +39,7 @@ def test_misuse_raises():
     pool = BlockPool(num_blocks=2, block_size=4)
     with pytest.raises(ValueError, match="freed more often"):
         pool.free([0])
-    with pytest.raises(ValueError, match="not in use"):
+    with pytest.raises(ValueError, match="is free"):
         pool.share([1])
     with pytest.raises(ValueError):
         BlockPool(num_blocks=0, block_size=4)

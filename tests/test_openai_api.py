@@ -16,6 +16,7 @@ REQUIRED_METRICS = [
     "mace_time_to_first_token_seconds", "mace_inter_token_latency_seconds", "mace_e2e_request_latency_seconds",
     "mace_requests_running", "mace_requests_waiting", "mace_kv_blocks_total", "mace_kv_blocks_used",
     "mace_prompt_tokens_total", "mace_generation_tokens_total", "mace_requests_total",
+    "mace_prefix_cache_queries_total", "mace_prefix_cache_hits_total", "mace_kv_blocks_cached",
 ]
 CHAT = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "What does parse() return?"}]
 
@@ -213,3 +214,22 @@ async def test_fifty_cut_streams_free_every_block(start_server):
         # and it still serves
         status, out, _ = await _post(http, f"{url}/v1/completions", {"prompt": "ok", "max_tokens": 2})
         assert status == 200 and out["usage"]["completion_tokens"] == 2
+
+
+async def test_prefix_cache_metrics(start_server):
+    system = "You are a careful assistant who answers in one short sentence. " * 4
+    async with start_server() as (url, engine), aiohttp.ClientSession(timeout=TIMEOUT) as http:
+        lengths = []
+        for question in ("Why?", "How so?"):
+            body = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+                    "max_tokens": 4}
+            status, out, _ = await _post(http, f"{url}/v1/chat/completions", body)
+            assert status == 200
+            lengths.append(out["usage"]["prompt_tokens"])
+        async with http.get(f"{url}/metrics") as r:
+            metrics = await r.text()
+    hits = _metric(metrics, "mace_prefix_cache_hits_total")
+    assert _metric(metrics, "mace_prefix_cache_queries_total") == sum(lengths)
+    assert hits == engine.core.scheduler.num_prefix_hit_tokens > 0 and hits % 16 == 0
+    assert _metric(metrics, "mace_kv_blocks_cached") == engine.core.pool.num_cached_blocks > 0
+    assert _metric(metrics, "mace_kv_blocks_used") == 0
