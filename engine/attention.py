@@ -64,6 +64,11 @@ class PagedAttentionMetadata:
     decode_max_len: int = 0
     # (num_decode_tokens, 1, 1, max_len) bool: which keys are real; None when no padding.
     decode_mask: torch.Tensor | None = None
+    # Heavy-hitter pruning: (num_decode_tokens, >= max_len) fp32 that every layer adds each
+    # decode key's attention probability (summed over heads) to, in the same pass. None: off.
+    decode_scores: torch.Tensor | None = None
+    # (num_decode_tokens * nb * bs,) the slot of each ``decode_scores`` entry (runner's use).
+    decode_score_slots: torch.Tensor | None = None
     prefills: list[PrefillSpan] = field(default_factory=list)
     # Scratch for gathered keys and values, (rows >= any gather, Hkv, D) each, reused by every
     # layer: a fresh multi-MB tensor per gather costs page faults that measured 3-5x the copy.
@@ -106,16 +111,24 @@ def paged_attention_forward(
     if num_decodes and meta.decode_kernel is not None:
         out[:num_decodes] = paged_decode_attention(
             meta.decode_kernel, q[:, :num_decodes].transpose(0, 1), k_cache, v_cache,
-            meta.decode_block_tables, meta.decode_lens, scaling or head_dim**-0.5,
+            meta.decode_block_tables, meta.decode_lens, scaling or head_dim**-0.5, meta.decode_scores,
         )  # (Bd, H, D)
     elif num_decodes:
         length = meta.decode_max_len
         qd = q[:, :num_decodes].transpose(0, 1).reshape(num_decodes, num_kv_heads, group, head_dim)
         kd = _gather(k_slots, meta.decode_key_slots, meta.k_scratch).view(num_decodes, length, num_kv_heads, head_dim)
         vd = _gather(v_slots, meta.decode_key_slots, meta.v_scratch).view(num_decodes, length, num_kv_heads, head_dim)
-        od = F.scaled_dot_product_attention(
-            qd, kd.transpose(1, 2), vd.transpose(1, 2), attn_mask=meta.decode_mask, scale=scaling
-        )  # (Bd, Hkv, G, D)
+        if meta.decode_scores is None:
+            od = F.scaled_dot_product_attention(
+                qd, kd.transpose(1, 2), vd.transpose(1, 2), attn_mask=meta.decode_mask, scale=scaling
+            )  # (Bd, Hkv, G, D)
+        else:  # the probabilities are needed too: the same attention, spelled out
+            att = qd @ kd.permute(0, 2, 3, 1) * (scaling or head_dim**-0.5)  # (Bd, Hkv, G, L)
+            if meta.decode_mask is not None:
+                att = att.masked_fill(~meta.decode_mask, float("-inf"))
+            probs = att.float().softmax(-1)
+            meta.decode_scores[:, :length] += probs.sum((1, 2))
+            od = probs.to(vd.dtype) @ vd.transpose(1, 2)  # (Bd, Hkv, G, D)
         out[:num_decodes] = od.reshape(num_decodes, num_heads, head_dim)
 
     # 3. Prefill chunks, one SDPA call each.

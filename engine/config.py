@@ -28,6 +28,11 @@ class EngineConfig:
     # C compiler is at hand), "sdpa" always gathers keys and calls torch SDPA.
     decode_attention: str = "auto"
     vocab_size: int | None = None  # filled from the model; prompt ids are checked against it
+    # KV pruning (cache.pruning): "none" | "window" | "heavy-hitter"; the budget per sequence in
+    # entries (>= 1) or as a fraction of its tokens (< 1); attention sinks always kept.
+    kv_prune: str = "none"
+    kv_budget: float = 0.5
+    kv_sink_tokens: int = 4
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -42,5 +47,7 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.decode_attention not in ("auto", "sdpa"):
             raise ValueError(f"decode_attention must be auto or sdpa, got {self.decode_attention}")
+        if self.kv_prune not in ("none", "window", "heavy-hitter"):
+            raise ValueError(f"kv_prune must be none, window or heavy-hitter, got {self.kv_prune!r}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype}")

@@ -64,7 +64,7 @@ def load() -> ctypes.CDLL | None:
         return None
     fn = lib.paged_decode_attention_f32
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
+    fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_int]
     return lib
 
 
@@ -76,15 +76,19 @@ def paged_decode_attention(
     tables: torch.Tensor,
     lens: torch.Tensor,
     scale: float,
+    score_acc: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q: (B, H, D) fp32; caches (num_blocks, block_size, Hkv, D); tables (B, max_blocks) int64;
-    lens (B,) int64. Returns (B, H, D)."""
+    lens (B,) int64. Returns (B, H, D). ``score_acc`` (B, >= max len) fp32, contiguous: each key's
+    attention probability, summed over heads, is added to it."""
     q = q.contiguous()
     out = torch.empty_like(q)
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     batch, num_heads, _ = q.shape
+    acc_ptr, acc_stride = (score_acc.data_ptr(), score_acc.shape[1]) if score_acc is not None else (None, 0)
     failed = lib.paged_decode_attention_f32(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
+        acc_ptr, acc_stride,
         batch, num_heads, num_kv_heads, head_dim, block_size, tables.shape[1], scale, torch.get_num_threads(),
     )
     if failed:

@@ -26,7 +26,7 @@ class SequenceChunk:
     seq_id: int
     token_ids: list[int]
     start_pos: int
-    # Block ids covering positions [0, start_pos + len(token_ids)), in order.
+    # Block ids covering KV entries [0, kv_start + len(token_ids)), in order.
     block_table: list[int]
     # Set when the chunk ends at the sequence's last token: sample the next one.
     sampling: SamplingParams | None = None
@@ -39,10 +39,39 @@ class SequenceChunk:
     prompt_logprob_start: int = 0
     prompt_logprob_targets: list[int] = field(default_factory=list)
     num_prompt_top_logprobs: int = 0
+    # Where the chunk's K/V go: KV entry index of its first token. It differs from ``start_pos``
+    # (the position RoPE sees) once pruning has dropped entries; None means equal.
+    kv_start: int | None = None
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def kv_offset(self) -> int:
+        return self.start_pos if self.kv_start is None else self.kv_start
+
+
+@dataclass(slots=True)
+class KvPrune:
+    """Drop KV entries of one sequence and compact the rest, before this iteration's forward.
+
+    Entries ``[0, private_start)`` stay as they are (blocks the prefix cache or other sequences
+    share). Of the entries ``[private_start, kv_len)`` the runner keeps ``num_keep``: the first
+    ``num_sinks``, the last ``num_recent``, and (``heavy-hitter``) the rest by highest
+    accumulated attention; kept entries move, in order, to ``[private_start, private_start +
+    num_keep)``. ``block_table`` is the table before pruning: the scheduler has already freed
+    the blocks past the new length (the runner reads them before anything else can write them).
+    """
+
+    seq_id: int
+    block_table: list[int]
+    kv_len: int
+    private_start: int
+    num_keep: int
+    num_sinks: int
+    num_recent: int
+    policy: str  # "window" | "heavy-hitter"
 
 
 @dataclass(slots=True)
@@ -69,6 +98,8 @@ class IterationPlan:
     chunks: list[SequenceChunk]
     # Optional fine-tune work, run after the inference forward (trainer issue).
     finetune: FinetuneChunk | None = None
+    # KV pruning, run before the forward.
+    kv_prunes: list[KvPrune] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

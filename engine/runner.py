@@ -13,12 +13,19 @@ import torch
 
 from engine import cpu_kernels
 from engine.attention import PagedAttentionMetadata, PrefillSpan
-from engine.plan import IterationPlan, IterationResult, SequenceChunk, SequenceResult
+from engine.plan import IterationPlan, IterationResult, KvPrune, SequenceChunk, SequenceResult
 from engine.sampling import sample, top_logprobs
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, decode_attention: str = "auto") -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        num_blocks: int,
+        block_size: int,
+        decode_attention: str = "auto",
+        collect_attention_scores: bool = False,
+    ) -> None:
         config = model.config
         self.model = model
         self.device = next(model.parameters()).device
@@ -40,6 +47,12 @@ class ModelRunner:
         self.decode_kernel = None
         if decode_attention == "auto" and self.device.type == "cpu" and self.dtype == torch.float32:
             self.decode_kernel = cpu_kernels.load()
+        # Heavy-hitter pruning: attention each KV slot has received from decodes, summed over
+        # layers and heads since its token was written.
+        self.slot_scores = (
+            torch.zeros(num_blocks * block_size, dtype=torch.float32, device=self.device)
+            if collect_attention_scores else None
+        )
         self._decoder = model.get_decoder()
         self._lm_head = model.get_output_embeddings()
 
@@ -50,7 +63,7 @@ class ModelRunner:
         meta = PagedAttentionMetadata(kv_caches=self.kv_caches, slot_mapping=None, num_decode_tokens=len(decodes))
         input_ids = [c.token_ids[0] for c in decodes]
         positions = [c.start_pos for c in decodes]
-        slots = [self._slot(c.block_table, c.start_pos) for c in decodes]
+        slots = [self._slot(c.block_table, c.kv_offset) for c in decodes]
         if decodes:
             self._decode_metadata(decodes, meta)
         row = len(decodes)
@@ -75,11 +88,14 @@ class ModelRunner:
     def _decode_metadata(self, decodes: list[SequenceChunk], meta: PagedAttentionMetadata) -> None:
         """Block tables and lengths for the C kernel, or padded key slots and a mask for SDPA."""
         bs = self.block_size
-        lengths = [c.start_pos + 1 for c in decodes]
+        lengths = [c.kv_offset + 1 for c in decodes]
         max_len = max(lengths)
         max_blocks = (max_len - 1) // bs + 1
         rows = [c.block_table[:max_blocks] for c in decodes]
         table = torch.tensor([r + [0] * (max_blocks - len(r)) for r in rows], dtype=torch.long)  # (Bd, nb)
+        if self.slot_scores is not None:
+            meta.decode_scores = torch.zeros(len(decodes), max_blocks * bs, device=self.device)  # (Bd, nb * bs)
+            meta.decode_score_slots = (table[:, :, None] * bs + torch.arange(bs)).view(-1).to(self.device)
         if self.decode_kernel is not None:
             meta.decode_kernel = self.decode_kernel
             meta.decode_block_tables = table.to(self.device)
@@ -96,6 +112,7 @@ class ModelRunner:
     def _prefill_span(self, c: SequenceChunk, row: int) -> tuple[PrefillSpan, list[int]]:
         """The chunk's span in the packed batch, and the slots its tokens write to."""
         bs, n, start = self.block_size, len(c.token_ids), c.start_pos
+        assert c.kv_offset == start, "a pruned sequence only decodes"
         table = torch.tensor(c.block_table[: (start + n - 1) // bs + 1], dtype=torch.long)
         key_slots = (table[:, None] * bs + torch.arange(bs)).view(-1)[: start + n]  # (L,) every key it sees
         span = PrefillSpan(start=row, length=n)
@@ -104,6 +121,28 @@ class ModelRunner:
             span.key_slots = key_slots.to(self.device)
             span.mask = (torch.arange(start + n)[None, :] <= queries[:, None]).to(self.device)  # (c, L)
         return span, key_slots[start:].tolist()
+
+    def _prune(self, op: KvPrune) -> None:
+        """Keep ``op.num_keep`` of a sequence's private KV entries, compacted in order."""
+        bs, start = self.block_size, op.private_start
+        num_private = op.kv_len - start
+        middle = num_private - op.num_sinks - op.num_recent  # candidates between sinks and recent
+        keep = list(range(op.num_sinks))
+        num_heavy = op.num_keep - op.num_sinks - op.num_recent
+        table = torch.tensor(op.block_table, dtype=torch.long)
+        slots = (table[:, None] * bs + torch.arange(bs)).view(-1)[start : op.kv_len]  # (num_private,)
+        if num_heavy > 0 and middle > 0:
+            assert op.policy == "heavy-hitter" and self.slot_scores is not None
+            scores = self.slot_scores[slots[op.num_sinks : op.num_sinks + middle].to(self.device)]
+            heavy = torch.topk(scores, min(num_heavy, middle)).indices.sort().values + op.num_sinks
+            keep += heavy.tolist()
+        keep += range(num_private - op.num_recent, num_private)
+        src = slots[keep].to(self.device)
+        dst = slots[: len(keep)].to(self.device)
+        flat = self.kv_pool.view(self.kv_pool.shape[0], 2, -1, *self.kv_pool.shape[-2:])  # (layers, 2, NB * BS, Hkv, D)
+        flat[:, :, dst] = flat[:, :, src]  # the read is a copy: overlapping ranges are safe
+        if self.slot_scores is not None:
+            self.slot_scores[dst] = self.slot_scores[src]
 
     def _scratch_for(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V scratch of at least ``rows`` rows, kept between iterations and grown by half
@@ -123,9 +162,13 @@ class ModelRunner:
         t0 = time.perf_counter()
         if plan.finetune is not None:
             raise NotImplementedError("fine-tune chunks arrive with the trainer issue")
+        for op in plan.kv_prunes:
+            self._prune(op)
         if not plan.chunks:
             return IterationResult(plan.iteration, [], 0)
         ordered, ids, pos_ids, meta = self._prepare(plan.chunks)
+        if self.slot_scores is not None:
+            self.slot_scores[meta.slot_mapping] = 0.0  # fresh tokens start from nothing
         t1 = time.perf_counter()
         hidden = self._decoder(
             input_ids=ids,
@@ -134,6 +177,8 @@ class ModelRunner:
             use_cache=False,
             mace_meta=meta,
         ).last_hidden_state[0]  # (T, hidden)
+        if meta.decode_scores is not None:  # padded entries point at slot 0 and add nothing
+            self.slot_scores.index_add_(0, meta.decode_score_slots, meta.decode_scores.view(-1))
 
         # Logits only where they are used: the last row of each sampling chunk, and the rows
         # whose prompt log-probs were asked for.

@@ -51,7 +51,9 @@ def build_from_model(model: torch.nn.Module, tokenizer, config: EngineConfig) ->
         raise ValueError(f"the KV budget of {budget} bytes holds no block of {block_bytes} bytes")
     log.info("KV pool: %d blocks of %d tokens (%.1f MiB)", num_blocks, config.block_size, num_blocks * block_bytes / 2**20)
     core = EngineCore(config, tokenizer, eos_token_ids(model, tokenizer), num_blocks)
-    return core, ModelRunner(model, num_blocks, config.block_size, config.decode_attention)
+    runner = ModelRunner(model, num_blocks, config.block_size, config.decode_attention,
+                         collect_attention_scores=config.kv_prune == "heavy-hitter")
+    return core, runner
 
 
 def generate(

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from cache.block_pool import BlockPool
+from cache.pruning import PruningPolicy
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.plan import IterationPlan, IterationResult, SequenceChunk, TokenLogprob
@@ -50,11 +51,15 @@ class EngineCore:
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.pool = BlockPool(num_blocks, config.block_size, enable_prefix_cache=config.enable_prefix_caching)
+        pruning = None
+        if config.kv_prune != "none":
+            pruning = PruningPolicy(config.kv_prune, config.kv_budget, config.block_size, config.kv_sink_tokens)
         self.scheduler = FcfsScheduler(
             self.pool,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs,
             enable_chunked_prefill=config.enable_chunked_prefill,
+            pruning=pruning,
         )
         self.sequences: dict[str, Sequence] = {}
         self._seq_ids = itertools.count()
@@ -144,7 +149,11 @@ class EngineCore:
             return None
         iteration = next(self._iterations)
         self._in_flight[iteration] = scheduled
-        return IterationPlan(iteration=iteration, chunks=[self._chunk(s.seq, s.num_new_tokens) for s in scheduled])
+        return IterationPlan(
+            iteration=iteration,
+            chunks=[self._chunk(s.seq, s.num_new_tokens) for s in scheduled],
+            kv_prunes=self.scheduler.take_prunes(),
+        )
 
     def _chunk(self, seq: Sequence, num_new: int) -> SequenceChunk:
         start = seq.num_computed_tokens
@@ -156,6 +165,7 @@ class EngineCore:
             block_table=list(seq.block_table),
             seed=seq.seed,
             output_index=seq.num_output_tokens,
+            kv_start=start - seq.num_pruned_tokens if seq.num_pruned_tokens else None,
         )
         if end == seq.num_tokens and seq.max_tokens > 0:
             chunk.sampling = seq.params

@@ -19,6 +19,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from cache.block_pool import BlockPool
+from cache.pruning import PruningPolicy
+from engine.plan import KvPrune
 from scheduler.request import Sequence, SequenceStatus
 
 
@@ -35,6 +37,7 @@ class FcfsScheduler:
         max_num_batched_tokens: int,
         max_num_seqs: int,
         enable_chunked_prefill: bool = True,
+        pruning: PruningPolicy | None = None,
     ) -> None:
         self.pool = pool
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -45,6 +48,9 @@ class FcfsScheduler:
         self.num_preemptions = 0
         self.num_prefix_query_tokens = 0  # tokens of admitted sequences looked up in the cache
         self.num_prefix_hit_tokens = 0  # of which found there (not recomputed)
+        self.pruning = pruning
+        self.num_pruned_tokens = 0  # KV entries dropped by pruning, all sequences
+        self._prunes: dict[int, KvPrune] = {}  # this iteration's, by seq_id
 
     @property
     def has_work(self) -> bool:
@@ -66,8 +72,9 @@ class FcfsScheduler:
         if seq.block_table:
             self.pool.free(seq.block_table)
             seq.block_table = []
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_pruned_tokens = 0
         seq.prefix_node, seq.num_prefix_blocks = None, 0
+        self._prunes.pop(seq.seq_id, None)  # its blocks are gone: nothing to compact
 
     # -- prefix cache ----------------------------------------------------------------------------
 
@@ -104,6 +111,8 @@ class FcfsScheduler:
             return
         bs = self.pool.block_size
         num_full = seq.num_computed_tokens // bs
+        if self.pruning is not None:  # a pruned sequence's later blocks are not the plain prefix
+            num_full = min(num_full, seq.num_prompt_tokens // bs)
         if num_full > seq.num_prefix_blocks:
             start = seq.num_prefix_blocks
             tokens = seq.token_ids(start * bs, num_full * bs)
@@ -118,9 +127,35 @@ class FcfsScheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    # -- pruning ---------------------------------------------------------------------------------
+
+    def _prune(self, seq: Sequence) -> None:
+        """Before a decode: drop KV entries past the budget, freeing the blocks they leave."""
+        private_start = seq.num_prefix_blocks * self.pool.block_size if self.pool.trie is not None else 0
+        kv_len = seq.num_kv_tokens
+        decision = self.pruning.decide(kv_len, seq.num_tokens, private_start)
+        if decision is None:
+            return
+        self._prunes[seq.seq_id] = KvPrune(
+            seq.seq_id, list(seq.block_table), kv_len, private_start,
+            decision.num_keep, decision.num_sinks, decision.num_recent, self.pruning.policy,
+        )
+        new_len = private_start + decision.num_keep
+        num_blocks = self.pool.blocks_for_tokens(new_len)
+        self.pool.free(seq.block_table[num_blocks:])
+        del seq.block_table[num_blocks:]
+        seq.num_pruned_tokens += kv_len - new_len
+        self.num_pruned_tokens += kv_len - new_len
+
+    def take_prunes(self) -> list[KvPrune]:
+        """This iteration's compactions, for the plan (the runner runs them before the forward)."""
+        prunes = list(self._prunes.values())
+        self._prunes.clear()
+        return prunes
+
     def _grow(self, seq: Sequence, num_new: int) -> bool:
         """Give ``seq`` the blocks to hold ``num_new`` more tokens; False if the pool is short."""
-        need = self.pool.blocks_for_tokens(seq.num_computed_tokens + num_new) - len(seq.block_table)
+        need = self.pool.blocks_for_tokens(seq.num_kv_tokens + num_new) - len(seq.block_table)
         if need <= 0:
             return True
         blocks = self.pool.allocate(need)
@@ -151,6 +186,8 @@ class FcfsScheduler:
             if num_new == 0:
                 i += 1
                 continue
+            if self.pruning is not None and num_new == 1 and seq.num_output_tokens > 0:
+                self._prune(seq)
             while not self._grow(seq, num_new):
                 victim = self.running[-1]
                 self._preempt(victim)

@@ -73,6 +73,7 @@ class Sequence:
     prefix_node: TrieNode | None = None
     num_prefix_blocks: int = 0
     num_cached_tokens: int = 0  # tokens reused from the cache at the last admission
+    num_pruned_tokens: int = 0  # KV entries dropped by pruning (since the last admission)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -85,6 +86,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_kv_tokens(self) -> int:
+        """KV entries the sequence holds: computed tokens less the pruned ones."""
+        return self.num_computed_tokens - self.num_pruned_tokens
 
     @property
     def is_finished(self) -> bool:

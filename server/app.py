@@ -149,6 +149,9 @@ def serve(args: argparse.Namespace) -> None:
         max_num_seqs=args.max_num_seqs,
         enable_chunked_prefill=not args.no_chunked_prefill,
         enable_prefix_caching=not args.no_prefix_cache,
+        kv_prune=args.kv_prune,
+        kv_budget=args.kv_budget,
+        kv_sink_tokens=args.kv_sink_tokens,
         max_model_len=args.max_model_len,
         seed=args.seed,
     )

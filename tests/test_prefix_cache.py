@@ -131,10 +131,12 @@ def test_sharing_a_cached_block_revives_it():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["new", "hit", "free", "pressure"]), st.integers(0, 10**6)), max_size=60))
+@given(st.lists(st.tuples(st.sampled_from(["new", "hit", "free", "pressure", "prune"]), st.integers(0, 10**6)),
+                max_size=60))
 def test_random_operations_keep_the_pool_consistent(ops):
     pool = BlockPool(24, 2, enable_prefix_cache=True)
     holders: list[list[int]] = []
+    num_offered: list[int] = []  # leading blocks of each holder offered to the cache
     for op, seed in ops:
         rng = random.Random(seed)
         if op in ("new", "hit"):
@@ -149,15 +151,28 @@ def test_random_operations_keep_the_pool_consistent(ops):
             else:
                 table = shared + fresh
                 node = path[-1] if path else pool.trie.root
-                pool.cache_full_blocks(node, tokens[2 * len(shared):], table, len(shared), len(table))
+                offered = rng.randint(len(shared), len(table))  # as a pruning sequence: a prefix only
+                pool.cache_full_blocks(node, tokens[2 * len(shared) : 2 * offered], table, len(shared), offered)
                 holders.append(table)
+                num_offered.append(offered)
         elif op == "free" and holders:
-            pool.free(holders.pop(rng.randrange(len(holders))))
+            i = rng.randrange(len(holders))
+            pool.free(holders.pop(i))
+            num_offered.pop(i)
         elif op == "pressure":
             got = pool.allocate(rng.randint(1, 6))
             if got is not None:
                 assert not any(b in t for t in holders for b in got), "a held block was handed out"
                 holders.append(got)
+                num_offered.append(0)
+        elif op == "prune" and holders:
+            # as the scheduler prunes: give back tail blocks past the part offered to the cache
+            i = rng.randrange(len(holders))
+            table = holders[i]
+            cut = rng.randint(num_offered[i], len(table))
+            assert all(b not in pool.trie and pool.ref_count(b) == 1 for b in table[cut:]), "pruning a shared block"
+            pool.free(table[cut:])
+            del table[cut:]
         pool.check_integrity(holders)
     for table in holders:
         pool.free(table)

@@ -85,8 +85,8 @@ static inline int qk_d64(const float *qb, const float *k_cache, const int64_t *t
 
 static inline __attribute__((always_inline)) int
 decode(const float *q, const float *k_cache, const float *v_cache, const int64_t *tables,
-       const int64_t *lens, float *out, int64_t B, int64_t H, int64_t HKV, const int64_t D,
-       int64_t BS, int64_t max_blocks, float scale, int num_threads) {
+       const int64_t *lens, float *out, float *acc, int64_t acc_stride, int64_t B, int64_t H,
+       int64_t HKV, const int64_t D, int64_t BS, int64_t max_blocks, float scale, int num_threads) {
     const int64_t G = H / HKV, row = HKV * D;
     int failed = 0;
 #pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
@@ -126,6 +126,15 @@ decode(const float *q, const float *k_cache, const float *v_cache, const int64_t
 #pragma omp simd
             for (int64_t t = 0; t < L; ++t) sh[t] *= inv;
         }
+        /* 2b. heavy-hitter pruning: acc[b][t] += sum_h p[h][t] (rows of b are b's alone) */
+        if (acc != NULL) {
+            float *ab = acc + b * acc_stride;
+            for (int64_t h = 0; h < H; ++h) {
+                const float *sh = scores + h * L;
+#pragma omp simd
+                for (int64_t t = 0; t < L; ++t) ab[t] += sh[t];
+            }
+        }
         /* 3. out_h = sum_t p[h][t] v_t[h / G], reading each value row once */
         if (!(D == 64 && pv_d64(scores, v_cache, table, L, H, HKV, BS, ob))) {
             memset(ob, 0, sizeof(float) * (size_t)(H * D));
@@ -145,16 +154,19 @@ decode(const float *q, const float *k_cache, const float *v_cache, const int64_t
 }
 
 /* Head dims known at compile time let the compiler unroll and vectorize the inner loops fully. */
+/* ``acc`` (may be NULL): (B, acc_stride) fp32 that each key's attention, summed over heads, is
+   added to (what heavy-hitter pruning ranks tokens by). */
 int paged_decode_attention_f32(const float *q, const float *k_cache, const float *v_cache,
                                const int64_t *tables, const int64_t *lens, float *out,
+                               float *acc, int64_t acc_stride,
                                int64_t B, int64_t H, int64_t HKV, int64_t D, int64_t BS,
                                int64_t max_blocks, float scale, int num_threads) {
     switch (D) {
     case 64:
-        return decode(q, k_cache, v_cache, tables, lens, out, B, H, HKV, 64, BS, max_blocks, scale, num_threads);
+        return decode(q, k_cache, v_cache, tables, lens, out, acc, acc_stride, B, H, HKV, 64, BS, max_blocks, scale, num_threads);
     case 128:
-        return decode(q, k_cache, v_cache, tables, lens, out, B, H, HKV, 128, BS, max_blocks, scale, num_threads);
+        return decode(q, k_cache, v_cache, tables, lens, out, acc, acc_stride, B, H, HKV, 128, BS, max_blocks, scale, num_threads);
     default:
-        return decode(q, k_cache, v_cache, tables, lens, out, B, H, HKV, D, BS, max_blocks, scale, num_threads);
+        return decode(q, k_cache, v_cache, tables, lens, out, acc, acc_stride, B, H, HKV, D, BS, max_blocks, scale, num_threads);
     }
 }
