@@ -6,7 +6,7 @@ SIZE    ?= tiny
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 
-.PHONY: install serve test bench bench-http demo-model clean
+.PHONY: install serve test bench bench-http bench-cache demo-model clean
 
 install: .venv/.installed
 
@@ -32,10 +32,15 @@ bench: .venv/.installed
 	$(MAKE) demo-model MODEL=models/demo-base SIZE=base
 	.venv/bin/mace bench engine --model models/demo-base --out bench-results/engine.json
 	$(MAKE) bench-http
+	$(MAKE) bench-cache
 
 bench-http: .venv/.installed
 	$(MAKE) demo-model MODEL=models/demo-base SIZE=base
 	.venv/bin/mace bench http --model models/demo-base --out bench-results/http.json
+
+bench-cache: .venv/.installed
+	$(MAKE) demo-model MODEL=models/demo-base SIZE=base
+	.venv/bin/mace bench cache --model models/demo-base --out bench-results/cache.json
 
 clean:
 	rm -rf .venv models bench-results

@@ -48,6 +48,12 @@ def _bench_http(args: argparse.Namespace) -> None:
     main(args)
 
 
+def _bench_cache(args: argparse.Namespace) -> None:
+    from server.bench.cache import main
+
+    main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mace", description="MACE-serve: an LLM server that keeps aligning while it serves")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-chunked-prefill", action="store_true")
     p.add_argument("--no-prefix-cache", action="store_true", help="do not share KV blocks of common prefixes")
+    p.add_argument("--kv-prune", choices=["none", "window", "heavy-hitter"], default="none",
+                   help="drop KV entries past --kv-budget: attention sinks + recent window, or + heavy hitters (H2O)")
+    p.add_argument("--kv-budget", type=float, default=0.5,
+                   help="KV entries kept per sequence when pruning: a count (>= 1) or a fraction of its tokens (< 1)")
+    p.add_argument("--kv-sink-tokens", type=int, default=4, help="first tokens always kept when pruning")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the directory's name)")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every route but /health")
@@ -94,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench.add_parser("http", help="tokens/s streamed over HTTP vs the engine alone, same workload, same run")
     add_http_arguments(b)
     b.set_defaults(func=_bench_http)
+
+    from server.bench.cache import add_arguments as add_cache_arguments
+
+    b = bench.add_parser("cache", help="KV cache features: prefix sharing on vs off (prefill computed, KV blocks, TTFT)")
+    add_cache_arguments(b)
+    b.set_defaults(func=_bench_cache)
     return parser
 
 
