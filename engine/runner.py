@@ -53,6 +53,10 @@ class ModelRunner:
             torch.zeros(num_blocks * block_size, dtype=torch.float32, device=self.device)
             if collect_attention_scores else None
         )
+        # Evaluation tools (bench cache's pruning quality) set this to read the next-token logits
+        # of every sampled row after ``execute``: ``last_logits[seq_id]``, (vocab,) fp32.
+        self.capture_logits = False
+        self.last_logits: dict[int, torch.Tensor] = {}
         self._decoder = model.get_decoder()
         self._lm_head = model.get_output_embeddings()
 
@@ -199,6 +203,8 @@ class ModelRunner:
 
         results = {c.seq_id: SequenceResult(c.seq_id) for c in ordered}
         sampling = [c for c in ordered if c.sampling is not None]
+        if self.capture_logits:
+            self.last_logits = {c.seq_id: logits[i].cpu() for i, c in enumerate(sampling)}
         if sampling:
             tokens, logprobs = sample(
                 logits[: len(sampling)],
