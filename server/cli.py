@@ -12,6 +12,11 @@ def _demo_model(args: argparse.Namespace) -> None:
     from engine.demo_model import build_demo_model
 
     out = build_demo_model(args.dir, args.size, seed=args.seed)
+    if args.train_steps:
+        from engine.demo_training import train_demo_model
+
+        losses = train_demo_model(out, args.train_steps, seed=args.seed)
+        print(f"trained it for {args.train_steps} steps: loss {losses[0]:.2f} -> {losses[-1]:.2f}")
     print(f"built the {args.size} demo model in {out}")
 
 
@@ -62,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--size", choices=["tiny", "small", "base"], default="tiny")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-steps", type=int, default=0,
+                   help="pre-train on the shipped corpus for this many steps (0: random weights)")
     p.set_defaults(func=_demo_model)
 
     p = sub.add_parser("serve", help="serve a local checkpoint over HTTP")

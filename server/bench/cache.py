@@ -7,8 +7,8 @@ Parts (``--parts``), each a function that adds one key to the same JSON report:
   each shared by N/K requests, plus a unique "user" part per request, with lengths chosen so
   that shared tokens / all prompt tokens is 0.36 (the ratio MACE reports) and 0.80 (a long
   system prompt). Outputs are fixed (``ignore_eos``, greedy). Requests arrive by a seeded
-  Poisson process (``--rate``) in real time (asyncio sleeps) into an ``AsyncEngine``; on and off
-  see the same prompts at the same offsets. Every run gets a fresh core and KV pool over the one
+  Poisson process (``--rate``, the same offsets for every workload) in real time (asyncio sleeps)
+  into an ``AsyncEngine``; on and off see the same prompts at the same offsets. Every run gets a fresh core and KV pool over the one
   loaded model; before the clock each system prompt is served once (both settings alike), as on
   a server that has seen them before (``--cold`` skips that: then every system prompt is
   computed once inside the run, which caps the reduction at (1 - K/N) of the shared share).
@@ -17,11 +17,13 @@ Parts (``--parts``), each a function that adds one key to the same JSON report:
   ``num_prefix_query_tokens - num_prefix_hit_tokens``: prompt tokens admitted minus those found
   in the cache; a preemption would recount a prompt, so they are reported, and the pool is sized
   for none), KV blocks in use (``pool.num_used_blocks``, and running sequences, sampled every
-  ``--sample-ms`` on the loop: mean and peak), TTFT (arrival to first token), output tokens/s
+  ``--sample-ms`` on the loop: mean and peak; blocks per running sequence separates sharing from
+  how many requests are admitted at once), TTFT (arrival to first token), output tokens/s
   (all output tokens / (last finish - first arrival)). The issue's target: computed prefill
   tokens fall by at least 0.9 of the shared share, and TTFT falls with them. Only whole blocks
   are shared, so "ideal" is the reduction a perfect block cache reaches on the workload.
-- pruning: not here yet (the lead's next part); it adds a ``run_pruning`` and an entry in PARTS.
+- pruning: KV memory per sequence and quality against the full cache for window and
+  heavy-hitter at 50% and 25% budgets on 512+-token generations (``server.bench.pruning``).
 
 Prints a table and writes JSON and Markdown; no timing asserts (the machine is shared and noisy).
 """
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import platform
 import random
@@ -38,6 +41,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from server.bench import pruning
 
 DEFAULT_MODEL = "models/demo-base"  # what `make bench` builds
 NUM_WARMUP = 4
@@ -50,8 +55,7 @@ NUM_WARMUP = 4
 class ChatWorkload:
     name: str
     systems: list[list[int]]  # the K shared system prompts
-    prompts: list[list[int]]
-    system_lens: list[int]  # per request: tokens of its (shared) system prompt
+    prompts: list[list[int]]  # per request: its system prompt, then its own "user" tokens
     system_ids: list[int]  # per request: which system prompt
     arrivals_s: list[float]  # per request: offset from the run's start
     output_len: int
@@ -61,17 +65,20 @@ class ChatWorkload:
         return sum(len(p) for p in self.prompts)
 
     @property
+    def system_lens(self) -> list[int]:
+        return [len(self.systems[s]) for s in self.system_ids]
+
+    @property
     def shared_share(self) -> float:
         return sum(self.system_lens) / self.num_prompt_tokens
 
     def ideal_reduction(self, block_size: int, is_warm: bool) -> float:
         """Prefill a perfect block cache saves, as a share of all prompt tokens: the whole blocks
         of every system prompt (cold: of every use after the first)."""
-        seen: set[int] = set()
-        saved = 0
-        for i in sorted(range(len(self.prompts)), key=self.arrivals_s.__getitem__):
+        seen, saved = set(), 0
+        for i in sorted(range(len(self.prompts)), key=self.arrivals_s.__getitem__):  # arrival order
             if is_warm or self.system_ids[i] in seen:
-                saved += min(self.system_lens[i], len(self.prompts[i]) - 1) // block_size * block_size
+                saved += min(len(self.systems[self.system_ids[i]]), len(self.prompts[i]) - 1) // block_size * block_size
             seen.add(self.system_ids[i])
         return saved / self.num_prompt_tokens
 
@@ -83,18 +90,15 @@ def chat_workload(name: str, shared_share: float, args: argparse.Namespace, voca
     systems = [[rng.randrange(3, vocab_size) for _ in range(round(mean_system * rng.uniform(0.8, 1.2)))] for _ in range(k)]
     system_ids = [i % k for i in range(n)]
     rng.shuffle(system_ids)
-    system_lens = [len(systems[s]) for s in system_ids]
     # User parts 0.5-1.5x their mean, scaled so that the shared share comes out as asked.
-    num_user = round(sum(system_lens) * (1 - shared_share) / shared_share)
+    num_user = round(sum(len(systems[s]) for s in system_ids) * (1 - shared_share) / shared_share)
     raw = [rng.uniform(0.5, 1.5) for _ in range(n)]
     user_lens = [max(1, round(num_user * x / sum(raw))) for x in raw]
     user_lens[-1] = max(1, user_lens[-1] + num_user - sum(user_lens))
     prompts = [systems[s] + [rng.randrange(3, vocab_size) for _ in range(u)] for s, u in zip(system_ids, user_lens)]
-    t, arrivals = 0.0, []
-    for _ in range(n):
-        arrivals.append(t)
-        t += rng.expovariate(args.rate)
-    return ChatWorkload(name, systems, prompts, system_lens, system_ids, arrivals, args.output_len)
+    arrival_rng = random.Random(args.seed)  # the same arrival times for every workload
+    arrivals = list(itertools.accumulate((arrival_rng.expovariate(args.rate) for _ in range(n - 1)), initial=0.0))
+    return ChatWorkload(name, systems, prompts, system_ids, arrivals, args.output_len)
 
 
 # -- prefix sharing: one run --------------------------------------------------------------------
@@ -184,7 +188,8 @@ def _row(workload: ChatWorkload, setting: str, run: PrefixRun, off: PrefixRun | 
         "ideal_reduction": round(ideal, 4),
         "prefill_computed_tokens": run.num_computed_tokens, "prefill_hit_tokens": run.num_hit_tokens,
         "kv_blocks_mean": round(float(np.mean(run.used_blocks)), 1), "kv_blocks_peak": int(max(run.used_blocks)),
-        "running_seqs_mean": round(float(np.mean(run.running_seqs)), 1),
+        "running_seqs_mean": round(float(np.mean(run.running_seqs)), 2),
+        "kv_blocks_per_running_seq": round(float(np.mean(run.used_blocks)) / max(float(np.mean(run.running_seqs)), 1e-9), 1),
         "ttft_p50_s": round(float(np.percentile(run.ttft_s, 50)), 3), "ttft_p99_s": round(float(np.percentile(run.ttft_s, 99)), 3),
         "output_tok_s": round(run.num_output_tokens / run.wall_s, 1), "worker_busy": round(run.worker_busy_s / run.wall_s, 3),
         "preemptions": run.num_preemptions, "outputs_equal_to_off": equal,
@@ -216,17 +221,16 @@ def run_prefix(args: argparse.Namespace, ctx: dict) -> dict:
         for setting, rs in runs.items():
             equal = sum(o == ref for r in rs for o, ref in zip(r.outputs, reference))
             rows.append(_row(w, setting, pool_runs(rs), off if setting == "on" else None, equal, ideal))
-    return {"workloads": [{"name": w.name, "requests": len(w.prompts), "prompt_tokens": w.num_prompt_tokens,
-                           "shared_tokens": sum(w.system_lens), "shared_share": round(w.shared_share, 4),
-                           "system_prompt_lens": sorted(set(w.system_lens)), "arrival_span_s": round(w.arrivals_s[-1], 2)}
-                          for w in workloads],
-            "rows": rows}
+    workloads_ = [{"name": w.name, "requests": len(w.prompts), "prompt_tokens": w.num_prompt_tokens, "shared_tokens":
+                   sum(w.system_lens), "system_prompt_lens": [len(x) for x in w.systems], "arrival_span_s": round(w.arrivals_s[-1], 2)}
+                  for w in workloads]
+    return {"workloads": workloads_, "rows": rows}
 
 
 def prefix_cells(part: dict) -> tuple[list[str], list[list[str]], str]:
     """The prefix part as a table: header, rows, and what the columns mean."""
     header = ["workload", "sharing", "share", "ideal", "prefill computed", "reduction", "red. / share", "KV blocks mean",
-              "KV blocks peak", "running mean", "TTFT p50", "TTFT p99", "output tok/s", "busy", "preempt", "= off", "target"]
+              "KV blocks peak", "running mean", "blocks / running", "TTFT p50", "TTFT p99", "output tok/s", "busy", "preempt", "= off", "target"]
     rows = []
     for r in part["rows"]:
         on = "reduction" in r
@@ -234,13 +238,13 @@ def prefix_cells(part: dict) -> tuple[list[str], list[list[str]], str]:
             r["workload"], r["sharing"], f"{r['shared_share']:.3f}", f"{r['ideal_reduction']:.3f}",
             str(r["prefill_computed_tokens"]), f"{r['reduction']:.3f}" if on else "-",
             f"{r['reduction_over_share']:.3f}" if on else "-", f"{r['kv_blocks_mean']:.0f}", str(r["kv_blocks_peak"]),
-            f"{r['running_seqs_mean']:.1f}", f"{r['ttft_p50_s']:.2f} s", f"{r['ttft_p99_s']:.2f} s",
+            f"{r['running_seqs_mean']:.1f}", f"{r['kv_blocks_per_running_seq']:.1f}", f"{r['ttft_p50_s']:.2f} s", f"{r['ttft_p99_s']:.2f} s",
             f"{r['output_tok_s']:.1f}", f"{r['worker_busy']:.0%}", str(r["preemptions"]), str(r["outputs_equal_to_off"]),
             ("met" if r["target_met"] else "NOT met") if on else "-",
         ])
     note = ("share: shared (system prompt) tokens / all prompt tokens; ideal: the reduction a perfect block cache "
             "reaches (whole blocks only; with --cold, each system prompt computed once); target: reduction / share "
-            ">= 0.9 and TTFT p50 below off's; running: sequences admitted; busy: worker busy / wall; = off: requests "
+            ">= 0.9 and TTFT p50 below off's; running: sequences admitted (holding blocks); busy: worker busy / wall; = off: requests "
             "(all rounds) whose tokens equal the first off run's.")
     return header, rows, note
 
@@ -259,9 +263,9 @@ def console_table(header: list[str], rows: list[list[str]]) -> list[str]:
 # -- driver ---------------------------------------------------------------------------------
 
 # The report's parts, in order: name -> (run(args, ctx) -> its entry, entry -> (header, rows, note)).
-# "pruning" (the lead's next part) joins here.
 PARTS: dict[str, tuple[Callable[[argparse.Namespace, dict], dict], Callable[[dict], tuple[list[str], list[list[str]], str]]]] = {
     "prefix": (run_prefix, prefix_cells),
+    "pruning": (pruning.run_part, pruning.cells),
 }
 
 
@@ -282,7 +286,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="shared prefix tokens / all prompt tokens, one workload each")
     p.add_argument("--prompt-len", type=int, default=512, help="mean prompt tokens (system + user)")
     p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--rate", type=float, default=1.6, help="Poisson arrivals, requests/s")
+    p.add_argument("--rate", type=float, default=1.4, help="Poisson arrivals, requests/s")
     p.add_argument("--cold", action="store_true", help="no system prompt served before the clock: a cold cache")
     p.add_argument("--rounds", type=int, default=2, help="off/on pairs, ABBA-ordered and pooled: the machine drifts")
     p.add_argument("--sample-ms", type=float, default=5.0, help="period of the KV blocks-in-use samples")
@@ -291,6 +295,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--kv-cache-bytes", type=int, default=1 << 30)
     p.add_argument("--decode-attention", choices=["auto", "sdpa"], default="auto")
+    pruning.add_pruning_arguments(p)
     p.add_argument("--out", default="bench-results/cache.json")
 
 
@@ -320,6 +325,9 @@ def main(args: argparse.Namespace) -> dict:
         "build": lambda is_sharing: build_from_model(model, tokenizer, dataclasses.replace(config, enable_prefix_caching=is_sharing)),
         "vocab_size": model.config.vocab_size,
         "block_size": config.block_size,
+        "model": model,
+        "tokenizer": tokenizer,
+        "config": config,
     }
     num_blocks = ctx["build"](False)[0].pool.num_blocks
     report = {
@@ -331,7 +339,8 @@ def main(args: argparse.Namespace) -> dict:
                    "kv_cache_bytes": config.kv_cache_bytes, "num_kv_blocks": num_blocks, "block_size": config.block_size,
                    "decode_attention": config.decode_attention, "requests": args.num_requests,
                    "system_prompts": args.num_systems, "prompt_len": args.prompt_len, "output_len": args.output_len,
-                   "rate_per_s": args.rate, "cache": "cold" if args.cold else "warm", "rounds": args.rounds, "sample_ms": args.sample_ms, "seed": args.seed},
+                   "rate_per_s": args.rate, "cache": "cold" if args.cold else "warm", "rounds": args.rounds,
+                   "sample_ms": args.sample_ms, "seed": args.seed},
     }
     for name in args.parts:
         report[name] = PARTS[name][0](args, ctx)
@@ -339,11 +348,10 @@ def main(args: argparse.Namespace) -> dict:
     for name in args.parts:
         header, rows, note = PARTS[name][1](report[name])
         print(f"\n{name}:", *console_table(header, rows), note, sep="\n")
-    text = markdown(report)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(text)
+    out.with_suffix(".md").write_text(markdown(report))
     print(f"wrote {out} and {out.with_suffix('.md')}")
     return report
 
@@ -353,7 +361,7 @@ def markdown(report: dict) -> str:
     lines = [
         (f"Model `{report['model']}`; {c['requests']} requests per workload over {c['system_prompts']} system prompts, "
          f"mean prompt {c['prompt_len']} tokens, {c['output_len']} output tokens (greedy, EOS ignored), Poisson arrivals "
-         f"at {c['rate_per_s']}/s; budget {c['max_num_batched_tokens']} tokens/iteration, {c['max_num_seqs']} seqs, "
+         f"at {c['rate_per_s']}/s, {c['cache']} cache; budget {c['max_num_batched_tokens']} tokens/iteration, {c['max_num_seqs']} seqs, "
          f"{c['num_kv_blocks']} KV blocks of {c['block_size']}; {c['rounds']} rounds pooled; {m['processor']}, "
          f"{m['cpus']} threads, torch {m['torch']}; {report['run_s']:.0f} s in all. Command: `{report['command']}`."),
     ]
