@@ -75,18 +75,41 @@ class KvPrune:
 
 
 @dataclass(slots=True)
-class FinetuneChunk:
-    """A slice of fine-tune work the worker runs in the same iteration, after the inference
-    forward (the trainer issue fills this in: reference log-probs or a DPO gradient chunk).
+class PreferencePair:
+    """One stored feedback pair, tokenized: ``prompt_ids + chosen_ids`` against
+    ``prompt_ids + rejected_ids`` (responses end with EOS)."""
 
-    ``kind`` is ``"reference"`` (no-grad log-probs of stored pairs) or ``"gradient"`` (forward and
-    backward of one or more pairs' response tokens); ``num_tokens`` is what the scheduler sized it to.
+    pair_id: str
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    # Summed response log-probs under the reference (adapter off); None until computed.
+    ref_chosen: float | None = None
+    ref_rejected: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+
+@dataclass(slots=True)
+class FinetuneChunk:
+    """Fine-tune work the worker runs in the same iteration, after the inference forward.
+
+    ``kind``: ``"reference"`` computes the pairs' response log-probs with the adapter off (no
+    gradient); ``"gradient"`` runs forward and backward of the DPO loss under the ``train``
+    adapter and accumulates gradients; with ``step`` set it then clips, takes an AdamW step and
+    publishes the ``train`` weights to the ``serving`` adapter (unless a value is not finite).
     """
 
     task_id: int
-    kind: str
-    pair_ids: list[int]
-    num_tokens: int
+    kind: str  # "reference" | "gradient"
+    pairs: list[PreferencePair]
+    step: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(p.num_tokens for p in self.pairs)
 
 
 @dataclass(slots=True)
@@ -128,8 +151,17 @@ class SequenceResult:
 @dataclass(slots=True)
 class FinetuneResult:
     task_id: int
-    # DPO loss per pair (trainer issue); feeds the scheduler's fine-tune priority.
-    losses: dict[int, float] = field(default_factory=dict)
+    kind: str
+    # reference: per pair (chosen, rejected) summed response log-probs with the adapter off.
+    ref_logprobs: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # gradient: DPO loss per pair (feeds the scheduler's fine-tune priority and the outlier guard).
+    losses: dict[str, float] = field(default_factory=dict)
+    num_tokens: int = 0
+    # Set when the chunk ended an accumulation: whether the step was taken (False: a loss or
+    # gradient was not finite, the step was skipped and the last good weights restored).
+    stepped: bool | None = None
+    adapter_version: int = 0
+    elapsed_s: float = 0.0
 
 
 @dataclass(slots=True)

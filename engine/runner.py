@@ -55,6 +55,9 @@ class ModelRunner:
         )
         # Evaluation tools (bench cache's pruning quality) set this to read the next-token logits
         # of every sampled row after ``execute``: ``last_logits[seq_id]``, (vocab,) fp32.
+        # Runs plan.finetune after the inference forward (trainer.executor.FinetuneExecutor,
+        # wired by the builder when training is on); None: plans carry no fine-tune work.
+        self.finetune_executor = None
         self.capture_logits = False
         self.last_logits: dict[int, torch.Tensor] = {}
         self._decoder = model.get_decoder()
@@ -161,11 +164,19 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    @torch.inference_mode()
     def execute(self, plan: IterationPlan) -> IterationResult:
-        t0 = time.perf_counter()
+        """The inference forward, then (with grad enabled) the plan's fine-tune chunk."""
+        result = self._infer(plan)
         if plan.finetune is not None:
-            raise NotImplementedError("fine-tune chunks arrive with the trainer issue")
+            if self.finetune_executor is None:
+                raise RuntimeError("a fine-tune chunk reached a runner without a fine-tune executor")
+            result.finetune = self.finetune_executor.run(plan.finetune)
+            result.total_s += result.finetune.elapsed_s
+        return result
+
+    @torch.inference_mode()
+    def _infer(self, plan: IterationPlan) -> IterationResult:
+        t0 = time.perf_counter()
         for op in plan.kv_prunes:
             self._prune(op)
         if not plan.chunks:

@@ -1,7 +1,8 @@
 """The HTTP front end: aiohttp on uvloop.
 
 Routes: OpenAI's ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``; TGI's
-``/generate``, ``/generate_stream``, ``/info``; ``/health`` and ``/metrics``.
+``/generate``, ``/generate_stream``, ``/info``; feedback's ``/v1/feedback`` and
+``/v1/feedback/stats``; ``/health`` and ``/metrics``.
 
 Every response carries ``x-request-id``. Errors are JSON in the route's family shape (see
 ``server.errors``). A client that disconnects cancels its handler (``handler_cancellation``),
@@ -27,11 +28,12 @@ from aiohttp import web
 from engine.config import EngineConfig
 from scheduler.async_engine import AsyncEngine
 from scheduler.builder import build_engine
-from server import openai_api, tgi_api
+from server import feedback_api, openai_api, tgi_api
 from server.errors import ApiError, error_response, is_expected
 from server.metrics import ServerMetrics
 from server.serving import Serving
 from server.state import REQUEST_ID, STATE, ServerState
+from trainer.feedback import FeedbackStore
 
 log = logging.getLogger(__name__)
 _OPEN_PATHS = frozenset({"/health"})
@@ -85,8 +87,10 @@ def build_app(
     max_waiting_requests: int = 256,
     max_request_bytes: int = 4 << 20,
     shutdown_grace_s: float = 30.0,
+    feedback_store: FeedbackStore | None = None,
 ) -> web.Application:
-    """The application over an engine it starts on startup and stops on cleanup."""
+    """The application over an engine it starts on startup and stops on cleanup; it owns
+    ``feedback_store`` too (closed on cleanup)."""
     model_path = engine.core.config.model
     name = model_name or (Path(model_path).name if model_path else "mace")
     aliases = frozenset(a for a in (name, model_path, str(Path(model_path).resolve()) if model_path else None) if a)
@@ -95,11 +99,13 @@ def build_app(
     app[STATE] = state = ServerState(
         serving=Serving(engine, metrics_, max_waiting_requests), metrics=metrics_, model_name=name,
         model_aliases=aliases, created=int(time.time()), api_key=api_key, shutdown_grace_s=shutdown_grace_s,
+        feedback=feedback_store,
     )
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     openai_api.add_routes(app)
     tgi_api.add_routes(app)
+    feedback_api.add_routes(app)
 
     async def start(app: web.Application) -> None:
         await engine.start()
@@ -109,6 +115,8 @@ def build_app(
 
     async def stop(app: web.Application) -> None:
         await engine.stop()
+        if feedback_store is not None:
+            feedback_store.close()
 
     app.on_startup.append(start)
     app.on_shutdown.append(drain)
@@ -158,10 +166,13 @@ def serve(args: argparse.Namespace) -> None:
     api_key = args.api_key
     if args.api_key_file:
         api_key = Path(args.api_key_file).read_text().strip()
+    state_dir = Path(args.state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    feedback_store = FeedbackStore(state_dir / "feedback.sqlite3")
     engine = AsyncEngine(*build_engine(config))
     app = build_app(
         engine, model_name=args.served_model_name, api_key=api_key or None,
         max_waiting_requests=args.max_waiting_requests, max_request_bytes=args.max_request_bytes,
-        shutdown_grace_s=args.shutdown_grace,
+        shutdown_grace_s=args.shutdown_grace, feedback_store=feedback_store,
     )
     uvloop.run(_serve_forever(app, args.host, args.port))

@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-waiting-requests", type=int, default=256, help="queued sequences before answering 429")
     p.add_argument("--max-request-bytes", type=int, default=4 << 20, help="larger bodies get 413")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
+    p.add_argument("--state-dir", default="./mace-state",
+                   help="where durable state lives: the feedback store (feedback.sqlite3)")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("bench", help="benchmarks")

@@ -86,6 +86,6 @@ def error_body(status: int, message: str, param: str | None, code: str | None, k
 def error_response(exc: BaseException, is_tgi: bool) -> web.Response:
     status, message, param, code, kind = classify(exc, is_tgi)
     # 429 (queue full) and 503 (draining) are worth retrying; say when
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    headers = {"Retry-After": "1"} if code in ("queue_full", "shutting_down") else None
     return web.Response(status=status, body=error_body(status, message, param, code, kind, is_tgi),
                         content_type="application/json", headers=headers)

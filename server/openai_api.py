@@ -81,6 +81,12 @@ def _options(body) -> RequestOptions:
 
 
 def _render_chat(state: ServerState, messages: list[oa.ChatMessage]) -> list[int]:
+    return state.serving.tokenizer.encode(render_chat_text(state, messages), add_special_tokens=False)
+
+
+def render_chat_text(state: ServerState, messages: list[oa.ChatMessage]) -> str:
+    """The prompt text the chat template makes of ``messages`` (with the assistant's turn
+    opened), or InvalidRequestError naming the bad field."""
     if not messages:
         raise InvalidRequestError("messages must not be empty", "messages")
     conversation = []
@@ -96,8 +102,7 @@ def _render_chat(state: ServerState, messages: list[oa.ChatMessage]) -> list[int
     tokenizer = state.serving.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequestError("this model has no chat template; use /v1/completions", "messages")
-    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
 
 
 # -- engine -> response -------------------------------------------------------------------------

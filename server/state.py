@@ -8,6 +8,7 @@ from aiohttp import web
 
 from server.metrics import ServerMetrics
 from server.serving import Serving
+from trainer.feedback import FeedbackStore
 
 
 @dataclass
@@ -19,6 +20,7 @@ class ServerState:
     created: int  # unix seconds the server started
     api_key: str | None = None
     shutdown_grace_s: float = 30.0
+    feedback: FeedbackStore | None = None  # preference pairs for the trainer (None: /v1/feedback answers 503)
 
 
 STATE = web.AppKey("state", ServerState)

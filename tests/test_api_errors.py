@@ -165,11 +165,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-async def test_sigterm_ends_streams_cleanly_and_exits_zero(demo_model_dir):
+async def test_sigterm_ends_streams_cleanly_and_exits_zero(demo_model_dir, tmp_path):
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", "--model", demo_model_dir, "--port", str(port),
-         "--kv-cache-bytes", str(8 << 20), "--shutdown-grace", "0.5"],
+         "--kv-cache-bytes", str(8 << 20), "--shutdown-grace", "0.5", "--state-dir", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     url = f"http://127.0.0.1:{port}"

@@ -1,0 +1,108 @@
+"""Feedback routes: ``POST /v1/feedback`` stores preference pairs, ``GET /v1/feedback/stats``.
+
+A post is all or nothing: every pair is validated first (a 400 names the field, ``pairs[3].chosen``
+for a batch item), then all are stored in one transaction, and the answer is sent only after the
+commit. Chat ``messages`` are stored as the prompt text the model sees: the chat template applied
+with the generation prompt, exactly as ``/v1/chat/completions`` renders it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+from aiohttp import web
+
+from engine.sampling_params import InvalidRequestError
+from server.errors import ApiError, read_json
+from server.openai_api import render_chat_text
+from server.protocol import feedback as fb
+from server.state import STATE, ServerState
+from trainer.feedback import FeedbackStore, NewPair
+
+MAX_PAIRS = 256
+MAX_ID_CHARS = 128
+_encode = msgspec.json.Encoder().encode
+
+
+def _store(state: ServerState) -> FeedbackStore:
+    if state.feedback is None:
+        raise ApiError(503, "feedback is not enabled on this server: it has no feedback store "
+                            "(mace serve keeps one under --state-dir)", None, "feedback_unavailable")
+    return state.feedback
+
+
+def _items(body: fb.FeedbackRequest) -> list[tuple[str, fb.FeedbackItem]]:
+    """(param prefix, pair) for each pair of the request, single or batch."""
+    if body.pairs is None:
+        return [("", body)]
+    for name in ("prompt", "messages", "chosen", "rejected", "id"):
+        if getattr(body, name) is not None:
+            raise InvalidRequestError(f"send one pair or a batch as `pairs`, not both (found `{name}` beside it)", name)
+    if not 1 <= len(body.pairs) <= MAX_PAIRS:
+        raise InvalidRequestError(f"pairs must hold 1 to {MAX_PAIRS} pairs, got {len(body.pairs)}", "pairs")
+    return [(f"pairs[{i}].", item) for i, item in enumerate(body.pairs)]
+
+
+def _prompt(state: ServerState, item: fb.FeedbackItem, at: str) -> tuple[str, int]:
+    """The prompt text the model sees and its length in tokens."""
+    if (item.prompt is None) == (item.messages is None):
+        raise InvalidRequestError("give exactly one of prompt and messages", at + "prompt")
+    tokenizer = state.serving.tokenizer
+    if item.prompt is not None:
+        if not item.prompt.strip():
+            raise InvalidRequestError("prompt must not be empty", at + "prompt")
+        return item.prompt, len(tokenizer.encode(item.prompt))
+    try:
+        text = render_chat_text(state, item.messages)
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(str(exc), at + (exc.param or "messages"), exc.code) from exc
+    return text, len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _validate(state: ServerState, at: str, item: fb.FeedbackItem) -> NewPair:
+    """The pair to store, or InvalidRequestError naming the first bad field (cheap checks first)."""
+    if item.id is not None and not 1 <= len(item.id) <= MAX_ID_CHARS:
+        raise InvalidRequestError(f"id must be 1 to {MAX_ID_CHARS} characters, got {len(item.id)}", at + "id")
+    for name in ("chosen", "rejected"):
+        value = getattr(item, name)
+        if value is None:
+            raise InvalidRequestError(f"{name} is required", at + name)
+        if not value.strip():
+            raise InvalidRequestError(f"{name} must not be empty", at + name)
+    if item.chosen == item.rejected:
+        raise InvalidRequestError("chosen and rejected are the same response; a pair needs two", at + "rejected")
+    prompt, num_prompt = _prompt(state, item, at)
+    tokenizer = state.serving.tokenizer
+    num_chosen = len(tokenizer.encode(item.chosen, add_special_tokens=False))
+    num_rejected = len(tokenizer.encode(item.rejected, add_special_tokens=False))
+    longer, num_longer = ("chosen", num_chosen) if num_chosen >= num_rejected else ("rejected", num_rejected)
+    max_len = state.serving.engine.core.config.max_model_len
+    if num_prompt + num_longer > max_len:
+        raise InvalidRequestError(
+            f"the prompt ({num_prompt} tokens) plus {longer} ({num_longer} tokens) exceeds the context of "
+            f"{max_len} tokens", at + longer, "context_length_exceeded",
+        )
+    return NewPair(prompt=prompt, chosen=item.chosen, rejected=item.rejected, id=item.id)
+
+
+async def post_feedback(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    store = _store(state)
+    body: fb.FeedbackRequest = await read_json(request, fb.FeedbackRequest)
+    pairs = [_validate(state, at, item) for at, item in _items(body)]
+    results = await asyncio.to_thread(store.add, pairs)  # returns after the commit
+    num_stored = sum(is_new for _, is_new in results)
+    answer = fb.FeedbackResponse(ids=[i for i, _ in results], stored=num_stored, duplicates=len(results) - num_stored)
+    return web.Response(body=_encode(answer), content_type="application/json")
+
+
+async def feedback_stats(request: web.Request) -> web.Response:
+    store = _store(request.app[STATE])
+    stats = await asyncio.to_thread(store.stats)
+    return web.Response(body=_encode(fb.FeedbackStats(**stats)), content_type="application/json")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/feedback", post_feedback)
+    app.router.add_get("/v1/feedback/stats", feedback_stats)

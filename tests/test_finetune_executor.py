@@ -1,0 +1,130 @@
+"""Fine-tune chunks on the worker's side: LoRA adapters leave serving unchanged until a step,
+reference log-probs equal the base model's, DPO steps move the margin the right way, a
+non-finite value changes nothing, and fine-tune work rides in the same iteration as inference."""
+
+import math
+
+import pytest
+import torch
+
+from engine.config import EngineConfig
+from engine.model_loader import load_model
+from engine.plan import FinetuneChunk, IterationPlan, PreferencePair, SequenceChunk
+from engine.sampling_params import SamplingParams
+from scheduler.builder import build_from_model, generate
+from tests.conftest import random_prompts
+from trainer.dpo import response_logprobs
+from trainer.executor import SERVING, TRAIN, FinetuneExecutor, TrainerConfig, adapter_parameters, attach_adapters
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture
+def tiny(demo_model_dir):
+    torch.manual_seed(0)
+    model, tokenizer = load_model(demo_model_dir, torch.device("cpu"))
+    return model, tokenizer
+
+
+def _pairs(n: int, seed: int = 0) -> list[PreferencePair]:
+    prompts = random_prompts([12] * n, seed=seed)
+    chosen = random_prompts([6] * n, seed=seed + 1)
+    rejected = random_prompts([7] * n, seed=seed + 2)
+    return [PreferencePair(f"p{i}", prompts[i], chosen[i], rejected[i]) for i in range(n)]
+
+
+def _margins(executor, pairs) -> list[float]:
+    """chosen - rejected response log-prob under the serving adapter."""
+    with torch.no_grad():
+        c, r = executor._logprobs(pairs)
+    return (c - r).tolist()
+
+
+def test_adapters_start_as_the_base_model(tiny, demo_model_dir):
+    model, tokenizer = tiny
+    config = EngineConfig(model=demo_model_dir, kv_cache_bytes=8 << 20)
+    prompts = random_prompts([9, 30], seed=3)
+    before = generate(*build_from_model(model, tokenizer, config), prompts, GREEDY)
+    peft_model = attach_adapters(model, TrainerConfig())
+    assert peft_model.active_adapter == SERVING
+    assert generate(*build_from_model(model, tokenizer, config), prompts, GREEDY) == before
+
+
+def test_reference_logprobs_are_the_base_models(tiny):
+    model, tokenizer = tiny
+    pairs = _pairs(3)
+    ids = torch.tensor([pairs[0].prompt_ids + pairs[0].chosen_ids])
+    mask = torch.zeros_like(ids, dtype=torch.float)
+    mask[0, len(pairs[0].prompt_ids):] = 1
+    with torch.no_grad():
+        expected = response_logprobs(model(ids).logits, ids, mask).item()
+    executor = FinetuneExecutor(attach_adapters(model, TrainerConfig()), TrainerConfig(), pad_id=0)
+    executor.run(FinetuneChunk(0, "gradient", [_with_refs(p, -50.0, -50.0) for p in pairs], step=True))  # move `train`
+    result = executor.run(FinetuneChunk(1, "reference", pairs))
+    assert result.ref_logprobs["p0"][0] == pytest.approx(expected, abs=1e-4)
+    assert set(result.ref_logprobs) == {"p0", "p1", "p2"}
+
+
+def _with_refs(p: PreferencePair, c: float, r: float) -> PreferencePair:
+    return PreferencePair(p.pair_id, p.prompt_ids, p.chosen_ids, p.rejected_ids, c, r)
+
+
+def test_dpo_steps_raise_the_margin_and_publish_at_the_step(tiny):
+    model, _ = tiny
+    config = TrainerConfig(lr=5e-3, grad_accum=4)
+    executor = FinetuneExecutor(attach_adapters(model, config), config, pad_id=0)
+    pairs = _pairs(4)
+    refs = executor.run(FinetuneChunk(0, "reference", pairs)).ref_logprobs
+    pairs = [_with_refs(p, *refs[p.pair_id]) for p in pairs]
+    start = _margins(executor, pairs)
+    serving = [p.detach().clone() for p in adapter_parameters(executor.model, SERVING)]
+    # half an accumulation: gradients only, serving untouched, version unchanged
+    r = executor.run(FinetuneChunk(1, "gradient", pairs[:2]))
+    assert r.stepped is None and r.adapter_version == 0
+    assert all(torch.equal(a, b) for a, b in zip(serving, adapter_parameters(executor.model, SERVING)))
+    assert all(v == pytest.approx(math.log(2), abs=1e-4) for v in r.losses.values())  # policy == reference
+    r = executor.run(FinetuneChunk(2, "gradient", pairs[2:], step=True))
+    assert r.stepped is True and r.adapter_version == 1
+    for step in range(3, 12):
+        executor.run(FinetuneChunk(step, "gradient", pairs, step=True))
+    assert executor.version == 10
+    after = _margins(executor, pairs)
+    assert all(a > s + 0.5 for a, s in zip(after, start))
+    train = adapter_parameters(executor.model, TRAIN)
+    assert all(torch.equal(a, b) for a, b in zip(train, adapter_parameters(executor.model, SERVING)))
+
+
+def test_a_nan_changes_nothing_the_server_reads(tiny):
+    model, _ = tiny
+    config = TrainerConfig(lr=5e-3, grad_accum=2)
+    executor = FinetuneExecutor(attach_adapters(model, config), config, pad_id=0)
+    pairs = _pairs(2)
+    refs = executor.run(FinetuneChunk(0, "reference", pairs)).ref_logprobs
+    good = [_with_refs(p, *refs[p.pair_id]) for p in pairs]
+    executor.run(FinetuneChunk(1, "gradient", good, step=True))
+    serving = [p.detach().clone() for p in adapter_parameters(executor.model, SERVING)]
+    poisoned = [good[0], _with_refs(good[1], float("nan"), 0.0)]
+    r = executor.run(FinetuneChunk(2, "gradient", poisoned, step=True))
+    assert r.stepped is False and r.adapter_version == 1 and math.isnan(r.losses["p1"])
+    assert all(torch.equal(a, b) for a, b in zip(serving, adapter_parameters(executor.model, SERVING)))
+    assert all(torch.equal(a, b) for a, b in zip(serving, adapter_parameters(executor.model, TRAIN)))
+    assert executor.run(FinetuneChunk(3, "gradient", good, step=True)).stepped is True  # and it goes on
+
+
+def test_fine_tune_work_rides_in_the_same_iteration(tiny, demo_model_dir):
+    model, tokenizer = tiny
+    config = TrainerConfig(lr=5e-3, grad_accum=1)
+    executor = FinetuneExecutor(attach_adapters(model, config), config, pad_id=0)
+    core, runner = build_from_model(model, tokenizer, EngineConfig(model=demo_model_dir, kv_cache_bytes=8 << 20))
+    runner.finetune_executor = executor
+    pairs = _pairs(2)
+    refs = executor.run(FinetuneChunk(0, "reference", pairs)).ref_logprobs
+    pairs = [_with_refs(p, *refs[p.pair_id]) for p in pairs]
+    prompt = random_prompts([10], seed=9)[0]
+    reference_tokens = generate(core, runner, [prompt], GREEDY)[0]
+    chunk = SequenceChunk(seq_id=0, token_ids=prompt, start_pos=0, block_table=[0], sampling=GREEDY)
+    result = runner.execute(IterationPlan(0, [chunk], finetune=FinetuneChunk(1, "gradient", pairs, step=True)))
+    # the inference half ran before the step, on the serving weights of before
+    assert result.outputs[0].token_id == reference_tokens[0]
+    assert result.finetune.stepped is True and result.finetune.adapter_version == 1
+    assert result.finetune.num_tokens == sum(p.num_tokens for p in pairs)

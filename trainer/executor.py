@@ -1,0 +1,160 @@
+"""Fine-tune chunks on the worker thread: LoRA adapters, reference log-probs, DPO gradients,
+AdamW steps and the publish of new weights to the serving adapter.
+
+Two PEFT LoRA adapters sit on the served model: ``trainable`` (what the optimizer updates) and
+``serving`` (what inference reads). Inference always runs with ``serving`` active; a gradient
+chunk switches to ``trainable`` for its forward and backward and back before the next iteration.
+A step that completes copies ``trainable`` into ``serving`` in place, between two iterations, so
+serving never pauses and never sees a half-updated adapter; ``version`` counts these publishes.
+If a loss or a gradient is not finite the step is skipped, the gradients dropped and ``train``
+``trainable`` restored from ``serving`` (the last good weights).
+
+Only the worker thread calls ``run`` (the runner does, after its inference forward).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+
+from engine.plan import FinetuneChunk, FinetuneResult, PreferencePair
+from trainer.dpo import dpo_loss, response_logprobs
+
+# The issue's `train` adapter is named "trainable": PEFT registers adapters as submodule names,
+# and "train" would shadow nn.Module.train.
+TRAIN, SERVING = "trainable", "serving"
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    grad_accum: int = 4  # pairs per optimizer step
+    dpo_beta: float = 0.1
+
+
+def attach_adapters(model: torch.nn.Module, config: TrainerConfig) -> PeftModel:
+    """Wrap ``model`` (in place) with the ``serving`` and ``train`` adapters, equal at start."""
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lora, adapter_name=SERVING)
+    peft_model.add_adapter(TRAIN, lora)
+    copy_adapter(peft_model, TRAIN, SERVING)
+    peft_model.set_adapter(SERVING)
+    return peft_model
+
+
+@torch.no_grad()
+def copy_adapter(peft_model: PeftModel, src: str, dst: str) -> None:
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer) and src in module.lora_A:
+            module.lora_A[dst].weight.copy_(module.lora_A[src].weight)
+            module.lora_B[dst].weight.copy_(module.lora_B[src].weight)
+
+
+def adapter_parameters(peft_model: PeftModel, name: str) -> list[torch.nn.Parameter]:
+    return [p for n, p in peft_model.named_parameters() if f".{name}." in n and "lora_" in n]
+
+
+class FinetuneExecutor:
+    def __init__(self, peft_model: PeftModel, config: TrainerConfig, pad_id: int, version: int = 0) -> None:
+        self.model = peft_model
+        self.config = config
+        self.pad_id = pad_id
+        self.version = version
+        self.params = adapter_parameters(peft_model, TRAIN)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self._device = self.params[0].device
+        self._bad_accumulation = False
+
+    def run(self, chunk: FinetuneChunk) -> FinetuneResult:
+        t0 = time.perf_counter()
+        if chunk.kind == "reference":
+            result = self._reference(chunk)
+        elif chunk.kind == "gradient":
+            result = self._gradient(chunk)
+        else:
+            raise ValueError(f"unknown fine-tune chunk kind {chunk.kind!r}")
+        result.num_tokens = chunk.num_tokens
+        result.adapter_version = self.version
+        result.elapsed_s = time.perf_counter() - t0
+        return result
+
+    # -- the two kinds ----------------------------------------------------------------------------
+
+    def _batch(self, pairs: list[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows: every pair's chosen, then every pair's rejected, right-padded.
+        Returns input ids (2P, T), attention mask (2P, T), response mask (2P, T)."""
+        rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+        width = max(len(a) + len(b) for a, b in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros(len(rows), width, dtype=torch.long)
+        resp = torch.zeros(len(rows), width)
+        for i, (prompt, response) in enumerate(rows):
+            n = len(prompt) + len(response)
+            ids[i, :n] = torch.tensor(prompt + response)
+            attn[i, :n] = 1
+            resp[i, len(prompt) : n] = 1.0
+        return ids.to(self._device), attn.to(self._device), resp.to(self._device)
+
+    def _logprobs(self, pairs: list[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, attn, resp = self._batch(pairs)
+        logits = self.model(input_ids=ids, attention_mask=attn, use_cache=False).logits  # (2P, T, V)
+        lp = response_logprobs(logits, ids, resp)  # (2P,)
+        return lp[: len(pairs)], lp[len(pairs) :]
+
+    @torch.no_grad()
+    def _reference(self, chunk: FinetuneChunk) -> FinetuneResult:
+        with self.model.disable_adapter():
+            chosen, rejected = self._logprobs(chunk.pairs)
+        refs = {p.pair_id: (c, r) for p, c, r in zip(chunk.pairs, chosen.tolist(), rejected.tolist())}
+        return FinetuneResult(chunk.task_id, "reference", ref_logprobs=refs)
+
+    def _gradient(self, chunk: FinetuneChunk) -> FinetuneResult:
+        result = FinetuneResult(chunk.task_id, "gradient")
+        self.model.set_adapter(TRAIN)
+        self.model.train()
+        try:
+            chosen, rejected = self._logprobs(chunk.pairs)
+            ref_c = torch.tensor([p.ref_chosen for p in chunk.pairs], device=self._device)
+            ref_r = torch.tensor([p.ref_rejected for p in chunk.pairs], device=self._device)
+            losses, _ = dpo_loss(chosen, rejected, ref_c, ref_r, self.config.dpo_beta)
+            result.losses = {p.pair_id: v for p, v in zip(chunk.pairs, losses.tolist())}
+            if torch.isfinite(losses).all():
+                (losses.sum() / self.config.grad_accum).backward()
+            else:
+                self._bad_accumulation = True
+        finally:
+            self.model.set_adapter(SERVING)  # also leaves only `serving` marked trainable
+            self.model.eval()
+        if chunk.step:
+            result.stepped = self._step()
+        return result
+
+    def _step(self) -> bool:
+        """Clip, step and publish, or (a non-finite value anywhere) drop it all; True if stepped."""
+        for p in self.params:
+            p.requires_grad_(True)
+        grads_ok = not self._bad_accumulation and all(p.grad is None or torch.isfinite(p.grad).all() for p in self.params)
+        if grads_ok:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+            self.optimizer.step()
+            grads_ok = all(torch.isfinite(p).all() for p in self.params)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._bad_accumulation = False
+        if grads_ok:
+            copy_adapter(self.model, TRAIN, SERVING)
+            self.version += 1
+        else:  # back to the last good weights; the serving adapter never saw the bad ones
+            copy_adapter(self.model, SERVING, TRAIN)
+            self.optimizer.state.clear()
+        return grads_ok
