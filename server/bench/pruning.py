@@ -2,12 +2,13 @@
 cache, for each policy at each budget.
 
 Method (teacher forcing, so every setting predicts along the same text):
-1. The full cache generates the reference: ``--pruning-seqs`` sequences of ``--pruning-prompt``
-   random prompt tokens and ``--pruning-gen`` greedy output tokens, all in one batch, recording
-   the next-token logits at every step.
-2. Each policy and budget runs the same batch, but after every iteration the sampled token is
-   replaced by the reference's (the plan/result seam makes that a one-line edit), so the
-   context is always the reference text; its logits are recorded too.
+1. The text: ``--pruning-seqs`` windows of the corpus shipped in the repo (CPython docstrings,
+   seeded offsets), each ``--pruning-prompt`` prompt tokens then ``--pruning-gen`` tokens fed
+   one decode at a time (``--pruning-text greedy`` uses the full cache's own greedy output
+   instead; a weak model's greedy text repeats itself, which hides what pruning loses).
+2. The full cache and each policy at each budget run the same batch; after every iteration the
+   sampled token is replaced by the text's next token (the plan/result seam makes that a
+   one-line edit), recording the next-token logits at every step.
 3. Per step: top-1 agreement (argmax equal to the full cache's) and KL(full || pruned) of the
    next-token distributions; KV blocks each sequence holds, sampled every iteration.
 """
@@ -39,7 +40,9 @@ def add_pruning_arguments(parser: argparse.ArgumentParser) -> None:
                              "distributions, where top-1 agreement is noise)")
     parser.add_argument("--pruning-seqs", type=int, default=4, help="sequences per pruning run")
     parser.add_argument("--pruning-prompt", type=int, default=64, help="prompt tokens per sequence")
-    parser.add_argument("--pruning-gen", type=int, default=576, help="generated tokens per sequence (512+)")
+    parser.add_argument("--pruning-gen", type=int, default=576, help="decoded tokens per sequence (512+)")
+    parser.add_argument("--pruning-text", choices=["corpus", "greedy"], default="corpus",
+                        help="what the sequences are forced along: corpus windows, or the full cache's greedy output")
 
 
 def _run(model, tokenizer, config: EngineConfig, prompts: list[list[int]], gen: int,
@@ -117,7 +120,7 @@ def cells(part: dict) -> tuple[list[str], list[list[str]], str]:
                      f"{r['kv_mib_per_seq_mean']:.2f}", f"{r['kv_mib_per_seq_peak']:.2f}",
                      f"{r['memory_vs_full_mean']:.3f}", f"{r['memory_vs_full_peak']:.3f}",
                      f"{r['top1_agreement']:.3f}", f"{r['mean_kl']:.4f}", target])
-    note = (f"Model `{part['model']}`; {part['num_seqs']} sequences of {part['prompt_tokens']} prompt + {part['generated_tokens']} generated tokens, "
+    note = (f"Model `{part['model']}`; {part['num_seqs']} sequences of {part['prompt_tokens']} prompt + {part['generated_tokens']} decoded tokens, "
             f"one batch; {part['method']}. Full-cache top-1 probability: mean {part['full_top1_prob']:.4f} "
             f"(1/vocab = {part['uniform_prob']:.5f}); target (heavy-hitter at 0.5): memory about halved "
             "(mean <= 0.55 of full) and top-1 agreement >= 0.95.")
@@ -127,10 +130,20 @@ def cells(part: dict) -> tuple[list[str], list[list[str]], str]:
 def run_pruning(model, tokenizer, base: EngineConfig, args: argparse.Namespace, block_bytes: int) -> dict:
     rng = random.Random(args.seed)
     vocab = model.config.vocab_size
-    prompts = [[rng.randrange(vocab) for _ in range(args.pruning_prompt)] for _ in range(args.pruning_seqs)]
     gen = args.pruning_gen
+    if args.pruning_text == "corpus":
+        from importlib import resources
+
+        text = resources.files("engine").joinpath("data/corpus.txt").read_text(encoding="utf-8")
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        span = args.pruning_prompt + gen
+        windows = [ids[s : s + span] for s in (rng.randrange(len(ids) - span) for _ in range(args.pruning_seqs))]
+        prompts, forced = [w[: args.pruning_prompt] for w in windows], [w[args.pruning_prompt :] for w in windows]
+    else:
+        prompts = [[rng.randrange(vocab) for _ in range(args.pruning_prompt)] for _ in range(args.pruning_seqs)]
+        forced = None
     base = dataclasses.replace(base, enable_prefix_caching=False, kv_prune="none")
-    full = _run(model, tokenizer, base, prompts, gen, None)
+    full = _run(model, tokenizer, base, prompts, gen, forced)
     ref_tokens = full["tokens"]
     rows = [_summary("full", None, full, full, block_bytes)]
     for policy, budget in SETTINGS:
@@ -139,8 +152,9 @@ def run_pruning(model, tokenizer, base: EngineConfig, args: argparse.Namespace, 
         rows.append(_summary(policy, budget, run, full, block_bytes))
         print(f"  pruning {policy}@{budget}: {rows[-1]}", flush=True)
     probs = torch.cat([torch.softmax(x, -1).max(-1).values for x in full["logits"]])
+    what = "windows of the shipped corpus" if args.pruning_text == "corpus" else "the full cache's greedy text"
     return {
-        "method": "teacher-forced along the full cache's greedy text; agreement = argmax equal; KL(full || pruned)",
+        "method": f"teacher-forced along {what}; agreement = argmax equal; KL(full || pruned)",
         "full_top1_prob": round(probs.mean().item(), 5),
         "uniform_prob": round(1 / vocab, 6),
         "num_seqs": args.pruning_seqs,
