@@ -33,6 +33,8 @@ class EngineConfig:
     kv_prune: str = "none"
     kv_budget: float = 0.5
     kv_sink_tokens: int = 4
+    # Fine-tune tokens (DPO pairs, both responses with their prompts) per iteration when training.
+    finetune_tokens_per_iteration: int = 512
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -39,6 +39,8 @@ class AsyncEngine:
         self.worker_busy_s = 0.0  # summed iteration time on the worker: busy / wall = utilization
 
     async def start(self) -> None:
+        if self.core.trainer is not None:
+            self.core.trainer.on_new_work = self._wake.set
         self.worker.start()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="mace-scheduler")
 

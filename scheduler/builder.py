@@ -71,3 +71,18 @@ def generate(
         for out in core.step(runner):
             tokens[out.request_id].extend(out.new_token_ids)
     return [tokens[rid] for rid in ids]
+
+
+def attach_trainer(core: EngineCore, runner: ModelRunner, store, config=None):
+    """Put LoRA adapters on the served model and wire the DPO trainer: the executor runs on the
+    worker (``runner.finetune_executor``), the trainer feeds the scheduler (``core.trainer``)."""
+    from trainer.executor import FinetuneExecutor, TrainerConfig, attach_adapters
+    from trainer.trainer import Trainer
+
+    config = config or TrainerConfig()
+    tokenizer = core.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    runner.finetune_executor = FinetuneExecutor(attach_adapters(runner.model, config), config, pad_id)
+    eos = tokenizer.eos_token_id
+    core.trainer = Trainer(store, tokenizer, config, eos)
+    return core.trainer

@@ -66,6 +66,8 @@ class EngineCore:
         self._iterations = itertools.count()
         self._seed_rng = random.Random(config.seed)
         self._in_flight: dict[int, list[ScheduledSequence]] = {}
+        self._finetune_in_flight: dict[int, int] = {}  # iteration -> fine-tune task id
+        self.trainer = None  # trainer.trainer.Trainer when training is on (the builder wires it)
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -139,19 +141,28 @@ class EngineCore:
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or (self.trainer is not None and self.trainer.has_work)
 
     # -- one iteration ------------------------------------------------------------------------
 
     def schedule(self) -> IterationPlan | None:
+        """The next iteration: inference chunks, and (with a trainer) one fine-tune chunk of at
+        most ``finetune_tokens_per_iteration`` tokens. (The FCFS planner adds fine-tune work to
+        every iteration while there is some, SLO-blind; the MACE scheduler sizes it to the slack.)"""
         scheduled = self.scheduler.schedule()
-        if not scheduled:
+        finetune = None
+        if self.trainer is not None and self.trainer.has_work:
+            finetune = self.trainer.next_chunk(self.config.finetune_tokens_per_iteration)
+        if not scheduled and finetune is None:
             return None
         iteration = next(self._iterations)
         self._in_flight[iteration] = scheduled
+        if finetune is not None:
+            self._finetune_in_flight[iteration] = finetune.task_id
         return IterationPlan(
             iteration=iteration,
             chunks=[self._chunk(s.seq, s.num_new_tokens) for s in scheduled],
+            finetune=finetune,
             kv_prunes=self.scheduler.take_prunes(),
         )
 
@@ -182,8 +193,13 @@ class EngineCore:
     def process_result(self, result: IterationResult | BaseException, iteration: int | None = None) -> list[RequestOutput]:
         """Apply a result (or the exception that replaced it) to its sequences."""
         if isinstance(result, BaseException):
+            task_id = self._finetune_in_flight.pop(iteration, None)
+            if task_id is not None:
+                self.trainer.on_failure(task_id)
             return self._fail(self._in_flight.pop(iteration, []), result)
         scheduled = self._in_flight.pop(result.iteration)
+        if self._finetune_in_flight.pop(result.iteration, None) is not None:
+            self.trainer.on_result(result.finetune)
         by_id = {r.seq_id: r for r in result.outputs}
         now = time.monotonic()
         outputs = []

@@ -1,0 +1,60 @@
+"""The trainer loop end to end on the engine: stored pairs are trained inside serving iterations,
+the preferred responses gain log-prob, every pair ends up trained, serving goes on."""
+
+import asyncio
+
+import torch
+
+from engine.sampling_params import SamplingParams
+from scheduler.async_engine import AsyncEngine
+from scheduler.builder import attach_trainer
+from trainer.executor import TrainerConfig
+from trainer.feedback import FeedbackStore, NewPair
+
+CHOSEN, REJECTED = " Yes, gladly.", " No."
+
+
+def _margin(core, runner, prompt: str) -> float:
+    ex = runner.finetune_executor
+    pair = core.trainer._tokenize(_Stored(prompt))
+    with torch.no_grad():
+        c, r = ex._logprobs([pair])
+    return (c - r).item()
+
+
+class _Stored:
+    def __init__(self, prompt):
+        self.id, self.prompt, self.chosen, self.rejected = "x", prompt, CHOSEN, REJECTED
+        self.ref_chosen = self.ref_rejected = None
+
+
+async def test_pairs_are_trained_while_serving(make_engine, tmp_path):
+    core, runner = make_engine(finetune_tokens_per_iteration=256)
+    store = FeedbackStore(tmp_path / "f.sqlite3")
+    config = TrainerConfig(lr=5e-3, grad_accum=4)
+    trainer = attach_trainer(core, runner, store, config)
+    prompts = [f"Question {i}: can you help me with task {i}?" for i in range(8)]
+    store.add([NewPair(p, CHOSEN, REJECTED, id=f"p{i}") for i, p in enumerate(prompts)])
+    held_out = "Question 99: can you help me with something else?"
+    before = _margin(core, runner, held_out)
+    engine = AsyncEngine(core, runner)
+    await engine.start()
+    try:
+        assert await trainer.refill() == 8
+        served = []
+        async for out in engine.generate(core.tokenizer.encode("def f(x):"),
+                                         SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)):
+            served += out.new_token_ids
+        for _ in range(600):  # bounded: until every pair is trained
+            await asyncio.sleep(0.02)
+            await trainer.flush()
+            if store.stats()["trained"] == 8:
+                break
+        assert store.stats() == {"received": 8, "trained": 8, "pending": 0, "set_aside": 0}
+        assert len(served) == 40
+        assert trainer.num_steps == 2 and trainer.adapter_version == 2
+        assert all(store.get(f"p{i}").ref_chosen is not None for i in range(8))  # computed once, stored
+    finally:
+        await engine.stop()
+    assert _margin(core, runner, held_out) > before
+    store.close()

@@ -1,0 +1,178 @@
+"""The trainer's side on the event loop: stored feedback in, fine-tune chunks out, results back.
+
+The scheduler asks ``next_chunk(max_tokens)`` when it builds an iteration; the worker runs the
+chunk after that iteration's inference forward; ``on_result`` takes what came back. The order
+per pair: a ``reference`` chunk (log-probs with the adapter off, computed once and stored), then
+``gradient`` chunks until ``grad_accum`` pairs have been accumulated, the last of which asks for
+the optimizer step. A pair is marked trained only once a step that included it was taken; a step
+skipped for a non-finite value sends its pairs back. A pair whose loss is not finite, or an
+outlier (over ``outlier_factor`` times the recent mean), counts an attempt; after
+``max_attempts`` it is set aside, so noisy or adversarial feedback cannot take the adapter over.
+
+Nothing acknowledged is lost: pairs stay "pending" in the store until trained, and a restart
+picks every pending pair up again (at least once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+from collections import deque
+from collections.abc import Callable
+
+from engine.plan import FinetuneChunk, FinetuneResult, PreferencePair
+from trainer.executor import TrainerConfig
+from trainer.feedback import FeedbackPair, FeedbackStore
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    def __init__(
+        self,
+        store: FeedbackStore,
+        tokenizer,
+        config: TrainerConfig,
+        eos_token_id: int | None,
+        max_attempts: int = 3,
+        outlier_factor: float = 5.0,
+        refill_batch: int = 256,
+    ) -> None:
+        self.store = store
+        self.tokenizer = tokenizer
+        self.config = config
+        self.eos_token_id = eos_token_id
+        self.max_attempts = max_attempts
+        self.outlier_factor = outlier_factor
+        self.refill_batch = refill_batch
+        self._needs_reference: deque[PreferencePair] = deque()
+        self._ready: deque[PreferencePair] = deque()
+        self._known: set[str] = set()  # ids loaded and not yet trained or set aside
+        self._accumulated: list[PreferencePair] = []  # in the optimizer's gradients now
+        self._in_flight: dict[int, FinetuneChunk] = {}
+        self._task_ids = itertools.count()
+        self._recent_losses: deque[float] = deque(maxlen=64)
+        self._attempts: dict[str, int] = {}  # bad tries per pair, this process
+        self._set_aside: set[str] = set()
+        self._pending_io: set[asyncio.Task] = set()
+        self.on_new_work: Callable[[], None] = lambda: None  # the engine wakes its loop
+        self.adapter_version = 0
+        self.num_steps = 0
+        self.num_skipped_steps = 0
+        self.num_tokens = 0
+
+    # -- feeding ----------------------------------------------------------------------------------
+
+    async def refill(self) -> int:
+        """Load stored pairs not yet known (pending, oldest first); returns how many."""
+        pairs = await asyncio.to_thread(self.store.pending, self.refill_batch, tuple(self._known))
+        for p in pairs:
+            self._known.add(p.id)
+            pair = self._tokenize(p)
+            (self._ready if pair.ref_chosen is not None else self._needs_reference).append(pair)
+        if pairs:
+            self.on_new_work()
+        return len(pairs)
+
+    def _tokenize(self, p: FeedbackPair) -> PreferencePair:
+        enc = self.tokenizer.encode
+        eos = [self.eos_token_id] if self.eos_token_id is not None else []
+        return PreferencePair(p.id, enc(p.prompt, add_special_tokens=False),
+                              enc(p.chosen, add_special_tokens=False) + eos,
+                              enc(p.rejected, add_special_tokens=False) + eos,
+                              p.ref_chosen, p.ref_rejected)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._needs_reference or self._ready) and not self._in_flight
+
+    @property
+    def mean_recent_loss(self) -> float | None:
+        return sum(self._recent_losses) / len(self._recent_losses) if self._recent_losses else None
+
+    # -- the scheduler's side ---------------------------------------------------------------------
+
+    def next_chunk(self, max_tokens: int) -> FinetuneChunk | None:
+        """The next piece of fine-tune work, of at most ``max_tokens`` (at least one pair), or
+        None. One chunk at a time: the next waits for this one's result."""
+        if not self.has_work:
+            return None
+        if self._needs_reference:
+            pairs = self._take(self._needs_reference, max_tokens, len(self._needs_reference))
+            chunk = FinetuneChunk(next(self._task_ids), "reference", pairs)
+        else:
+            room = self.config.grad_accum - len(self._accumulated)
+            pairs = self._take(self._ready, max_tokens, room)
+            self._accumulated += pairs
+            # step at a full accumulation, or when nothing else is waiting (do not sit on gradients)
+            step = len(self._accumulated) >= self.config.grad_accum or not (self._ready or self._needs_reference)
+            chunk = FinetuneChunk(next(self._task_ids), "gradient", pairs, step=step)
+        self._in_flight[chunk.task_id] = chunk
+        return chunk
+
+    @staticmethod
+    def _take(queue: deque[PreferencePair], max_tokens: int, max_pairs: int) -> list[PreferencePair]:
+        pairs = [queue.popleft()]
+        used = pairs[0].num_tokens
+        while queue and len(pairs) < max_pairs and used + queue[0].num_tokens <= max_tokens:
+            used += queue[0].num_tokens
+            pairs.append(queue.popleft())
+        return pairs
+
+    def on_result(self, result: FinetuneResult) -> None:
+        chunk = self._in_flight.pop(result.task_id)
+        self.num_tokens += result.num_tokens
+        if result.kind == "reference":
+            for p in chunk.pairs:
+                p.ref_chosen, p.ref_rejected = result.ref_logprobs[p.pair_id]
+                self._io(self.store.set_reference, p.pair_id, p.ref_chosen, p.ref_rejected)
+            self._ready.extend(chunk.pairs)
+            return
+        mean = self.mean_recent_loss
+        for p in chunk.pairs:
+            loss = result.losses[p.pair_id]
+            if math.isfinite(loss):
+                self._recent_losses.append(loss)
+            if not math.isfinite(loss) or (mean is not None and loss > self.outlier_factor * max(mean, 1e-3)):
+                self._attempts[p.pair_id] = self._attempts.get(p.pair_id, 0) + 1
+                self._io(self.store.record_attempt, p.pair_id, loss)
+                if self._attempts[p.pair_id] >= self.max_attempts:
+                    log.warning("feedback pair %s set aside: loss %s after %d tries", p.pair_id, loss, self.max_attempts)
+                    self._set_aside.add(p.pair_id)
+                    self._io(self.store.set_aside, p.pair_id)
+        if result.stepped is None:
+            return
+        accumulated, self._accumulated = self._accumulated, []
+        self.adapter_version = result.adapter_version
+        kept = [p for p in accumulated if p.pair_id not in self._set_aside]
+        if result.stepped:
+            self.num_steps += 1
+            ids = [p.pair_id for p in kept]
+            self._known.difference_update(p.pair_id for p in accumulated)
+            self._io(self.store.mark_trained, ids)
+        else:  # skipped: the pairs go round again (those set aside excepted)
+            self.num_skipped_steps += 1
+            self._ready.extendleft(reversed(kept))
+        if self._ready or self._needs_reference:
+            self.on_new_work()
+
+    def on_failure(self, task_id: int) -> None:
+        """The iteration carrying this chunk failed: its pairs go back, gradients are dropped."""
+        chunk = self._in_flight.pop(task_id, None)
+        if chunk is None:
+            return
+        queue = self._needs_reference if chunk.kind == "reference" else self._ready
+        queue.extendleft(reversed(chunk.pairs))
+
+    def _io(self, fn, *args) -> None:
+        """Store writes off the loop, in order of submission per call site."""
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(fn, *args))
+        self._pending_io.add(task)
+        task.add_done_callback(self._pending_io.discard)
+
+    async def flush(self) -> None:
+        """Wait for the store writes in flight (shutdown, tests)."""
+        while self._pending_io:
+            await asyncio.gather(*list(self._pending_io), return_exceptions=True)
