@@ -27,12 +27,12 @@ from aiohttp import web
 
 from engine.config import EngineConfig
 from scheduler.async_engine import AsyncEngine
-from scheduler.builder import build_engine
+from scheduler.builder import attach_trainer, build_engine
 from server import feedback_api, openai_api, tgi_api
 from server.errors import ApiError, error_response, is_expected
 from server.metrics import ServerMetrics
 from server.serving import Serving
-from server.state import REQUEST_ID, STATE, ServerState
+from server.state import REQUEST_ID, STATE, ServerState, response_headers
 from trainer.feedback import FeedbackStore
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
             log.exception("unhandled error in %s", request.path)
         response = error_response(exc, request.path.startswith("/generate"))
     if not response.prepared:
-        response.headers["x-request-id"] = request[REQUEST_ID]
+        response.headers.update(response_headers(request))
     return response
 
 
@@ -109,6 +109,8 @@ def build_app(
 
     async def start(app: web.Application) -> None:
         await engine.start()
+        if engine.core.trainer is not None:
+            await engine.core.trainer.refill()  # pairs stored before a restart are trained too
 
     async def drain(app: web.Application) -> None:
         await state.serving.drain(state.shutdown_grace_s)
@@ -162,6 +164,7 @@ def serve(args: argparse.Namespace) -> None:
         kv_sink_tokens=args.kv_sink_tokens,
         max_model_len=args.max_model_len,
         seed=args.seed,
+        finetune_tokens_per_iteration=args.finetune_tokens_per_iteration,
     )
     api_key = args.api_key
     if args.api_key_file:
@@ -169,7 +172,16 @@ def serve(args: argparse.Namespace) -> None:
     state_dir = Path(args.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     feedback_store = FeedbackStore(state_dir / "feedback.sqlite3")
-    engine = AsyncEngine(*build_engine(config))
+    core, runner = build_engine(config)
+    if not args.no_training:
+        from trainer.executor import TrainerConfig
+
+        attach_trainer(core, runner, feedback_store, TrainerConfig(
+            lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+            target_modules=tuple(args.lora_target_modules.split(",")), lr=args.learning_rate,
+            grad_accum=args.grad_accum, dpo_beta=args.dpo_beta,
+        ))
+    engine = AsyncEngine(core, runner)
     app = build_app(
         engine, model_name=args.served_model_name, api_key=api_key or None,
         max_waiting_requests=args.max_waiting_requests, max_request_bytes=args.max_request_bytes,

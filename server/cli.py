@@ -99,6 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     p.add_argument("--state-dir", default="./mace-state",
                    help="where durable state lives: the feedback store (feedback.sqlite3)")
+    t = p.add_argument_group("alignment (DPO on feedback, LoRA)")
+    t.add_argument("--no-training", action="store_true", help="store feedback but never train")
+    t.add_argument("--lora-rank", type=int, default=8)
+    t.add_argument("--lora-alpha", type=int, default=16)
+    t.add_argument("--lora-dropout", type=float, default=0.0)
+    t.add_argument("--lora-target-modules", default="q_proj,k_proj,v_proj,o_proj")
+    t.add_argument("--learning-rate", type=float, default=5e-4)
+    t.add_argument("--grad-accum", type=int, default=4, help="pairs per optimizer step")
+    t.add_argument("--dpo-beta", type=float, default=0.1)
+    t.add_argument("--finetune-tokens-per-iteration", type=int, default=512)
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("bench", help="benchmarks")

@@ -93,6 +93,9 @@ async def post_feedback(request: web.Request) -> web.Response:
     pairs = [_validate(state, at, item) for at, item in _items(body)]
     results = await asyncio.to_thread(store.add, pairs)  # returns after the commit
     num_stored = sum(is_new for _, is_new in results)
+    trainer = state.serving.engine.core.trainer
+    if trainer is not None and num_stored:
+        await trainer.refill()  # picks the new pairs up and wakes the engine
     answer = fb.FeedbackResponse(ids=[i for i, _ in results], stored=num_stored, duplicates=len(results) - num_stored)
     return web.Response(body=_encode(answer), content_type="application/json")
 
@@ -103,6 +106,22 @@ async def feedback_stats(request: web.Request) -> web.Response:
     return web.Response(body=_encode(fb.FeedbackStats(**stats)), content_type="application/json")
 
 
+async def adapters(request: web.Request) -> web.Response:
+    """The adapter inference reads, and the trainer's counters."""
+    trainer = request.app[STATE].serving.engine.core.trainer
+    if trainer is None:
+        return web.json_response({"serving": None, "training": False})
+    return web.json_response({
+        "training": True,
+        "serving": {"name": "serving", "version": trainer.adapter_version},
+        "steps": trainer.num_steps,
+        "skipped_steps": trainer.num_skipped_steps,
+        "tokens": trainer.num_tokens,
+        "dpo_loss": trainer.mean_recent_loss,
+    })
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/feedback", post_feedback)
     app.router.add_get("/v1/feedback/stats", feedback_stats)
+    app.router.add_get("/v1/adapters", adapters)

@@ -8,7 +8,7 @@ are never stale. Later issues (cache, trainer, scheduler) register their metrics
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from scheduler.async_engine import AsyncEngine
@@ -58,6 +58,7 @@ class _EngineCounters(Collector):
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._scheduler = engine.core.scheduler
+        self._core = engine.core
 
     def collect(self):
         s = self._scheduler
@@ -67,3 +68,19 @@ class _EngineCounters(Collector):
                                   value=s.num_prefix_hit_tokens)
         yield CounterMetricFamily("mace_preemptions", "Sequences preempted for memory (recomputed later).",
                                   value=s.num_preemptions)
+        trainer = self._core.trainer
+        if trainer is None:
+            return
+        yield CounterMetricFamily("mace_train_steps", "Optimizer steps taken (published to the serving adapter).",
+                                  value=trainer.num_steps)
+        yield CounterMetricFamily("mace_train_tokens", "Tokens run through fine-tune chunks (reference and gradient).",
+                                  value=trainer.num_tokens)
+        yield GaugeMetricFamily("mace_adapter_version", "Version of the adapter inference reads.",
+                                value=trainer.adapter_version)
+        loss = trainer.mean_recent_loss
+        yield GaugeMetricFamily("mace_dpo_loss", "Mean DPO loss of the recent pairs.", value=loss if loss is not None else float("nan"))
+        pairs = GaugeMetricFamily("mace_feedback_pairs", "Stored feedback pairs by state.", labels=["state"])
+        for state, count in trainer.store.stats().items():
+            if state != "received":
+                pairs.add_metric([state], count)
+        yield pairs

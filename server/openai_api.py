@@ -27,7 +27,7 @@ from server.errors import ApiError, error_body, read_json
 from server.protocol import openai as oa
 from server.serving import SequenceSpec, Serving
 from server.sse import DONE, encode_event
-from server.state import REQUEST_ID, STATE, ServerState
+from server.state import REQUEST_ID, STATE, ServerState, response_headers
 
 MAX_N = 16
 _encode = msgspec.json.Encoder().encode
@@ -171,7 +171,7 @@ def _usage(prompts: list[list[int]], choices: list[_Choice]) -> oa.Usage:
 
 async def _sse_response(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={
-        "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "x-request-id": request[REQUEST_ID],
+        "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **response_headers(request),
     })
     await response.prepare(request)
     return response

@@ -26,3 +26,13 @@ class ServerState:
 STATE = web.AppKey("state", ServerState)
 # The id a response shows (x-request-id): the client's own when it sent one, else ours.
 REQUEST_ID = web.RequestKey("request_id", str)
+
+
+def response_headers(request: web.Request) -> dict[str, str]:
+    """Headers every answer carries: the request id, and the serving adapter's version when a
+    trainer is on (the version inference read when the response started)."""
+    headers = {"x-request-id": request[REQUEST_ID]}
+    trainer = request.app[STATE].serving.engine.core.trainer
+    if trainer is not None:
+        headers["x-adapter-version"] = str(trainer.adapter_version)
+    return headers

@@ -21,7 +21,7 @@ from server.errors import read_json
 from server.protocol import tgi
 from server.serving import SequenceSpec, Serving
 from server.sse import encode_event
-from server.state import REQUEST_ID, STATE
+from server.state import STATE, response_headers
 
 _encode = msgspec.json.Encoder().encode
 
@@ -110,7 +110,7 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
     serving, body, params, prompt, stream = await _submit(request)
     p = body.parameters
     response = web.StreamResponse(headers={
-        "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "x-request-id": request[REQUEST_ID],
+        "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **response_headers(request),
     })
     try:
         await response.prepare(request)

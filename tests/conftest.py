@@ -88,8 +88,13 @@ def start_server(make_engine):
     from server.app import build_app, make_runner
 
     @contextlib.asynccontextmanager
-    async def start(engine_overrides: dict | None = None, **app_kwargs):
-        engine = AsyncEngine(*make_engine(**(engine_overrides or {})))
+    async def start(engine_overrides: dict | None = None, trainer_config=None, **app_kwargs):
+        core, runner = make_engine(**(engine_overrides or {}))
+        if trainer_config is not None:  # training on: needs feedback_store= too
+            from scheduler.builder import attach_trainer
+
+            attach_trainer(core, runner, app_kwargs["feedback_store"], trainer_config)
+        engine = AsyncEngine(core, runner)
         runner = make_runner(build_app(engine, **app_kwargs))
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -58,3 +58,33 @@ async def test_pairs_are_trained_while_serving(make_engine, tmp_path):
         await engine.stop()
     assert _margin(core, runner, held_out) > before
     store.close()
+
+
+async def test_feedback_over_http_trains_the_serving_adapter(start_server, tmp_path):
+    import aiohttp
+
+    store = FeedbackStore(tmp_path / "f.sqlite3")
+    config = TrainerConfig(lr=5e-3, grad_accum=2)
+    async with start_server(feedback_store=store, trainer_config=config) as (url, engine), \
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+        async with http.get(f"{url}/v1/adapters") as r:
+            assert (await r.json())["serving"]["version"] == 0
+        pairs = [{"messages": [{"role": "user", "content": f"Help me with {i}?"}], "chosen": CHOSEN,
+                  "rejected": REJECTED, "id": f"h{i}"} for i in range(4)]
+        async with http.post(f"{url}/v1/feedback", json={"pairs": pairs}) as r:
+            assert r.status == 200 and (await r.json())["stored"] == 4
+        for _ in range(500):  # bounded: until both steps are published
+            async with http.get(f"{url}/v1/adapters") as r:
+                info = await r.json()
+            if info["serving"]["version"] == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert info["serving"]["version"] == 2 and info["steps"] == 2
+        async with http.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}) as r:
+            assert r.status == 200 and r.headers["x-adapter-version"] == "2"
+        async with http.get(f"{url}/metrics") as r:
+            metrics = await r.text()
+        assert "mace_train_steps_total 2.0" in metrics and "mace_adapter_version 2.0" in metrics
+        assert 'mace_feedback_pairs{state="trained"} 4.0' in metrics
+        await engine.core.trainer.flush()
+        assert store.stats()["trained"] == 4
