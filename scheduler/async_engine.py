@@ -55,6 +55,11 @@ class AsyncEngine:
             except asyncio.CancelledError:
                 pass
         await asyncio.to_thread(self.worker.stop)
+        executor = self.worker.runner.finetune_executor
+        if executor is not None and executor.state_dir is not None and executor.version > 0:
+            await asyncio.to_thread(executor.save)  # the worker is stopped: nothing changes now
+        if self.core.trainer is not None:
+            await self.core.trainer.flush()
 
     def add_request(
         self,

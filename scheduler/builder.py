@@ -73,16 +73,26 @@ def generate(
     return [tokens[rid] for rid in ids]
 
 
-def attach_trainer(core: EngineCore, runner: ModelRunner, store, config=None):
+def attach_trainer(core: EngineCore, runner: ModelRunner, store, config=None, state_dir: str | None = None,
+                   checkpoint_every: int = 10):
     """Put LoRA adapters on the served model and wire the DPO trainer: the executor runs on the
-    worker (``runner.finetune_executor``), the trainer feeds the scheduler (``core.trainer``)."""
+    worker (``runner.finetune_executor``), the trainer feeds the scheduler (``core.trainer``).
+    With ``state_dir``, resume from its latest adapter checkpoint and write new ones there."""
+    from trainer.checkpoint import latest_checkpoint, load_checkpoint
     from trainer.executor import FinetuneExecutor, TrainerConfig, attach_adapters
     from trainer.trainer import Trainer
 
     config = config or TrainerConfig()
     tokenizer = core.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    runner.finetune_executor = FinetuneExecutor(attach_adapters(runner.model, config), config, pad_id)
-    eos = tokenizer.eos_token_id
-    core.trainer = Trainer(store, tokenizer, config, eos)
+    peft_model = attach_adapters(runner.model, config)
+    version = 0
+    latest = latest_checkpoint(state_dir) if state_dir is not None else None
+    if latest is not None:
+        load_checkpoint(peft_model, latest[0])
+        version = latest[1]
+        log.info("resumed the adapter from %s (version %d)", latest[0], version)
+    runner.finetune_executor = FinetuneExecutor(peft_model, config, pad_id, version, state_dir, checkpoint_every)
+    core.trainer = Trainer(store, tokenizer, config, tokenizer.eos_token_id)
+    core.trainer.adapter_version = version
     return core.trainer

@@ -180,7 +180,7 @@ def serve(args: argparse.Namespace) -> None:
             lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
             target_modules=tuple(args.lora_target_modules.split(",")), lr=args.learning_rate,
             grad_accum=args.grad_accum, dpo_beta=args.dpo_beta,
-        ))
+        ), state_dir=str(state_dir), checkpoint_every=args.checkpoint_every)
     engine = AsyncEngine(core, runner)
     app = build_app(
         engine, model_name=args.served_model_name, api_key=api_key or None,

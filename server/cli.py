@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--grad-accum", type=int, default=4, help="pairs per optimizer step")
     t.add_argument("--dpo-beta", type=float, default=0.1)
     t.add_argument("--finetune-tokens-per-iteration", type=int, default=512)
+    t.add_argument("--checkpoint-every", type=int, default=10, help="adapter checkpoint every N steps (and at shutdown)")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("bench", help="benchmarks")

@@ -128,3 +128,39 @@ def test_fine_tune_work_rides_in_the_same_iteration(tiny, demo_model_dir):
     assert result.outputs[0].token_id == reference_tokens[0]
     assert result.finetune.stepped is True and result.finetune.adapter_version == 1
     assert result.finetune.num_tokens == sum(p.num_tokens for p in pairs)
+
+
+def test_checkpoints_load_with_plain_peft_and_resume(tiny, demo_model_dir, tmp_path):
+    from peft import PeftModel
+
+    from scheduler.builder import attach_trainer
+    from trainer.checkpoint import latest_checkpoint
+    from trainer.feedback import FeedbackStore
+
+    model, tokenizer = tiny
+    config = TrainerConfig(lr=5e-3, grad_accum=1)
+    executor = FinetuneExecutor(attach_adapters(model, config), config, pad_id=0, state_dir=str(tmp_path),
+                                checkpoint_every=2)
+    pairs = _pairs(2)
+    refs = executor.run(FinetuneChunk(0, "reference", pairs)).ref_logprobs
+    pairs = [_with_refs(p, *refs[p.pair_id]) for p in pairs]
+    for step in range(1, 4):
+        executor.run(FinetuneChunk(step, "gradient", pairs, step=True))
+    path, version = latest_checkpoint(tmp_path)
+    assert version == 2 and path.name == "v000002"  # every 2 steps; version 3 not yet written
+    executor.save()
+    path, version = latest_checkpoint(tmp_path)
+    assert version == 3
+    ids = torch.tensor([pairs[0].prompt_ids + pairs[0].chosen_ids])
+    with torch.no_grad():
+        served = executor.model(input_ids=ids).logits
+        fresh, _ = load_model(demo_model_dir, torch.device("cpu"))
+        loaded = PeftModel.from_pretrained(fresh, str(path))(input_ids=ids).logits
+    assert torch.allclose(served, loaded, atol=1e-5)
+    # a new server process resumes from it
+    again, tok = load_model(demo_model_dir, torch.device("cpu"))
+    core, runner = build_from_model(again, tok, EngineConfig(model=demo_model_dir, kv_cache_bytes=8 << 20))
+    trainer = attach_trainer(core, runner, FeedbackStore(tmp_path / "f.sqlite3"), config, state_dir=str(tmp_path))
+    assert trainer.adapter_version == 3 and runner.finetune_executor.version == 3
+    with torch.no_grad():
+        assert torch.allclose(runner.finetune_executor.model(input_ids=ids).logits, served, atol=1e-5)

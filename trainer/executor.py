@@ -66,11 +66,16 @@ def adapter_parameters(peft_model: PeftModel, name: str) -> list[torch.nn.Parame
 
 
 class FinetuneExecutor:
-    def __init__(self, peft_model: PeftModel, config: TrainerConfig, pad_id: int, version: int = 0) -> None:
+    def __init__(self, peft_model: PeftModel, config: TrainerConfig, pad_id: int, version: int = 0,
+                 state_dir: str | None = None, checkpoint_every: int = 10) -> None:
         self.model = peft_model
         self.config = config
         self.pad_id = pad_id
         self.version = version
+        # Checkpoints of the serving adapter every ``checkpoint_every`` published steps (and at
+        # shutdown, by the engine's owner); None: no checkpoints.
+        self.state_dir = state_dir
+        self.checkpoint_every = checkpoint_every
         self.params = adapter_parameters(peft_model, TRAIN)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self._device = self.params[0].device
@@ -140,6 +145,12 @@ class FinetuneExecutor:
             result.stepped = self._step()
         return result
 
+    def save(self) -> None:
+        """Checkpoint the serving adapter (worker thread, or after the worker stopped)."""
+        from trainer.checkpoint import save_checkpoint
+
+        save_checkpoint(self.model, self.state_dir, self.version)
+
     def _step(self) -> bool:
         """Clip, step and publish, or (a non-finite value anywhere) drop it all; True if stepped."""
         for p in self.params:
@@ -154,6 +165,8 @@ class FinetuneExecutor:
         if grads_ok:
             copy_adapter(self.model, TRAIN, SERVING)
             self.version += 1
+            if self.state_dir is not None and self.version % self.checkpoint_every == 0:
+                self.save()
         else:  # back to the last good weights; the serving adapter never saw the bad ones
             copy_adapter(self.model, SERVING, TRAIN)
             self.optimizer.state.clear()
