@@ -106,6 +106,8 @@ class FinetuneChunk:
     kind: str  # "reference" | "gradient"
     pairs: list[PreferencePair]
     step: bool = False
+    # After the step, write a checkpoint whatever the period (the trainer asks when it runs dry).
+    checkpoint: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -161,6 +163,8 @@ class FinetuneResult:
     # gradient was not finite, the step was skipped and the last good weights restored).
     stepped: bool | None = None
     adapter_version: int = 0
+    # The version a checkpoint was written for in this chunk, if one was.
+    checkpoint_version: int | None = None
     elapsed_s: float = 0.0
 
 

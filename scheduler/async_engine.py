@@ -59,6 +59,7 @@ class AsyncEngine:
         if executor is not None and executor.state_dir is not None and executor.version > 0:
             await asyncio.to_thread(executor.save)  # the worker is stopped: nothing changes now
         if self.core.trainer is not None:
+            self.core.trainer.on_checkpoint()
             await self.core.trainer.flush()
 
     def add_request(

@@ -93,6 +93,6 @@ def attach_trainer(core: EngineCore, runner: ModelRunner, store, config=None, st
         version = latest[1]
         log.info("resumed the adapter from %s (version %d)", latest[0], version)
     runner.finetune_executor = FinetuneExecutor(peft_model, config, pad_id, version, state_dir, checkpoint_every)
-    core.trainer = Trainer(store, tokenizer, config, tokenizer.eos_token_id)
+    core.trainer = Trainer(store, tokenizer, config, tokenizer.eos_token_id, checkpointing=state_dir is not None)
     core.trainer.adapter_version = version
     return core.trainer

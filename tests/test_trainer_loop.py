@@ -88,3 +88,73 @@ async def test_feedback_over_http_trains_the_serving_adapter(start_server, tmp_p
         assert 'mace_feedback_pairs{state="trained"} 4.0' in metrics
         await engine.core.trainer.flush()
         assert store.stats()["trained"] == 4
+
+
+async def test_sigkill_mid_training_loses_no_acknowledged_pair(demo_model_dir, tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import aiohttp
+
+    def start():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--model", demo_model_dir, "--port", str(port),
+             "--kv-cache-bytes", str(8 << 20), "--state-dir", str(tmp_path), "--grad-accum", "1",
+             "--checkpoint-every", "3", "--learning-rate", "1e-3"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        return proc, f"http://127.0.0.1:{port}"
+
+    async def ready(http, url):
+        for _ in range(300):
+            try:
+                async with http.get(f"{url}/health") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.1)
+        raise TimeoutError("server did not start")
+
+    async def poll(http, url, done, limit_s=60.0):
+        for _ in range(int(limit_s / 0.05)):
+            async with http.get(f"{url}/v1/adapters") as r:
+                adapters = await r.json()
+            async with http.get(f"{url}/v1/feedback/stats") as r:
+                stats = await r.json()
+            if done(adapters, stats):
+                return adapters, stats
+            await asyncio.sleep(0.05)
+        raise TimeoutError((adapters, stats))
+
+    pairs = [{"prompt": f"Say something about {i}.", "chosen": CHOSEN, "rejected": REJECTED, "id": f"k{i}"}
+             for i in range(40)]
+    proc, url = start()
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+            await ready(http, url)
+            async with http.post(f"{url}/v1/feedback", json={"pairs": pairs}) as r:
+                assert r.status == 200 and (await r.json())["stored"] == 40  # acknowledged
+            _, stats = await poll(http, url, lambda a, s: a["serving"]["version"] >= 4)
+            proc.send_signal(signal.SIGKILL)  # mid-training: 40 pairs at one per step
+            proc.wait(timeout=30)
+            assert stats["trained"] < 40
+        proc, url = start()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+            await ready(http, url)
+            async with http.get(f"{url}/v1/adapters") as r:
+                assert (await r.json())["serving"]["version"] >= 3  # resumed from a checkpoint
+            adapters, stats = await poll(http, url, lambda a, s: s["trained"] == 40)
+            assert stats == {"received": 40, "trained": 40, "pending": 0, "set_aside": 0}
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()

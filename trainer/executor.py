@@ -143,6 +143,10 @@ class FinetuneExecutor:
             self.model.eval()
         if chunk.step:
             result.stepped = self._step()
+            due = self.version % self.checkpoint_every == 0 or chunk.checkpoint
+            if result.stepped and self.state_dir is not None and due:
+                self.save()
+                result.checkpoint_version = self.version
         return result
 
     def save(self) -> None:
@@ -165,8 +169,6 @@ class FinetuneExecutor:
         if grads_ok:
             copy_adapter(self.model, TRAIN, SERVING)
             self.version += 1
-            if self.state_dir is not None and self.version % self.checkpoint_every == 0:
-                self.save()
         else:  # back to the last good weights; the serving adapter never saw the bad ones
             copy_adapter(self.model, SERVING, TRAIN)
             self.optimizer.state.clear()

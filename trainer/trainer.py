@@ -5,7 +5,8 @@ chunk after that iteration's inference forward; ``on_result`` takes what came ba
 per pair: a ``reference`` chunk (log-probs with the adapter off, computed once and stored), then
 ``gradient`` chunks until ``grad_accum`` pairs have been accumulated, the last of which asks for
 the optimizer step. A pair is marked trained only once a step that included it was taken; a step
-skipped for a non-finite value sends its pairs back. A pair whose loss is not finite, or an
+skipped for a non-finite value sends its pairs back. With checkpoints on, "trained" is written
+only once a checkpoint holds the step, so a crash in between trains those pairs again. A pair whose loss is not finite, or an
 outlier (over ``outlier_factor`` times the recent mean), counts an attempt; after
 ``max_attempts`` it is set aside, so noisy or adversarial feedback cannot take the adapter over.
 
@@ -39,6 +40,7 @@ class Trainer:
         max_attempts: int = 3,
         outlier_factor: float = 5.0,
         refill_batch: int = 256,
+        checkpointing: bool = False,
     ) -> None:
         self.store = store
         self.tokenizer = tokenizer
@@ -56,6 +58,9 @@ class Trainer:
         self._recent_losses: deque[float] = deque(maxlen=64)
         self._attempts: dict[str, int] = {}  # bad tries per pair, this process
         self._set_aside: set[str] = set()
+        # With checkpoints, pairs are marked trained when a checkpoint holds their step.
+        self.checkpointing = checkpointing
+        self._unsaved: list[str] = []
         self._pending_io: set[asyncio.Task] = set()
         self.on_new_work: Callable[[], None] = lambda: None  # the engine wakes its loop
         self.adapter_version = 0
@@ -107,8 +112,10 @@ class Trainer:
             pairs = self._take(self._ready, max_tokens, room)
             self._accumulated += pairs
             # step at a full accumulation, or when nothing else is waiting (do not sit on gradients)
-            step = len(self._accumulated) >= self.config.grad_accum or not (self._ready or self._needs_reference)
-            chunk = FinetuneChunk(next(self._task_ids), "gradient", pairs, step=step)
+            is_last = not (self._ready or self._needs_reference)
+            step = len(self._accumulated) >= self.config.grad_accum or is_last
+            # running dry: checkpoint now, so the pairs are marked trained without waiting
+            chunk = FinetuneChunk(next(self._task_ids), "gradient", pairs, step=step, checkpoint=step and is_last)
         self._in_flight[chunk.task_id] = chunk
         return chunk
 
@@ -149,14 +156,22 @@ class Trainer:
         kept = [p for p in accumulated if p.pair_id not in self._set_aside]
         if result.stepped:
             self.num_steps += 1
-            ids = [p.pair_id for p in kept]
             self._known.difference_update(p.pair_id for p in accumulated)
-            self._io(self.store.mark_trained, ids)
+            self._unsaved += [p.pair_id for p in kept]
+            if not self.checkpointing or result.checkpoint_version is not None:
+                self.on_checkpoint()
         else:  # skipped: the pairs go round again (those set aside excepted)
             self.num_skipped_steps += 1
             self._ready.extendleft(reversed(kept))
         if self._ready or self._needs_reference:
             self.on_new_work()
+
+    def on_checkpoint(self) -> None:
+        """The serving adapter is on disk: the pairs it was trained on are trained for good.
+        (Marked only now, so a crash between a step and its checkpoint retrains them.)"""
+        if self._unsaved:
+            ids, self._unsaved = self._unsaved, []
+            self._io(self.store.mark_trained, ids)
 
     def on_failure(self, task_id: int) -> None:
         """The iteration carrying this chunk failed: its pairs go back, gradients are dropped."""
