@@ -158,3 +158,51 @@ async def test_sigkill_mid_training_loses_no_acknowledged_pair(demo_model_dir, t
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+async def test_feedback_raises_held_out_clpd_while_the_server_streams(start_server, tmp_path):
+    from clients import AsyncClient
+
+    store = FeedbackStore(tmp_path / "f.sqlite3")
+    config = TrainerConfig(lr=5e-3, grad_accum=2)
+    held_out = [f"Q: could you look at item {i}? A:" for i in (101, 202, 303)]
+
+    async def clpd(client) -> float:
+        diffs = []
+        for prompt in held_out:
+            chosen, rejected = await client.score(prompt, CHOSEN), await client.score(prompt, REJECTED)
+            diffs.append(chosen.logprob - rejected.logprob)
+        return sum(diffs) / len(diffs)
+
+    import aiohttp
+
+    async with start_server(feedback_store=store, trainer_config=config) as (url, engine), \
+            AsyncClient(url, timeout_s=60) as client, aiohttp.ClientSession() as http:
+        before = await clpd(client)
+
+        async def stream() -> int:
+            n = 0
+            async for delta in client.stream_chat([{"role": "user", "content": "Tell me a story."}],
+                                                  max_tokens=150, ignore_eos=True, temperature=0):
+                n += bool(delta.content) or delta.finish_reason is not None
+            return n
+
+        streaming = asyncio.create_task(stream())
+        pairs = [{"prompt": f"Q: could you look at item {i}? A:", "chosen": CHOSEN, "rejected": REJECTED}
+                 for i in range(8)]
+        async with http.post(f"{url}/v1/feedback", json={"pairs": pairs}) as r:
+            assert r.status == 200
+        for _ in range(500):  # bounded: until the 4 steps are published
+            if (await _adapters(http, url))["serving"]["version"] == 4:
+                break
+            await asyncio.sleep(0.02)
+        assert (await _adapters(http, url))["serving"]["version"] == 4
+        assert not streaming.done() or streaming.exception() is None  # serving went on meanwhile
+        assert await asyncio.wait_for(streaming, 60) > 0
+        after = await clpd(client)
+    assert after > before + 0.5
+
+
+async def _adapters(http, url) -> dict:
+    async with http.get(f"{url}/v1/adapters") as r:
+        return await r.json()
