@@ -6,7 +6,7 @@ SIZE    ?= tiny
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 
-.PHONY: install serve test bench bench-http bench-cache demo-model clean
+.PHONY: install serve test bench bench-http bench-cache bench-train demo-model clean
 
 install: .venv/.installed
 
@@ -33,6 +33,7 @@ bench: .venv/.installed
 	.venv/bin/mace bench engine --model models/demo-base --out bench-results/engine.json
 	$(MAKE) bench-http
 	$(MAKE) bench-cache
+	$(MAKE) bench-train
 
 bench-http: .venv/.installed
 	$(MAKE) demo-model MODEL=models/demo-base SIZE=base
@@ -41,6 +42,10 @@ bench-http: .venv/.installed
 bench-cache: .venv/.installed
 	$(MAKE) demo-model MODEL=models/demo-base SIZE=base
 	.venv/bin/mace bench cache --model models/demo-base --out bench-results/cache.json
+
+bench-train: .venv/.installed
+	$(MAKE) demo-model MODEL=models/demo-base SIZE=base
+	.venv/bin/mace bench train --model models/demo-base --out bench-results/train.json
 
 clean:
 	rm -rf .venv models bench-results

@@ -59,6 +59,12 @@ def _bench_cache(args: argparse.Namespace) -> None:
     main(args)
 
 
+def _bench_train(args: argparse.Namespace) -> None:
+    from server.bench.train import main
+
+    main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mace", description="MACE-serve: an LLM server that keeps aligning while it serves")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench.add_parser("cache", help="KV cache features: prefix sharing on vs off (prefill computed, KV blocks, TTFT)")
     add_cache_arguments(b)
     b.set_defaults(func=_bench_cache)
+
+    from server.bench.train import add_arguments as add_train_arguments
+
+    b = bench.add_parser("train", help="DPO pairs/s alone and while serving, and the serving TPOT with and without")
+    add_train_arguments(b)
+    b.set_defaults(func=_bench_train)
     return parser
 
 
