@@ -206,3 +206,32 @@ async def test_feedback_raises_held_out_clpd_while_the_server_streams(start_serv
 async def _adapters(http, url) -> dict:
     async with http.get(f"{url}/v1/adapters") as r:
         return await r.json()
+
+
+async def test_an_outlier_pair_is_set_aside_after_k_tries(make_engine, tmp_path):
+    from engine.plan import FinetuneResult
+
+    core, runner = make_engine()
+    store = FeedbackStore(tmp_path / "f.sqlite3")
+    store.add([NewPair(f"prompt {i}", CHOSEN, REJECTED, id=f"p{i}") for i in range(3)])
+    trainer = attach_trainer(core, runner, store, TrainerConfig(grad_accum=3))
+    trainer.max_attempts = 2
+    await trainer.refill()
+    ref = trainer.next_chunk(10_000)
+    trainer.on_result(FinetuneResult(ref.task_id, "reference", ref_logprobs={p.pair_id: (-5.0, -6.0) for p in ref.pairs}))
+    rounds = [  # (losses, stepped): the first sets the recent mean; then p1 is an outlier, p2 not finite
+        ({"p0": 0.7, "p1": 0.8, "p2": 0.6}, False),
+        ({"p0": 0.7, "p1": 50.0, "p2": float("nan")}, False),
+        ({"p0": 0.7, "p1": 60.0, "p2": float("nan")}, True),
+    ]
+    for i, (losses, stepped) in enumerate(rounds):
+        chunk = trainer.next_chunk(10_000)
+        assert [p.pair_id for p in chunk.pairs] == ["p0", "p1", "p2"] and chunk.step  # skipped steps retry all
+        trainer.on_result(FinetuneResult(chunk.task_id, "gradient", losses=losses, stepped=stepped,
+                                         adapter_version=int(stepped)))
+        await trainer.flush()
+        if i == 1:
+            assert store.get("p1").attempts == 1 and store.get("p1").state == "pending"
+    assert store.get("p1").state == "set_aside" and store.get("p2").state == "set_aside"
+    assert store.stats() == {"received": 3, "trained": 1, "pending": 0, "set_aside": 2}
+    store.close()
