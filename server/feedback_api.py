@@ -83,7 +83,8 @@ def _validate(state: ServerState, at: str, item: fb.FeedbackItem) -> NewPair:
             f"the prompt ({num_prompt} tokens) plus {longer} ({num_longer} tokens) exceeds the context of "
             f"{max_len} tokens", at + longer, "context_length_exceeded",
         )
-    return NewPair(prompt=prompt, chosen=item.chosen, rejected=item.rejected, id=item.id)
+    return NewPair(prompt=prompt, chosen=item.chosen, rejected=item.rejected, id=item.id,
+                   is_chat=item.messages is not None)
 
 
 async def post_feedback(request: web.Request) -> web.Response:

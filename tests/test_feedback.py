@@ -173,6 +173,9 @@ async def test_messages_are_stored_as_the_rendered_chat_template(start_server, t
         assert status == 200
         assert store.get("m1").prompt == tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         assert store.get("m2").prompt == "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
+        assert store.get("m1").is_chat and store.get("m2").is_chat
+        status, _ = await _post(http, url, {"prompt": "Name a colour:", "chosen": "Red.", "rejected": "No.", "id": "t"})
+        assert status == 200 and not store.get("t").is_chat  # encoded with the tokenizer's own special tokens
 
 
 async def test_duplicate_ids_are_counted_not_stored_twice(start_server, tmp_path):

@@ -26,6 +26,7 @@ class _Stored:
     def __init__(self, prompt):
         self.id, self.prompt, self.chosen, self.rejected = "x", prompt, CHOSEN, REJECTED
         self.ref_chosen = self.ref_rejected = None
+        self.is_chat = False
 
 
 async def test_pairs_are_trained_while_serving(make_engine, tmp_path):

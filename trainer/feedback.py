@@ -37,11 +37,12 @@ CREATE TABLE IF NOT EXISTS pairs (
     attempts INTEGER NOT NULL DEFAULT 0,
     ref_chosen REAL,
     ref_rejected REAL,
-    last_loss REAL
+    last_loss REAL,
+    is_chat INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS pairs_by_state ON pairs (state, created_s);
 """
-_COLUMNS = "id, prompt, chosen, rejected, created_s, state, attempts, ref_chosen, ref_rejected, last_loss"
+_COLUMNS = "id, prompt, chosen, rejected, created_s, state, attempts, ref_chosen, ref_rejected, last_loss, is_chat"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,9 @@ class NewPair:
     chosen: str
     rejected: str
     id: str | None = None  # the client's; None: the store makes a uuid4 hex
+    # A rendered chat template carries its own special tokens; a plain prompt is encoded the way
+    # /v1/completions encodes it (with the tokenizer's own, e.g. BOS).
+    is_chat: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +72,7 @@ class FeedbackPair:
     ref_chosen: float | None  # reference log-probs of the responses (None: not computed yet)
     ref_rejected: float | None
     last_loss: float | None  # DPO loss of the latest try (NaN is stored as None)
+    is_chat: bool = False  # encode the prompt without adding special tokens
 
     @property
     def has_reference(self) -> bool:
@@ -115,8 +120,8 @@ class FeedbackStore:
             for p in pairs:
                 pair_id = p.id if p.id is not None else uuid.uuid4().hex
                 cur = db.execute(
-                    "INSERT OR IGNORE INTO pairs (id, prompt, chosen, rejected, created_s) VALUES (?, ?, ?, ?, ?)",
-                    (pair_id, p.prompt, p.chosen, p.rejected, now),
+                    "INSERT OR IGNORE INTO pairs (id, prompt, chosen, rejected, created_s, is_chat) VALUES (?, ?, ?, ?, ?, ?)",
+                    (pair_id, p.prompt, p.chosen, p.rejected, now, int(p.is_chat)),
                 )
                 out.append((pair_id, cur.rowcount == 1))
         return out
@@ -129,12 +134,12 @@ class FeedbackStore:
                 f"SELECT {_COLUMNS} FROM pairs WHERE state = 'pending' ORDER BY created_s, rowid LIMIT ?",
                 (limit + len(skip),),
             ).fetchall()
-        return [FeedbackPair(*row) for row in rows if row[0] not in skip][:limit]
+        return [_pair(row) for row in rows if row[0] not in skip][:limit]
 
     def get(self, pair_id: str) -> FeedbackPair | None:
         with self._transaction(is_write=False) as db:
             row = db.execute(f"SELECT {_COLUMNS} FROM pairs WHERE id = ?", (pair_id,)).fetchone()
-        return None if row is None else FeedbackPair(*row)
+        return None if row is None else _pair(row)
 
     def set_reference(self, pair_id: str, ref_chosen: float, ref_rejected: float) -> None:
         """Keep the reference model's log-probs of the pair's responses."""
@@ -176,3 +181,7 @@ class FeedbackStore:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+
+
+def _pair(row: tuple) -> FeedbackPair:
+    return FeedbackPair(*row[:-1], is_chat=bool(row[-1]))

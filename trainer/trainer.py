@@ -84,7 +84,9 @@ class Trainer:
     def _tokenize(self, p: FeedbackPair) -> PreferencePair:
         enc = self.tokenizer.encode
         eos = [self.eos_token_id] if self.eos_token_id is not None else []
-        return PreferencePair(p.id, enc(p.prompt, add_special_tokens=False),
+        # prompts as the server encodes them: a rendered chat as is, a plain prompt with the
+        # tokenizer's special tokens (as /v1/completions); responses continue them, plus EOS
+        return PreferencePair(p.id, enc(p.prompt, add_special_tokens=not p.is_chat),
                               enc(p.chosen, add_special_tokens=False) + eos,
                               enc(p.rejected, add_special_tokens=False) + eos,
                               p.ref_chosen, p.ref_rejected)
