@@ -35,6 +35,15 @@ class EngineConfig:
     kv_sink_tokens: int = 4
     # Fine-tune tokens (DPO pairs, both responses with their prompts) per iteration when training.
     finetune_tokens_per_iteration: int = 512
+    # What decides the fine-tune work of an iteration: "synchronous" (a chunk of up to
+    # finetune_tokens_per_iteration in every iteration while pairs wait, SLO-blind),
+    # "mace" (only what the TBT SLO's slack leaves, by the cost model; at least one pair every
+    # finetune_min_every iterations, so training never starves), "inference-only".
+    policy: str = "synchronous"
+    slo_tbt_ms: float = 100.0
+    slo_margin: float = 0.1
+    finetune_min_every: int = 50
+    cost_profile: str | None = None  # a `mace profile` file; None: a prior corrected online
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -51,5 +60,7 @@ class EngineConfig:
             raise ValueError(f"decode_attention must be auto or sdpa, got {self.decode_attention}")
         if self.kv_prune not in ("none", "window", "heavy-hitter"):
             raise ValueError(f"kv_prune must be none, window or heavy-hitter, got {self.kv_prune!r}")
+        if self.policy not in ("synchronous", "mace", "inference-only"):
+            raise ValueError(f"policy must be synchronous, mace or inference-only, got {self.policy!r}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype}")

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 import time
@@ -22,6 +23,7 @@ from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.plan import IterationPlan, IterationResult, SequenceChunk, TokenLogprob
 from engine.sampling_params import InvalidRequestError, SamplingParams
+from scheduler.cost_model import CostModel, IterationShape
 from scheduler.fcfs import FcfsScheduler, ScheduledSequence
 from scheduler.request import FinishReason, RequestOptions, Sequence, SequenceStatus
 
@@ -68,6 +70,9 @@ class EngineCore:
         self._in_flight: dict[int, list[ScheduledSequence]] = {}
         self._finetune_in_flight: dict[int, int] = {}  # iteration -> fine-tune task id
         self.trainer = None  # trainer.trainer.Trainer when training is on (the builder wires it)
+        self.cost_model = CostModel.load(config.cost_profile) if config.cost_profile else CostModel(PRIOR_COSTS)
+        self._shapes: dict[int, IterationShape] = {}
+        self._iterations_without_finetune = 0
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -150,21 +155,43 @@ class EngineCore:
         most ``finetune_tokens_per_iteration`` tokens. (The FCFS planner adds fine-tune work to
         every iteration while there is some, SLO-blind; the MACE scheduler sizes it to the slack.)"""
         scheduled = self.scheduler.schedule()
+        chunks = [self._chunk(s.seq, s.num_new_tokens) for s in scheduled]
+        shape = _shape(chunks)
         finetune = None
-        if self.trainer is not None and self.trainer.has_work:
-            finetune = self.trainer.next_chunk(self.config.finetune_tokens_per_iteration)
+        budget = self._finetune_budget(shape)
+        if budget:
+            finetune = self.trainer.next_chunk(budget)
         if not scheduled and finetune is None:
             return None
         iteration = next(self._iterations)
         self._in_flight[iteration] = scheduled
         if finetune is not None:
             self._finetune_in_flight[iteration] = finetune.task_id
-        return IterationPlan(
-            iteration=iteration,
-            chunks=[self._chunk(s.seq, s.num_new_tokens) for s in scheduled],
-            finetune=finetune,
-            kv_prunes=self.scheduler.take_prunes(),
-        )
+            self._iterations_without_finetune = 0
+            shape = dataclasses.replace(shape, num_finetune_tokens=finetune.num_tokens)
+        else:
+            self._iterations_without_finetune += 1
+        self._shapes[iteration] = shape
+        return IterationPlan(iteration=iteration, chunks=chunks, finetune=finetune,
+                             kv_prunes=self.scheduler.take_prunes())
+
+    def _finetune_budget(self, shape: IterationShape) -> int:
+        """Fine-tune tokens this iteration may carry under the policy (0: none)."""
+        trainer, config = self.trainer, self.config
+        if trainer is None or config.policy == "inference-only":
+            return 0
+        smallest = trainer.next_pair_tokens()
+        if smallest is None:
+            return 0
+        if config.policy == "synchronous" or not shape.num_decodes and not shape.num_prefill_tokens:
+            return config.finetune_tokens_per_iteration  # (mace: an idle engine trains at full size)
+        slack_s = config.slo_tbt_ms / 1e3 * (1 - config.slo_margin) - self.cost_model.predict(shape)
+        budget = min(int(slack_s / self.cost_model.cost_per_finetune_token()), config.finetune_tokens_per_iteration)
+        if budget >= smallest:
+            return budget
+        if self._iterations_without_finetune >= config.finetune_min_every:
+            return smallest  # starvation guard: one pair, SLO or not
+        return 0
 
     def _chunk(self, seq: Sequence, num_new: int) -> SequenceChunk:
         start = seq.num_computed_tokens
@@ -193,6 +220,7 @@ class EngineCore:
     def process_result(self, result: IterationResult | BaseException, iteration: int | None = None) -> list[RequestOutput]:
         """Apply a result (or the exception that replaced it) to its sequences."""
         if isinstance(result, BaseException):
+            self._shapes.pop(iteration, None)
             task_id = self._finetune_in_flight.pop(iteration, None)
             if task_id is not None:
                 self.trainer.on_failure(task_id)
@@ -200,6 +228,9 @@ class EngineCore:
         scheduled = self._in_flight.pop(result.iteration)
         if self._finetune_in_flight.pop(result.iteration, None) is not None:
             self.trainer.on_result(result.finetune)
+        shape = self._shapes.pop(result.iteration, None)
+        if shape is not None and result.total_s > 0:
+            self.cost_model.observe(shape, result.total_s)
         by_id = {r.seq_id: r for r in result.outputs}
         now = time.monotonic()
         outputs = []
@@ -289,3 +320,21 @@ class EngineCore:
         self.pool.check_integrity(live)
         for s in self.scheduler.waiting:
             assert s.status is SequenceStatus.WAITING and not s.block_table
+
+
+# Seconds: a CPU-sized guess (a ~60M model) that the first measured iterations correct.
+PRIOR_COSTS = [5e-3, 1e-3, 1e-5, 1e-3, 2e-5, 3e-3]
+
+
+def _shape(chunks: list[SequenceChunk]) -> IterationShape:
+    """What the cost model prices in an iteration's inference part."""
+    num_prefill = attention = decodes = context = 0
+    for c in chunks:
+        n = len(c.token_ids)
+        if n == 1:
+            decodes += 1
+            context += c.kv_offset + 1
+        else:
+            num_prefill += n
+            attention += n * (c.kv_offset + n)
+    return IterationShape(num_prefill, attention, decodes, context)

@@ -165,6 +165,9 @@ def serve(args: argparse.Namespace) -> None:
         max_model_len=args.max_model_len,
         seed=args.seed,
         finetune_tokens_per_iteration=args.finetune_tokens_per_iteration,
+        policy=args.policy,
+        slo_tbt_ms=args.slo_tbt_ms,
+        cost_profile=args.cost_profile,
     )
     api_key = args.api_key
     if args.api_key_file:

@@ -47,6 +47,8 @@ class ServerMetrics:
               registry=r).set_function(lambda: core.pool.num_cached_blocks)
         Gauge("mace_engine_iterations", "Iterations run by the worker.", registry=r).set_function(
             lambda: engine.num_iterations)
+        Gauge("mace_cost_model_error_ratio", "Running mean of |predicted - measured| / measured iteration time.",
+              registry=r).set_function(lambda: core.cost_model.error_ratio)
         r.register(_EngineCounters(engine))
 
     def render(self) -> bytes:

@@ -101,6 +101,12 @@ class Trainer:
 
     # -- the scheduler's side ---------------------------------------------------------------------
 
+    def next_pair_tokens(self) -> int | None:
+        """Tokens of the smallest chunk ``next_chunk`` can give (one pair), or None."""
+        if not self.has_work:
+            return None
+        return (self._needs_reference or self._ready)[0].num_tokens
+
     def next_chunk(self, max_tokens: int) -> FinetuneChunk | None:
         """The next piece of fine-tune work, of at most ``max_tokens`` (at least one pair), or
         None. One chunk at a time: the next waits for this one's result."""

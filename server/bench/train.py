@@ -7,9 +7,10 @@ Three runs, each a fresh engine (and fresh LoRA adapters) over the same weights:
 2. train + serve: the same pairs while chat requests arrive by a seeded Poisson process
    (``--rate``, ``--output-len`` tokens each, greedy); pairs/s as in 1, and the requests' TPOT.
 3. serve alone: the same arrivals without training: the TPOT baseline.
-Fine-tune work rides with the FCFS planner: one chunk of up to ``--finetune-tokens`` tokens in
-every iteration while there is some, blind to latency (the MACE scheduler, issue 6, sizes it to
-the SLO slack). Engine-level (no HTTP); prints a table, writes JSON and Markdown.
+Training under load runs twice: ``synchronous`` puts a chunk of up to ``--finetune-tokens``
+tokens in every iteration while pairs wait, blind to latency; ``mace`` gives fine-tune work only
+the slack the cost model predicts under ``--slo-tbt-ms`` (plus one pair every 50 iterations, so
+training never starves). Engine-level (no HTTP); prints a table, writes JSON and Markdown.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=int, default=48)
     p.add_argument("--finetune-tokens", type=int, default=256, help="fine-tune tokens per iteration")
     p.add_argument("--grad-accum", type=int, default=4)
+    p.add_argument("--slo-tbt-ms", type=float, default=50.0, help="the TBT SLO the mace policy protects")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench-results/train.json")
 
@@ -122,18 +124,19 @@ def main(args: argparse.Namespace) -> dict:
     rng = random.Random(args.seed)
     texts = _pairs(rng)
     config = EngineConfig(model=args.model, kv_cache_bytes=512 << 20, max_num_seqs=32,
-                          finetune_tokens_per_iteration=args.finetune_tokens)
+                          finetune_tokens_per_iteration=args.finetune_tokens, slo_tbt_ms=args.slo_tbt_ms)
     vocab = None
     rows = {}
     started = time.perf_counter()
-    for name, with_train, with_load in (("train alone", True, False), ("train + serve", True, True),
-                                        ("serve alone", False, True)):
+    runs = (("train alone", True, False, "synchronous"), ("train + serve, synchronous", True, True, "synchronous"),
+            ("train + serve, mace", True, True, "mace"), ("serve alone", False, True, "synchronous"))
+    for name, with_train, with_load, policy in runs:
         model, tokenizer = load_model(args.model, torch.device("cpu"))  # fresh weights: adapters go on per run
         vocab = model.config.vocab_size
         prompts = [[rng.randrange(vocab) for _ in range(args.prompt_len)] for _ in range(args.requests)] if with_load else []
         gaps = np.random.default_rng(args.seed).exponential(1 / args.rate, len(prompts))
         arrivals = list(np.cumsum(gaps)) if with_load else []
-        build = lambda: build_from_model(model, tokenizer, dataclasses.replace(config))  # noqa: E731
+        build = lambda: build_from_model(model, tokenizer, dataclasses.replace(config, policy=policy))  # noqa: E731
         rows[name] = asyncio.run(_run(build, args, texts, arrivals, prompts, with_train))
         print(f"{name}: {rows[name]}", flush=True)
     report = {
@@ -148,7 +151,7 @@ def main(args: argparse.Namespace) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"Model `{args.model}`; {args.pairs} DPO pairs (grad accum {args.grad_accum}, up to {args.finetune_tokens} "
-             f"fine-tune tokens per iteration); chat load {args.requests} requests at {args.rate}/s, prompt "
+             f"fine-tune tokens per iteration; mace protects a TBT SLO of {args.slo_tbt_ms:g} ms); chat load {args.requests} requests at {args.rate}/s, prompt "
              f"{args.prompt_len}, output {args.output_len} tokens; {report['machine']['processor']}, "
              f"{report['machine']['threads']} threads; {report['run_s']:.0f} s. Command: `{report['command']}`.", "",
              "| run | DPO pairs/s | TPOT p50 | TPOT p99 |", "|---|---:|---:|---:|"]

@@ -1,0 +1,71 @@
+"""The cost model and the fine-tune budget it gives each policy, with fixed costs."""
+
+import numpy as np
+import pytest
+
+from scheduler.core import PRIOR_COSTS
+from scheduler.cost_model import CostModel, IterationShape
+
+TRUE = np.array([0.004, 0.0009, 0.00002, 0.0011, 0.00003, 0.0025])
+
+
+def _shapes(n: int, seed: int = 0) -> list[IterationShape]:
+    rng = np.random.default_rng(seed)
+    return [IterationShape(int(rng.integers(0, 64)), int(rng.integers(0, 40_000)), int(rng.integers(0, 32)),
+                           int(rng.integers(0, 20_000)), int(rng.choice([0, 0, 128, 256]))) for _ in range(n)]
+
+
+def test_fit_recovers_the_coefficients():
+    shapes = _shapes(200)
+    model = CostModel.fit(shapes, [float(TRUE @ s.features()) for s in shapes])
+    assert model.coefficients == pytest.approx(TRUE, rel=1e-6)
+
+
+def test_online_correction_converges_from_a_wrong_prior():
+    model = CostModel(PRIOR_COSTS)
+    shapes = _shapes(400, seed=1)
+    rng = np.random.default_rng(2)
+    for s in shapes:
+        model.observe(s, float(TRUE @ s.features()) * (1 + 0.02 * rng.standard_normal()))
+    assert model.error_ratio < 0.05
+    test = IterationShape(32, 20_000, 16, 8_000, 256)
+    assert model.predict(test) == pytest.approx(float(TRUE @ test.features()), rel=0.05)
+
+
+def test_a_profile_file_round_trips(tmp_path):
+    model = CostModel(TRUE)
+    model.save(tmp_path / "p.json", {"model": "x"})
+    assert CostModel.load(tmp_path / "p.json").coefficients == pytest.approx(TRUE)
+
+
+class _Trainer:
+    def __init__(self, smallest):
+        self.smallest = smallest
+
+    def next_pair_tokens(self):
+        return self.smallest
+
+
+@pytest.mark.parametrize("policy", ["mace", "synchronous", "inference-only"])
+def test_the_fine_tune_budget_per_policy(make_engine, policy):
+    core, _ = make_engine(policy=policy, slo_tbt_ms=100.0, slo_margin=0.1, finetune_tokens_per_iteration=512,
+                          finetune_min_every=3)
+    core.cost_model = CostModel([0.01, 0.001, 0.0, 0.002, 0.0, 0.0002])  # fixed: 0.2 ms per fine-tune token
+    core.trainer = _Trainer(smallest=100)
+    busy = IterationShape(num_decodes=20)  # 10 + 40 = 50 ms predicted; 90 ms allowed -> 40 ms of slack
+    full = IterationShape(num_prefill_tokens=40, num_decodes=20)  # 90 ms: no slack
+    idle = IterationShape()
+    if policy == "inference-only":
+        assert core._finetune_budget(busy) == core._finetune_budget(idle) == 0
+        return
+    if policy == "synchronous":
+        assert core._finetune_budget(busy) == core._finetune_budget(full) == 512
+        return
+    assert core._finetune_budget(busy) in (199, 200)  # 40 ms of slack at 0.2 ms a token (float rounding)
+    assert core._finetune_budget(idle) == 512  # nothing to protect
+    core._iterations_without_finetune = 2
+    assert core._finetune_budget(full) == 0
+    core._iterations_without_finetune = 3
+    assert core._finetune_budget(full) == 100  # the starvation guard: one pair
+    core.trainer = _Trainer(smallest=None)
+    assert core._finetune_budget(busy) == 0
