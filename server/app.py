@@ -184,6 +184,11 @@ def serve(args: argparse.Namespace) -> None:
             target_modules=tuple(args.lora_target_modules.split(",")), lr=args.learning_rate,
             grad_accum=args.grad_accum, dpo_beta=args.dpo_beta,
         ), state_dir=str(state_dir), checkpoint_every=args.checkpoint_every)
+    if args.policy == "mace" and not args.cost_profile:
+        from scheduler.profiler import profile
+
+        log.info("no --cost-profile: profiling this machine briefly")
+        core.cost_model, _ = profile(runner, core.config.max_model_len, quick=True, progress=False)
     engine = AsyncEngine(core, runner)
     app = build_app(
         engine, model_name=args.served_model_name, api_key=api_key or None,

@@ -59,6 +59,29 @@ def _bench_cache(args: argparse.Namespace) -> None:
     main(args)
 
 
+def _profile(args: argparse.Namespace) -> None:
+    import json
+
+    from engine.config import EngineConfig
+    from scheduler.builder import attach_trainer, build_engine
+    from scheduler.profiler import profile
+
+    if args.model is None:
+        args.model = str(_default_model())
+    core, runner = build_engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
+                                             kv_cache_bytes=args.kv_cache_bytes, enable_prefix_caching=False))
+    if not args.no_training:
+        import tempfile
+
+        from trainer.feedback import FeedbackStore
+
+        attach_trainer(core, runner, FeedbackStore(tempfile.mkdtemp() + "/unused.sqlite3"))
+    model, rows = profile(runner, core.config.max_model_len, quick=args.quick)
+    model.save(args.out, {"model": args.model, "device": args.device, "measurements": rows})
+    print(json.dumps(model.to_dict()))
+    print(f"wrote {args.out}")
+
+
 def _bench_train(args: argparse.Namespace) -> None:
     from server.bench.train import main
 
@@ -121,6 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--slo-tbt-ms", type=float, default=100.0, help="the TBT SLO the mace policy protects")
     t.add_argument("--cost-profile", default=None, help="a cost profile file (default: a prior corrected online)")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("profile", help="measure iteration costs on this machine and write a cost profile")
+    p.add_argument("--model", default=None, help="local checkpoint directory (default: the tiny demo model)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--kv-cache-bytes", type=int, default=512 << 20)
+    p.add_argument("--no-training", action="store_true", help="skip the fine-tune measurements")
+    p.add_argument("--quick", action="store_true", help="a smaller grid (what mace serve runs on its own)")
+    p.add_argument("--out", default="mace-profile.json")
+    p.set_defaults(func=_profile)
 
     p = sub.add_parser("bench", help="benchmarks")
     bench = p.add_subparsers(dest="bench", required=True)

@@ -69,3 +69,23 @@ def test_the_fine_tune_budget_per_policy(make_engine, policy):
     assert core._finetune_budget(full) == 100  # the starvation guard: one pair
     core.trainer = _Trainer(smallest=None)
     assert core._finetune_budget(busy) == 0
+
+
+def test_profile_measures_every_kind_and_round_trips(make_engine, tmp_path):
+    from scheduler.builder import attach_trainer
+    from scheduler.profiler import profile
+    from trainer.feedback import FeedbackStore
+
+    core, runner = make_engine(kv_cache_bytes=64 << 20, enable_prefix_caching=False)
+    attach_trainer(core, runner, FeedbackStore(tmp_path / "f.sqlite3"))
+    model, rows = profile(runner, core.config.max_model_len, quick=True, repeats=1, progress=False)
+    kinds = {("prefill" if r["shape"]["num_prefill_tokens"] else "decode" if r["shape"]["num_decodes"] else "finetune")
+             for r in rows}
+    assert kinds == {"prefill", "decode", "finetune"} and len(rows) == 13
+    assert all(np.isfinite(model.coefficients)) and (model.coefficients >= 0).all()
+    assert all(r["seconds"] > 0 for r in rows)
+    model.save(tmp_path / "p.json", {"measurements": rows})
+    assert CostModel.load(tmp_path / "p.json").coefficients == pytest.approx(model.coefficients)
+    # no gradient left behind, no step taken
+    assert runner.finetune_executor.version == 0
+    assert all(p.grad is None for p in runner.finetune_executor.params)

@@ -1,0 +1,94 @@
+"""`mace profile`: measure what iterations cost on this machine and model, fit the cost model.
+
+Synthetic plans go straight to the runner (no scheduler, no requests): prefill chunks of several
+sizes at several context offsets, decode batches of several sizes and context lengths, and (when
+a fine-tune executor is attached) DPO gradient chunks of several token counts, each timed a few
+times (the median counts). Least squares over the measurements gives the coefficients
+(``scheduler.cost_model``); serving keeps correcting them from measured iterations.
+
+The runner is stateless between iterations, so the plans use block ids directly: sequence ``i``
+of a plan owns blocks ``[i * nb, (i + 1) * nb)``. Gradients of profiled fine-tune chunks are
+dropped afterwards; no optimizer step is taken.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import statistics
+import time
+
+from engine.plan import FinetuneChunk, IterationPlan, PreferencePair, SequenceChunk
+from engine.runner import ModelRunner
+from engine.sampling_params import SamplingParams
+from scheduler.core import _shape
+from scheduler.cost_model import CostModel, IterationShape
+
+GREEDY = SamplingParams(max_tokens=1, temperature=0.0)
+
+
+def _grid(quick: bool) -> tuple[list[tuple[int, int]], list[tuple[int, int]], list[int]]:
+    prefill = [(16, 0), (64, 0), (64, 256), (128, 0), (128, 512)]  # (chunk tokens, context before it)
+    decode = [(1, 64), (8, 256), (16, 64), (16, 512), (32, 256)]  # (batch, context)
+    finetune = [64, 128, 256]
+    if not quick:
+        prefill += [(32, 0), (256, 0), (256, 768), (512, 0)]
+        decode += [(1, 1024), (4, 128), (32, 64), (32, 1024), (64, 512)]
+        finetune += [512]
+    return prefill, decode, finetune
+
+
+def profile(runner: ModelRunner, max_model_len: int, quick: bool = False, repeats: int = 3,
+            progress: bool = True) -> tuple[CostModel, list[dict]]:
+    """Measure and fit; returns the model and the measurements (shape, median seconds)."""
+    bs = runner.block_size
+    rng = random.Random(0)
+    vocab = runner.model.config.vocab_size
+    prefill, decode, finetune = _grid(quick)
+    plans: list[IterationPlan] = []
+    for n, ctx in prefill:
+        if ctx + n <= max_model_len and -(-(ctx + n) // bs) <= runner.num_blocks:
+            tokens = [rng.randrange(vocab) for _ in range(ctx + n)]
+            table = list(range(-(-(ctx + n) // bs)))
+            if ctx:  # the context first, unmeasured, so the chunk attends over real keys
+                runner.execute(IterationPlan(0, [SequenceChunk(0, tokens[:ctx], 0, table)]))
+            plans.append(IterationPlan(0, [SequenceChunk(0, tokens[ctx:], ctx, table, sampling=GREEDY)]))
+    for batch, ctx in decode:
+        nb = -(-(ctx + 1) // bs)
+        if ctx + 1 <= max_model_len and batch * nb <= runner.num_blocks:
+            chunks = [SequenceChunk(i, [rng.randrange(vocab)], ctx, list(range(i * nb, (i + 1) * nb)), sampling=GREEDY)
+                      for i in range(batch)]
+            plans.append(IterationPlan(0, chunks))
+    if runner.finetune_executor is not None:
+        for tokens in finetune:
+            n = max(4, tokens // 6)  # prompt n, chosen 2n, rejected 2n: 2n + 2n + 2n tokens
+            pair = PreferencePair("profile", [rng.randrange(vocab) for _ in range(n)],
+                                  [rng.randrange(vocab) for _ in range(2 * n)], [rng.randrange(vocab) for _ in range(2 * n)],
+                                  0.0, 0.0)
+            plans.append(IterationPlan(0, [], finetune=FinetuneChunk(0, "gradient", [pair])))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(plans) * (repeats + 1), desc="profiling", unit="iteration")
+    shapes, times, rows = [], [], []
+    for plan in plans:
+        measured = []
+        for r in range(repeats + 1):  # the first run warms up and is not counted
+            t0 = time.perf_counter()
+            runner.execute(plan)
+            if r:
+                measured.append(time.perf_counter() - t0)
+            if bar is not None:
+                bar.update()
+        shape = _shape(plan.chunks)
+        if plan.finetune is not None:
+            shape = IterationShape(num_finetune_tokens=plan.finetune.num_tokens)
+        shapes.append(shape)
+        times.append(statistics.median(measured))
+        rows.append({"shape": dataclasses.asdict(shape), "seconds": times[-1]})
+    if bar is not None:
+        bar.close()
+    if runner.finetune_executor is not None:
+        runner.finetune_executor.optimizer.zero_grad(set_to_none=True)
+    return CostModel.fit(shapes, times), rows
