@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 from engine.plan import IterationResult
 from engine.runner import ModelRunner
@@ -37,6 +38,8 @@ class AsyncEngine:
         self._ids = itertools.count()
         self.num_iterations = 0
         self.worker_busy_s = 0.0  # summed iteration time on the worker: busy / wall = utilization
+        # Called with (planning seconds, iteration seconds) after each iteration (the server's metrics).
+        self.iteration_observer: Callable[[float, float], None] | None = None
 
     async def start(self) -> None:
         if self.core.trainer is not None:
@@ -127,7 +130,9 @@ class AsyncEngine:
                 self._fail_all(exc)
 
     async def _iterate(self) -> None:
+        t0 = time.perf_counter()
         plan = self.core.schedule() if self.core.has_work else None
+        plan_s = time.perf_counter() - t0
         if plan is None:
             self._wake.clear()
             await self._wake.wait()
@@ -139,6 +144,8 @@ class AsyncEngine:
         self.num_iterations += 1
         if isinstance(result, IterationResult):
             self.worker_busy_s += result.total_s
+            if self.iteration_observer is not None:
+                self.iteration_observer(plan_s, result.total_s)
         for out in self.core.process_result(result, plan.iteration):
             queue = self._streams.get(out.request_id)
             if queue is not None:

@@ -34,6 +34,18 @@ class ServerMetrics:
                                 ["outcome"], registry=r)
         for outcome in OUTCOMES:
             self.requests.labels(outcome)  # every series exists from the start, at 0
+        self.slo_attained = Counter("mace_slo_attained", "Finished requests within their TTFT and TBT SLOs.", registry=r)
+        self.slo_violated = Counter("mace_slo_violated", "Finished requests past their TTFT or TBT SLO.", registry=r)
+        plan_s = Histogram("mace_scheduler_plan_seconds", "Time to build one iteration's plan.",
+                           buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1), registry=r)
+        iteration_s = Histogram("mace_iteration_seconds", "One iteration on the worker (inference and fine-tune).",
+                                buckets=_LATENCY_BUCKETS_S, registry=r)
+
+        def observe_iteration(plan: float, iteration: float) -> None:
+            plan_s.observe(plan)
+            iteration_s.observe(iteration)
+
+        engine.iteration_observer = observe_iteration
         core = engine.core
         Gauge("mace_requests_running", "Sequences being computed.", registry=r).set_function(
             lambda: len(core.scheduler.running))

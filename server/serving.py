@@ -38,10 +38,15 @@ class SequenceSpec:
 
 
 class Serving:
-    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, max_waiting_requests: int) -> None:
+    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, max_waiting_requests: int,
+                 slo_ttft_ms: float = 1000.0) -> None:
         self.engine = engine
         self.metrics = metrics
         self.max_waiting_requests = max_waiting_requests
+        # SLO defaults for requests that set none (the TBT one is the engine's, which the mace
+        # policy protects)
+        self.slo_ttft_ms = slo_ttft_ms
+        self.slo_tbt_ms = engine.core.config.slo_tbt_ms
         self.is_draining = False
         self._token_text: dict[int, str] = {}
         tokenizer = engine.core.tokenizer
@@ -100,6 +105,7 @@ class Serving:
             raise
         m.prompt_tokens.inc(len(spec.prompt_token_ids))
         outcome = "abort"
+        first = None
         try:
             yield None
             async for out in engine_stream:
@@ -107,6 +113,7 @@ class Serving:
                     now = time.monotonic()
                     if out.num_output_tokens == len(out.new_token_ids):
                         m.ttft_s.observe(now - arrival)
+                        first = now
                     else:
                         m.itl_s.observe(now - last)
                     last = now
@@ -114,6 +121,8 @@ class Serving:
                 if out.finished:
                     outcome = out.finish_reason or "stop"
                     m.e2e_s.observe(time.monotonic() - arrival)
+                    if first is not None and outcome in ("stop", "length"):
+                        self._count_slo(options, first - arrival, (last - first) / max(out.num_output_tokens - 1, 1))
                 yield out
         except EngineError:
             outcome = "error"
@@ -121,6 +130,15 @@ class Serving:
         finally:
             await engine_stream.aclose()
             m.requests.labels(outcome).inc()
+
+    def _count_slo(self, options: RequestOptions, ttft_s: float, tpot_s: float) -> None:
+        """DESIGN.md's attainment: TTFT <= its SLO and TPOT <= the TBT SLO."""
+        ttft_slo = options.slo_ttft_ms if options.slo_ttft_ms is not None else self.slo_ttft_ms
+        tbt_slo = options.slo_tbt_ms if options.slo_tbt_ms is not None else self.slo_tbt_ms
+        if ttft_s * 1e3 <= ttft_slo and tpot_s * 1e3 <= tbt_slo:
+            self.metrics.slo_attained.inc()
+        else:
+            self.metrics.slo_violated.inc()
 
     async def drain(self, grace_s: float) -> None:
         """Refuse new work, let what runs finish for up to ``grace_s``, then abort the rest

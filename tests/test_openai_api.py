@@ -17,6 +17,8 @@ REQUIRED_METRICS = [
     "mace_requests_running", "mace_requests_waiting", "mace_kv_blocks_total", "mace_kv_blocks_used",
     "mace_prompt_tokens_total", "mace_generation_tokens_total", "mace_requests_total",
     "mace_prefix_cache_queries_total", "mace_prefix_cache_hits_total", "mace_kv_blocks_cached",
+    "mace_slo_attained_total", "mace_slo_violated_total", "mace_scheduler_plan_seconds", "mace_iteration_seconds",
+    "mace_cost_model_error_ratio",
 ]
 CHAT = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "What does parse() return?"}]
 
@@ -181,6 +183,8 @@ async def test_fifty_concurrent_streams_all_complete(start_server):
         len(engine.core.tokenizer.encode(f"def task_{i}(x):")) for i in range(50))
     assert _metric(metrics, "mace_inter_token_latency_seconds_count") == sum(5 + i % 5 for i in range(50))
     assert _metric(metrics, "mace_kv_blocks_total") == engine.core.pool.num_blocks
+    assert _metric(metrics, "mace_slo_attained_total") + _metric(metrics, "mace_slo_violated_total") == 50
+    assert _metric(metrics, "mace_iteration_seconds_count") == engine.num_iterations
     assert _metric(metrics, 'mace_requests_total{outcome="length"}') == 50
     assert _metric(metrics, "mace_time_to_first_token_seconds_count") == 50
     assert _metric(metrics, "mace_generation_tokens_total") == sum(6 + i % 5 for i in range(50))
@@ -233,3 +237,14 @@ async def test_prefix_cache_metrics(start_server):
     assert hits == engine.core.scheduler.num_prefix_hit_tokens > 0 and hits % 16 == 0
     assert _metric(metrics, "mace_kv_blocks_cached") == engine.core.pool.num_cached_blocks > 0
     assert _metric(metrics, "mace_kv_blocks_used") == 0
+
+
+async def test_slo_attainment_is_counted_per_request(start_server):
+    async with start_server() as (url, engine), aiohttp.ClientSession(timeout=TIMEOUT) as http:
+        for slo in ({"slo_ttft_ms": 1e6, "slo_tbt_ms": 1e6}, {"slo_ttft_ms": 1e-6}, {"slo_tbt_ms": 1e-6}):
+            status, _, _ = await _post(http, f"{url}/v1/completions", {"prompt": "x", "max_tokens": 4, **slo})
+            assert status == 200
+        async with http.get(f"{url}/metrics") as r:
+            metrics = await r.text()
+    assert _metric(metrics, "mace_slo_attained_total") == 1
+    assert _metric(metrics, "mace_slo_violated_total") == 2
