@@ -39,7 +39,10 @@ class EngineConfig:
     # finetune_tokens_per_iteration in every iteration while pairs wait, SLO-blind),
     # "mace" (only what the TBT SLO's slack leaves, by the cost model; at least one pair every
     # finetune_min_every iterations, so training never starves), "inference-only".
+    # "periodic" (Ekya-style): no fine-tune work between bursts; every retrain_period_s a burst
+    # trains, a full chunk per iteration, until the pairs waiting run out.
     policy: str = "synchronous"
+    retrain_period_s: float = 60.0
     slo_tbt_ms: float = 100.0
     slo_margin: float = 0.1
     finetune_min_every: int = 50
@@ -60,7 +63,7 @@ class EngineConfig:
             raise ValueError(f"decode_attention must be auto or sdpa, got {self.decode_attention}")
         if self.kv_prune not in ("none", "window", "heavy-hitter"):
             raise ValueError(f"kv_prune must be none, window or heavy-hitter, got {self.kv_prune!r}")
-        if self.policy not in ("synchronous", "mace", "inference-only"):
-            raise ValueError(f"policy must be synchronous, mace or inference-only, got {self.policy!r}")
+        if self.policy not in ("synchronous", "mace", "periodic", "inference-only"):
+            raise ValueError(f"policy must be synchronous, mace, periodic or inference-only, got {self.policy!r}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype}")

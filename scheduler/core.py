@@ -73,6 +73,9 @@ class EngineCore:
         self.cost_model = CostModel.load(config.cost_profile) if config.cost_profile else CostModel(PRIOR_COSTS)
         self._shapes: dict[int, IterationShape] = {}
         self._iterations_without_finetune = 0
+        self.clock = time.monotonic  # the periodic policy's; tests drive their own
+        self._next_burst_s = time.monotonic() + config.retrain_period_s
+        self._burst_started_s: float | None = None
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -175,12 +178,25 @@ class EngineCore:
         return IterationPlan(iteration=iteration, chunks=chunks, finetune=finetune,
                              kv_prunes=self.scheduler.take_prunes())
 
+    def _periodic_budget(self, has_work: bool) -> int:
+        now = self.clock()
+        if self._burst_started_s is None and has_work and now >= self._next_burst_s:
+            self._burst_started_s = now
+        if self._burst_started_s is not None and not has_work and not self.trainer._in_flight:
+            self._burst_started_s = None  # the burst is over: the next one a period after it began
+            self._next_burst_s = now + self.config.retrain_period_s
+        if self._burst_started_s is None or not has_work:
+            return 0
+        return self.config.finetune_tokens_per_iteration
+
     def _finetune_budget(self, shape: IterationShape) -> int:
         """Fine-tune tokens this iteration may carry under the policy (0: none)."""
         trainer, config = self.trainer, self.config
         if trainer is None or config.policy == "inference-only":
             return 0
         smallest = trainer.next_pair_tokens()
+        if config.policy == "periodic":
+            return self._periodic_budget(smallest is not None)
         if smallest is None:
             return 0
         if config.policy == "synchronous" or not shape.num_decodes and not shape.num_prefill_tokens:

@@ -166,6 +166,7 @@ def serve(args: argparse.Namespace) -> None:
         seed=args.seed,
         finetune_tokens_per_iteration=args.finetune_tokens_per_iteration,
         policy=args.policy,
+        retrain_period_s=args.retrain_period,
         slo_tbt_ms=args.slo_tbt_ms,
         cost_profile=args.cost_profile,
     )

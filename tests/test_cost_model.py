@@ -89,3 +89,27 @@ def test_profile_measures_every_kind_and_round_trips(make_engine, tmp_path):
     # no gradient left behind, no step taken
     assert runner.finetune_executor.version == 0
     assert all(p.grad is None for p in runner.finetune_executor.params)
+
+
+def test_periodic_bursts_train_every_period_until_the_pairs_run_out(make_engine):
+    core, _ = make_engine(policy="periodic", retrain_period_s=60.0, finetune_tokens_per_iteration=512)
+    now = [1000.0]
+    core.clock = lambda: now[0]
+    core._next_burst_s = 1060.0
+    trainer = _Trainer(smallest=100)
+    trainer._in_flight = {}
+    core.trainer = trainer
+    busy = IterationShape(num_decodes=4)
+    assert core._finetune_budget(busy) == 0  # between bursts: nothing, however much waits
+    now[0] = 1061.0
+    assert core._finetune_budget(busy) == 512  # the burst: full chunks
+    now[0] = 1062.0
+    assert core._finetune_budget(busy) == 512
+    trainer.smallest = None  # ran out
+    now[0] = 1063.0
+    assert core._finetune_budget(busy) == 0 and core._next_burst_s == 1123.0
+    trainer.smallest = 100  # new feedback: waits for the next burst
+    now[0] = 1100.0
+    assert core._finetune_budget(busy) == 0
+    now[0] = 1123.0
+    assert core._finetune_budget(busy) == 512
