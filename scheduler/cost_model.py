@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+_MAX_TRACE = 1e3
 FEATURES = ("intercept", "prefill_tokens", "prefill_attention_k", "decodes", "decode_context_k", "finetune_tokens")
 
 
@@ -60,8 +61,15 @@ class CostModel:
         lam = self.forgetting
         px = self._p @ x
         gain = px / (lam + x @ px)
-        self.coefficients = self.coefficients + gain * (measured_s - predicted)
-        self._p = (self._p - np.outer(gain, px)) / lam
+        coefficients = self.coefficients + gain * (measured_s - predicted)
+        p = (self._p - np.outer(gain, px)) / lam
+        # Forgetting inflates P along directions the load never excites (no fine-tune work for a
+        # while, say) until it overflows ("windup"): cap its trace, keep its shape.
+        trace = np.trace(p)
+        if trace > _MAX_TRACE:
+            p *= _MAX_TRACE / trace
+        if np.isfinite(coefficients).all() and np.isfinite(p).all():
+            self.coefficients, self._p = coefficients, p
         self.num_observations += 1
 
     # -- profile files ----------------------------------------------------------------------------

@@ -113,3 +113,16 @@ def test_periodic_bursts_train_every_period_until_the_pairs_run_out(make_engine)
     assert core._finetune_budget(busy) == 0
     now[0] = 1123.0
     assert core._finetune_budget(busy) == 512
+
+
+def test_no_windup_when_a_feature_goes_unused_for_long():
+    model = CostModel(PRIOR_COSTS)
+    shape = IterationShape(num_decodes=16, decode_context=4000)  # never any fine-tune or prefill work
+    for _ in range(50_000):
+        model.observe(shape, float(TRUE @ shape.features()))
+    assert np.isfinite(model.coefficients).all()
+    assert model.predict(shape) == pytest.approx(float(TRUE @ shape.features()), rel=1e-3)
+    busy = IterationShape(num_decodes=16, decode_context=4000, num_finetune_tokens=256)
+    for _ in range(200):  # fine-tune work comes back: the model picks its cost up again
+        model.observe(busy, float(TRUE @ busy.features()))
+    assert model.predict(busy) == pytest.approx(float(TRUE @ busy.features()), rel=0.05)
