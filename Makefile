@@ -6,7 +6,7 @@ SIZE    ?= tiny
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 
-.PHONY: install serve test bench bench-http bench-cache bench-train demo-model clean
+.PHONY: install serve test bench bench-http bench-cache bench-train bench-plan demo-model clean
 
 install: .venv/.installed
 
@@ -34,6 +34,7 @@ bench: .venv/.installed
 	$(MAKE) bench-http
 	$(MAKE) bench-cache
 	$(MAKE) bench-train
+	$(MAKE) bench-plan
 
 bench-http: .venv/.installed
 	$(MAKE) demo-model MODEL=models/demo-base SIZE=base
@@ -46,6 +47,9 @@ bench-cache: .venv/.installed
 bench-train: .venv/.installed
 	$(MAKE) demo-model MODEL=models/demo-base SIZE=base
 	.venv/bin/mace bench train --model models/demo-base --out bench-results/train.json
+
+bench-plan: .venv/.installed
+	.venv/bin/mace bench plan --out bench-results/plan.json
 
 clean:
 	rm -rf .venv models bench-results

@@ -82,6 +82,12 @@ def _profile(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def _bench_plan(args: argparse.Namespace) -> None:
+    from server.bench.plan import main
+
+    main(args)
+
+
 def _bench_train(args: argparse.Namespace) -> None:
     from server.bench.train import main
 
@@ -182,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench.add_parser("train", help="DPO pairs/s alone and while serving, and the serving TPOT with and without")
     add_train_arguments(b)
     b.set_defaults(func=_bench_train)
+
+    from server.bench.plan import add_arguments as add_plan_arguments
+
+    b = bench.add_parser("plan", help="the scheduler's planning time per iteration at 16, 256 and 1024 queued requests")
+    add_plan_arguments(b)
+    b.set_defaults(func=_bench_plan)
     return parser
 
 
