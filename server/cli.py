@@ -82,6 +82,12 @@ def _profile(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def _bench_policies(args: argparse.Namespace) -> None:
+    from server.bench.policies import main
+
+    main(args)
+
+
 def _bench_plan(args: argparse.Namespace) -> None:
     from server.bench.plan import main
 
@@ -194,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench.add_parser("plan", help="the scheduler's planning time per iteration at 16, 256 and 1024 queued requests")
     add_plan_arguments(b)
     b.set_defaults(func=_bench_plan)
+
+    from server.bench.policies import add_arguments as add_policies_arguments
+
+    b = bench.add_parser("policies", help="the fine-tune policies under a chat load with 10/30/50%% feedback")
+    add_policies_arguments(b)
+    b.set_defaults(func=_bench_policies)
     return parser
 
 

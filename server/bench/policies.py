@@ -1,0 +1,125 @@
+"""`mace bench policies`: the fine-tune policies under one chat load where 10%, 30% and 50% of
+the requests produce a feedback pair (stored as they finish, trained while serving).
+
+Per policy and feedback share: TTFT and TPOT p50/p99, SLO attainment (TTFT <= --slo-ttft-ms and
+TPOT <= --slo-tbt-ms), and DPO pairs trained per second of the run. Every run gets a fresh engine
+and adapters over the same weights, the same arrivals and prompts. Engine-level (no HTTP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+POLICIES = ("inference-only", "synchronous", "periodic", "mace")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="models/demo-base")
+    p.add_argument("--shares", default="0.1,0.3,0.5", help="shares of requests that produce feedback")
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--rate", type=float, default=1.0)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
+    p.add_argument("--slo-tbt-ms", type=float, default=60.0)
+    p.add_argument("--retrain-period", type=float, default=10.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench-results/policies.json")
+
+
+async def _run(core, runner, args, prompts, arrivals, share: float) -> dict:
+    from engine.sampling_params import SamplingParams
+    from scheduler.async_engine import AsyncEngine
+    from scheduler.builder import attach_trainer
+    from trainer.feedback import FeedbackStore, NewPair
+
+    store = FeedbackStore(Path(tempfile.mkdtemp()) / "f.sqlite3")
+    trainer = attach_trainer(core, runner, store) if core.config.policy != "inference-only" else None
+    engine = AsyncEngine(core, runner)
+    await engine.start()
+    rng = random.Random(args.seed)
+    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    ttfts, tpots, posted = [], [], 0
+
+    async def one(i: int) -> None:
+        nonlocal posted
+        await asyncio.sleep(max(0.0, start + arrivals[i] - time.perf_counter()))
+        t0, times, text = time.perf_counter(), [], []
+        async for out in engine.generate(prompts[i], params):
+            if out.new_token_ids:
+                times.append(time.perf_counter())
+            text.append(out.new_text)
+        ttfts.append(times[0] - t0)
+        tpots.append((times[-1] - times[0]) / (len(times) - 1))
+        if rng.random() < share:  # the user rates this answer against a worse one
+            store.add([NewPair(f"Request {i}:", "".join(text)[:80] or " ok", " no")])
+            posted += 1
+            if trainer is not None:
+                await trainer.refill()
+
+    start = time.perf_counter()
+    try:
+        await asyncio.gather(*(one(i) for i in range(len(prompts))))
+        wall = time.perf_counter() - start
+        if trainer is not None:
+            await trainer.flush()
+    finally:
+        await engine.stop()
+    trained = store.stats()["trained"]
+    store.close()
+    slo = [a * 1e3 <= args.slo_ttft_ms and b * 1e3 <= args.slo_tbt_ms for a, b in zip(ttfts, tpots)]
+    return {"ttft_p50_ms": round(1e3 * float(np.percentile(ttfts, 50)), 1), "ttft_p99_ms": round(1e3 * float(np.percentile(ttfts, 99)), 1),
+            "tpot_p50_ms": round(1e3 * float(np.percentile(tpots, 50)), 1), "tpot_p99_ms": round(1e3 * float(np.percentile(tpots, 99)), 1),
+            "slo_attainment": round(sum(slo) / len(slo), 3), "pairs_posted": posted, "pairs_trained": trained,
+            "pairs_per_s": round(trained / wall, 3), "wall_s": round(wall, 1)}
+
+
+def main(args: argparse.Namespace) -> dict:
+    import torch
+
+    from engine.config import EngineConfig
+    from engine.model_loader import load_model
+    from scheduler.builder import build_from_model
+    from server.bench.engine import _cpu_name
+
+    rng = random.Random(args.seed)
+    arrivals = list(np.cumsum(np.random.default_rng(args.seed).exponential(1 / args.rate, args.requests)))
+    prompts = [[rng.randrange(8000) for _ in range(args.prompt_len)] for _ in range(args.requests)]
+    config = EngineConfig(model=args.model, kv_cache_bytes=512 << 20, max_num_seqs=32, slo_tbt_ms=args.slo_tbt_ms,
+                          retrain_period_s=args.retrain_period, finetune_tokens_per_iteration=256)
+    rows = []
+    started = time.perf_counter()
+    for share in (float(s) for s in args.shares.split(",")):
+        for policy in POLICIES:
+            model, tokenizer = load_model(args.model, torch.device("cpu"))  # adapters go on per run
+            core, runner = build_from_model(model, tokenizer, dataclasses.replace(config, policy=policy))
+            row = {"share": share, "policy": policy, **asyncio.run(_run(core, runner, args, prompts, arrivals, share))}
+            rows.append(row)
+            print(row, flush=True)
+    report = {"command": "mace " + " ".join(sys.argv[1:]), "processor": _cpu_name(), "model": args.model,
+              "config": {k: v for k, v in vars(args).items() if k not in ("func", "out")}, "rows": rows,
+              "run_s": round(time.perf_counter() - started, 1)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    lines = [f"Model `{args.model}`; {args.requests} requests at {args.rate}/s (prompt {args.prompt_len}, output "
+             f"{args.output_len}); SLO TTFT {args.slo_ttft_ms:g} ms, TPOT {args.slo_tbt_ms:g} ms; periodic every "
+             f"{args.retrain_period:g} s; {report['processor']}; {report['run_s']:.0f} s. Command: `{report['command']}`.", "",
+             "| feedback share | policy | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | SLO attainment | pairs trained / posted | pairs/s |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['share']:.0%} | {r['policy']} | {r['ttft_p50_ms']} ms | {r['ttft_p99_ms']} ms | {r['tpot_p50_ms']} ms | "
+                     f"{r['tpot_p99_ms']} ms | {r['slo_attainment']:.1%} | {r['pairs_trained']} / {r['pairs_posted']} | {r['pairs_per_s']} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return report
