@@ -6,7 +6,7 @@ SIZE    ?= tiny
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 
-.PHONY: install serve test bench bench-http bench-cache bench-train bench-plan demo-model clean
+.PHONY: install serve test bench bench-http bench-cache bench-train bench-plan bench-policies demo-model clean
 
 install: .venv/.installed
 
@@ -35,6 +35,7 @@ bench: .venv/.installed
 	$(MAKE) bench-cache
 	$(MAKE) bench-train
 	$(MAKE) bench-plan
+	$(MAKE) bench-policies
 
 bench-http: .venv/.installed
 	$(MAKE) demo-model MODEL=models/demo-base SIZE=base
@@ -50,6 +51,10 @@ bench-train: .venv/.installed
 
 bench-plan: .venv/.installed
 	.venv/bin/mace bench plan --out bench-results/plan.json
+
+bench-policies: .venv/.installed
+	$(MAKE) demo-model MODEL=models/demo-base SIZE=base
+	.venv/bin/mace bench policies --model models/demo-base --out bench-results/policies.json
 
 clean:
 	rm -rf .venv models bench-results

@@ -47,7 +47,8 @@ async def _run(core, runner, args, prompts, arrivals, share: float) -> dict:
     trainer = attach_trainer(core, runner, store) if core.config.policy != "inference-only" else None
     engine = AsyncEngine(core, runner)
     await engine.start()
-    rng = random.Random(args.seed)
+    # exactly round(share * N) requests give feedback, the same ones for every policy
+    rated = set(random.Random(args.seed).sample(range(len(prompts)), round(share * len(prompts))))
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     ttfts, tpots, posted = [], [], 0
 
@@ -61,7 +62,7 @@ async def _run(core, runner, args, prompts, arrivals, share: float) -> dict:
             text.append(out.new_text)
         ttfts.append(times[0] - t0)
         tpots.append((times[-1] - times[0]) / (len(times) - 1))
-        if rng.random() < share:  # the user rates this answer against a worse one
+        if i in rated:  # the user rates this answer against a worse one
             store.add([NewPair(f"Request {i}:", "".join(text)[:80] or " ok", " no")])
             posted += 1
             if trainer is not None:
