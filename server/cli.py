@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dpo-beta", type=float, default=0.1)
     t.add_argument("--finetune-tokens-per-iteration", type=int, default=512)
     t.add_argument("--checkpoint-every", type=int, default=10, help="adapter checkpoint every N steps (and at shutdown)")
-    t.add_argument("--policy", choices=["synchronous", "mace", "periodic", "inference-only"], default="synchronous",
+    t.add_argument("--policy", choices=["synchronous", "mace", "periodic", "inference-only"], default="mace",
                    help="fine-tune work per iteration: every iteration (SLO-blind), the TBT SLO's slack, "
                         "bursts every --retrain-period, or none")
     t.add_argument("--retrain-period", type=float, default=60.0, help="seconds between periodic retraining bursts")
