@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -41,24 +42,6 @@ def _default_model():
     return cache
 
 
-def _bench_engine(args: argparse.Namespace) -> None:
-    from server.bench.engine import main
-
-    main(args)
-
-
-def _bench_http(args: argparse.Namespace) -> None:
-    from server.bench.http_layer import main
-
-    main(args)
-
-
-def _bench_cache(args: argparse.Namespace) -> None:
-    from server.bench.cache import main
-
-    main(args)
-
-
 def _profile(args: argparse.Namespace) -> None:
     import json
 
@@ -82,22 +65,19 @@ def _profile(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
-def _bench_policies(args: argparse.Namespace) -> None:
-    from server.bench.policies import main
+# `mace bench NAME`: the module (with add_arguments(parser) and main(args)) and its help.
+BENCHES = {
+    "engine": ("server.bench.engine", "engine throughput/latency vs transformers (no HTTP)"),
+    "http": ("server.bench.http_layer", "tokens/s streamed over HTTP vs the engine alone, same workload, same run"),
+    "cache": ("server.bench.cache", "KV cache: prefix sharing on vs off, pruning memory and quality"),
+    "train": ("server.bench.train", "DPO pairs/s alone and while serving, and the serving TPOT with and without"),
+    "plan": ("server.bench.plan", "the scheduler's planning time per iteration at 16, 256 and 1024 queued requests"),
+    "policies": ("server.bench.policies", "the fine-tune policies under a chat load with 10/30/50%% feedback"),
+}
 
-    main(args)
 
-
-def _bench_plan(args: argparse.Namespace) -> None:
-    from server.bench.plan import main
-
-    main(args)
-
-
-def _bench_train(args: argparse.Namespace) -> None:
-    from server.bench.train import main
-
-    main(args)
+def _run_bench(args: argparse.Namespace) -> None:
+    importlib.import_module(args.bench_module).main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,41 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks")
     bench = p.add_subparsers(dest="bench", required=True)
-    from server.bench.engine import add_arguments
-
-    b = bench.add_parser("engine", help="engine throughput/latency vs transformers (no HTTP)")
-    add_arguments(b)
-    b.set_defaults(func=_bench_engine)
-
-    from server.bench.http_layer import add_arguments as add_http_arguments
-
-    b = bench.add_parser("http", help="tokens/s streamed over HTTP vs the engine alone, same workload, same run")
-    add_http_arguments(b)
-    b.set_defaults(func=_bench_http)
-
-    from server.bench.cache import add_arguments as add_cache_arguments
-
-    b = bench.add_parser("cache", help="KV cache features: prefix sharing on vs off (prefill computed, KV blocks, TTFT)")
-    add_cache_arguments(b)
-    b.set_defaults(func=_bench_cache)
-
-    from server.bench.train import add_arguments as add_train_arguments
-
-    b = bench.add_parser("train", help="DPO pairs/s alone and while serving, and the serving TPOT with and without")
-    add_train_arguments(b)
-    b.set_defaults(func=_bench_train)
-
-    from server.bench.plan import add_arguments as add_plan_arguments
-
-    b = bench.add_parser("plan", help="the scheduler's planning time per iteration at 16, 256 and 1024 queued requests")
-    add_plan_arguments(b)
-    b.set_defaults(func=_bench_plan)
-
-    from server.bench.policies import add_arguments as add_policies_arguments
-
-    b = bench.add_parser("policies", help="the fine-tune policies under a chat load with 10/30/50%% feedback")
-    add_policies_arguments(b)
-    b.set_defaults(func=_bench_policies)
+    for name, (module, help_) in BENCHES.items():
+        b = bench.add_parser(name, help=help_)
+        importlib.import_module(module).add_arguments(b)
+        b.set_defaults(func=_run_bench, bench_module=module)
     return parser
 
 

@@ -43,8 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.bench import pruning
+from server.bench.common import DEFAULT_MODEL, cpu_name, resolve_model
 
-DEFAULT_MODEL = "models/demo-base"  # what `make bench` builds
 NUM_WARMUP = 4
 
 
@@ -307,15 +307,8 @@ def main(args: argparse.Namespace) -> dict:
     from engine.config import EngineConfig
     from engine.model_loader import load_model
     from scheduler.builder import build_from_model
-    from server.bench.engine import _cpu_name
 
-    if args.model is None:
-        args.model = DEFAULT_MODEL
-        if not (Path(DEFAULT_MODEL) / "config.json").exists():
-            from engine.demo_model import build_demo_model
-
-            print(f"building the base demo model in {DEFAULT_MODEL}", flush=True)
-            build_demo_model(DEFAULT_MODEL, "base")
+    args.model = resolve_model(args.model)
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     config = EngineConfig(model=args.model, max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
@@ -332,7 +325,7 @@ def main(args: argparse.Namespace) -> dict:
     num_blocks = ctx["build"](False)[0].pool.num_blocks
     report = {
         "command": "mace " + " ".join(sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "processor": _cpu_name(), "cpus": torch.get_num_threads(),
+        "machine": {"platform": platform.platform(), "processor": cpu_name(), "cpus": torch.get_num_threads(),
                     "torch": torch.__version__, "device": "cpu"},
         "model": args.model,
         "config": {"max_num_batched_tokens": config.max_num_batched_tokens, "max_num_seqs": config.max_num_seqs,

@@ -32,6 +32,7 @@ from engine.config import EngineConfig
 from engine.sampling_params import SamplingParams
 from scheduler.async_engine import AsyncEngine
 from scheduler.builder import build_engine
+from server.bench.common import cpu_name
 
 
 @dataclass
@@ -361,7 +362,7 @@ def main(args: argparse.Namespace) -> dict:
         "command": "mace " + " ".join(sys.argv[1:]),
         "machine": {
             "platform": platform.platform(),
-            "processor": _cpu_name(),
+            "processor": cpu_name(),
             "cpus": torch.get_num_threads(),
             "torch": torch.__version__,
             "device": "cpu",
@@ -378,13 +379,6 @@ def main(args: argparse.Namespace) -> dict:
     print(f"wrote {out} and {out.with_suffix('.md')}")
     return report
 
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
-    except OSError:
-        return platform.processor() or "unknown"
 
 
 def markdown_table(report: dict) -> str:

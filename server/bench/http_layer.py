@@ -38,9 +38,9 @@ from pathlib import Path
 
 import msgspec
 
+from server.bench.common import DEFAULT_MODEL, cpu_name, resolve_model
 from server.sse import DONE, Decoder
 
-DEFAULT_MODEL = "models/demo-base"  # what `make bench` builds
 NUM_WARMUP = 4
 
 
@@ -217,15 +217,9 @@ def main(args: argparse.Namespace) -> dict:
     from engine.config import EngineConfig
     from engine.model_loader import load_model, max_context_len
     from scheduler.builder import build_from_model
-    from server.bench.engine import _cpu_name, mixed_workload, pool
+    from server.bench.engine import mixed_workload, pool
 
-    if args.model is None:
-        args.model = DEFAULT_MODEL
-        if not (Path(DEFAULT_MODEL) / "config.json").exists():
-            from engine.demo_model import build_demo_model
-
-            print(f"building the base demo model in {DEFAULT_MODEL}", flush=True)
-            build_demo_model(DEFAULT_MODEL, "base")
+    args.model = resolve_model(args.model)
     torch.manual_seed(args.seed)
     config = EngineConfig(model=args.model, max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                           kv_cache_bytes=args.kv_cache_bytes, decode_attention=args.decode_attention)
@@ -269,7 +263,7 @@ def main(args: argparse.Namespace) -> dict:
     ratio = rows[1]["output_tok_s"] / rows[0]["output_tok_s"]
     report = {
         "command": "mace " + " ".join(sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "processor": _cpu_name(), "cpus": torch.get_num_threads(),
+        "machine": {"platform": platform.platform(), "processor": cpu_name(), "cpus": torch.get_num_threads(),
                     "torch": torch.__version__, "device": "cpu"},
         "model": args.model,
         "config": {"max_num_batched_tokens": config.max_num_batched_tokens, "max_num_seqs": config.max_num_seqs,

@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from server.bench.common import cpu_name
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queued", default="16,256,1024", help="requests queued, comma-separated")
@@ -55,13 +57,12 @@ def _one(queued: int, iterations: int, tokenizer, model_dir: str) -> dict:
 def main(args: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer
 
-    from server.bench.engine import _cpu_name
     from server.cli import _default_model
 
     model_dir = str(_default_model())  # only its tokenizer is used
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows = [_one(int(q), args.iterations, tokenizer, model_dir) for q in args.queued.split(",")]
-    report = {"command": "mace " + " ".join(sys.argv[1:]), "processor": _cpu_name(), "rows": rows}
+    report = {"command": "mace " + " ".join(sys.argv[1:]), "processor": cpu_name(), "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

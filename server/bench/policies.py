@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from server.bench.common import cpu_name
+
 POLICIES = ("inference-only", "synchronous", "periodic", "mace")
 
 
@@ -91,7 +93,6 @@ def main(args: argparse.Namespace) -> dict:
     from engine.config import EngineConfig
     from engine.model_loader import load_model
     from scheduler.builder import build_from_model
-    from server.bench.engine import _cpu_name
 
     rng = random.Random(args.seed)
     arrivals = list(np.cumsum(np.random.default_rng(args.seed).exponential(1 / args.rate, args.requests)))
@@ -107,8 +108,8 @@ def main(args: argparse.Namespace) -> dict:
             row = {"share": share, "policy": policy, **asyncio.run(_run(core, runner, args, prompts, arrivals, share))}
             rows.append(row)
             print(row, flush=True)
-    report = {"command": "mace " + " ".join(sys.argv[1:]), "processor": _cpu_name(), "model": args.model,
-              "config": {k: v for k, v in vars(args).items() if k not in ("func", "out")}, "rows": rows,
+    report = {"command": "mace " + " ".join(sys.argv[1:]), "processor": cpu_name(), "model": args.model,
+              "config": {k: v for k, v in vars(args).items() if k not in ("func", "out", "bench", "bench_module")}, "rows": rows,
               "run_s": round(time.perf_counter() - started, 1)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_MODEL = "models/demo-base"
+from server.bench.common import DEFAULT_MODEL, cpu_name, resolve_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -113,14 +113,8 @@ def main(args: argparse.Namespace) -> dict:
     from engine.config import EngineConfig
     from engine.model_loader import load_model
     from scheduler.builder import build_from_model
-    from server.bench.engine import _cpu_name
 
-    if args.model is None:
-        args.model = DEFAULT_MODEL
-        if not (Path(DEFAULT_MODEL) / "config.json").exists():
-            from engine.demo_model import build_demo_model
-
-            build_demo_model(DEFAULT_MODEL, "base")
+    args.model = resolve_model(args.model)
     rng = random.Random(args.seed)
     texts = _pairs(rng)
     config = EngineConfig(model=args.model, kv_cache_bytes=512 << 20, max_num_seqs=32,
@@ -141,9 +135,9 @@ def main(args: argparse.Namespace) -> dict:
         print(f"{name}: {rows[name]}", flush=True)
     report = {
         "command": "mace " + " ".join(sys.argv[1:]),
-        "machine": {"processor": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "machine": {"processor": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__},
         "model": args.model,
-        "config": {k: v for k, v in vars(args).items() if k not in ("func", "out")},
+        "config": {k: v for k, v in vars(args).items() if k not in ("func", "out", "bench", "bench_module")},
         "rows": rows,
         "run_s": round(time.perf_counter() - started, 1),
     }
