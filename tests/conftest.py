@@ -7,7 +7,12 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from engine.config import EngineConfig
 from engine.demo_model import build_demo_model
@@ -106,6 +111,41 @@ def start_server(make_engine):
             await runner.cleanup()
 
     return start
+
+
+def spawn_server(model_dir: str, *args: str):
+    """``mace serve`` in a subprocess on a free 127.0.0.1 port: (process, base url)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--model", model_dir, "--port", str(port),
+         "--kv-cache-bytes", str(8 << 20), *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+async def wait_ready(http, url: str, timeout_s: float = 30.0) -> None:
+    """Poll /health until 200 (bounded)."""
+    import asyncio
+
+    import aiohttp
+
+    for _ in range(int(timeout_s / 0.1)):
+        try:
+            async with http.get(f"{url}/health") as r:
+                if r.status == 200:
+                    return
+        except aiohttp.ClientConnectionError:
+            pass
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"{url} did not become ready in {timeout_s} s")
 
 
 def random_prompts(lengths: list[int], seed: int = 0, vocab: int = 8000) -> list[list[int]]:

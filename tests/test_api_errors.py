@@ -3,15 +3,13 @@ and the server keeps serving with every block back in the pool."""
 
 import asyncio
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import aiohttp
 import pytest
+
+from tests.conftest import spawn_server, wait_ready
 
 TIMEOUT = aiohttp.ClientTimeout(total=60)
 MSG = [{"role": "user", "content": "hi"}]
@@ -159,30 +157,11 @@ async def test_client_request_id_is_echoed(start_server):
                 assert r.status == 200 and r.headers["x-request-id"] == "trace-42"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def test_sigterm_ends_streams_cleanly_and_exits_zero(demo_model_dir, tmp_path):
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--model", demo_model_dir, "--port", str(port),
-         "--kv-cache-bytes", str(8 << 20), "--shutdown-grace", "0.5", "--state-dir", str(tmp_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
+    proc, url = spawn_server(demo_model_dir, "--shutdown-grace", "0.5", "--state-dir", str(tmp_path))
     try:
         async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
-            for _ in range(300):  # bounded wait for readiness
-                try:
-                    async with http.get(f"{url}/health") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.1)
+            await wait_ready(http, url)
             body = {"messages": MSG, "max_tokens": 900, "ignore_eos": True, "stream": True}
             async with http.post(f"{url}/v1/chat/completions", json=body) as r:
                 assert r.status == 200

@@ -14,7 +14,14 @@ from engine.sampling_params import SamplingParams
 from scheduler.builder import build_from_model, generate
 from tests.conftest import random_prompts
 from trainer.dpo import response_logprobs
-from trainer.executor import SERVING, TRAIN, FinetuneExecutor, TrainerConfig, adapter_parameters, attach_adapters
+from trainer.executor import (
+    SERVING,
+    TRAIN,
+    FinetuneExecutor,
+    TrainerConfig,
+    adapter_parameters,
+    attach_adapters,
+)
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 

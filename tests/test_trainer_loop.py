@@ -92,35 +92,16 @@ async def test_feedback_over_http_trains_the_serving_adapter(start_server, tmp_p
 
 
 async def test_sigkill_mid_training_loses_no_acknowledged_pair(demo_model_dir, tmp_path):
-    import os
     import signal
-    import socket
     import subprocess
-    import sys
 
     import aiohttp
 
-    def start():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--model", demo_model_dir, "--port", str(port),
-             "--kv-cache-bytes", str(8 << 20), "--state-dir", str(tmp_path), "--grad-accum", "1",
-             "--checkpoint-every", "3", "--learning-rate", "1e-3"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        return proc, f"http://127.0.0.1:{port}"
+    from tests.conftest import spawn_server, wait_ready
 
-    async def ready(http, url):
-        for _ in range(300):
-            try:
-                async with http.get(f"{url}/health") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.1)
-        raise TimeoutError("server did not start")
+    def start():
+        return spawn_server(demo_model_dir, "--state-dir", str(tmp_path), "--grad-accum", "1",
+                            "--checkpoint-every", "3", "--learning-rate", "1e-3")
 
     async def poll(http, url, done, limit_s=60.0):
         for _ in range(int(limit_s / 0.05)):
@@ -138,7 +119,7 @@ async def test_sigkill_mid_training_loses_no_acknowledged_pair(demo_model_dir, t
     proc, url = start()
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
-            await ready(http, url)
+            await wait_ready(http, url)
             async with http.post(f"{url}/v1/feedback", json={"pairs": pairs}) as r:
                 assert r.status == 200 and (await r.json())["stored"] == 40  # acknowledged
             _, stats = await poll(http, url, lambda a, s: a["serving"]["version"] >= 4)
@@ -147,7 +128,7 @@ async def test_sigkill_mid_training_loses_no_acknowledged_pair(demo_model_dir, t
             assert stats["trained"] < 40
         proc, url = start()
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
-            await ready(http, url)
+            await wait_ready(http, url)
             async with http.get(f"{url}/v1/adapters") as r:
                 assert (await r.json())["serving"]["version"] >= 3  # resumed from a checkpoint
             adapters, stats = await poll(http, url, lambda a, s: s["trained"] == 40)
