@@ -43,9 +43,23 @@ class EngineConfig:
     # trains, a full chunk per iteration, until the pairs waiting run out.
     policy: str = "synchronous"
     retrain_period_s: float = 60.0
+    # The server's default SLOs (a request may set its own): time to first token, and time
+    # between tokens (TPOT). slo_margin: the share of the TBT budget the planner keeps in reserve.
+    slo_ttft_ms: float = 1000.0
     slo_tbt_ms: float = 100.0
     slo_margin: float = 0.1
     finetune_min_every: int = 50
+    # The mace planner's knobs (scheduler/mace.py explains each; the README's benchmarks use these).
+    tau_mem: float = 0.9  # share of free KV blocks one iteration may claim for new prefill
+    pack_top_k: int = 4  # best fit among this many highest-priority candidates that fit
+    lambda_mem: float = 0.5  # weight of the memory fit in the best-fit score
+    lambda_lat: float = 0.5  # weight of the latency fit
+    w_prefill: float = 1.0  # base priority of a prefill chunk
+    alpha_wait: float = 1.0  # priority per TTFT SLO waited
+    delta_ft: float = 0.5  # base priority of fine-tune work
+    alpha_ft: float = 0.05  # priority per second fine-tune work has waited
+    gamma_loss: float = 1.0  # priority per unit of DPO loss
+    slo_bank_max: float = 3.0  # longest iteration, in TBT budgets, when requests bank slack
     cost_profile: str | None = None  # a `mace profile` file; None: a prior corrected online
 
     def __post_init__(self) -> None:
@@ -65,5 +79,13 @@ class EngineConfig:
             raise ValueError(f"kv_prune must be none, window or heavy-hitter, got {self.kv_prune!r}")
         if self.policy not in ("synchronous", "mace", "periodic", "inference-only"):
             raise ValueError(f"policy must be synchronous, mace, periodic or inference-only, got {self.policy!r}")
+        if not 0.0 < self.tau_mem <= 1.0:
+            raise ValueError(f"tau_mem must be in (0, 1], got {self.tau_mem}")
+        if self.pack_top_k < 1:
+            raise ValueError(f"pack_top_k must be >= 1, got {self.pack_top_k}")
+        if self.slo_bank_max < 1.0:
+            raise ValueError(f"slo_bank_max must be >= 1, got {self.slo_bank_max}")
+        if not 0.0 <= self.slo_margin < 1.0:
+            raise ValueError(f"slo_margin must be in [0, 1), got {self.slo_margin}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype}")

@@ -100,6 +100,15 @@ class FinetuneChunk:
     gradient); ``"gradient"`` runs forward and backward of the DPO loss under the ``train``
     adapter and accumulates gradients; with ``step`` set it then clips, takes an AdamW step and
     publishes the ``train`` weights to the ``serving`` adapter (unless a value is not finite).
+
+    A pair too big for an iteration's slack is cut into three ``part``s of one sequence each,
+    whose gradients add up to the whole pair's exactly. With ``z = beta * ((logp_c - ref_c) -
+    (logp_r - ref_r))`` the pair's gradient is ``-w * (grad logp_c - grad logp_r)``, ``w = beta *
+    sigmoid(-z)``, so: ``"score"`` (no gradient) computes ``logp_r`` under the ``train`` adapter;
+    ``"chosen"`` runs the chosen sequence's forward, forms ``z`` and ``w`` from
+    ``logp_rejected``, and back-propagates ``-w * logp_c``; ``"rejected"`` back-propagates
+    ``w * logp_r`` with the ``weight`` the chosen part found. The cost: one extra no-grad
+    forward of the rejected sequence (about a sixth more compute than the whole pair).
     """
 
     task_id: int
@@ -108,10 +117,29 @@ class FinetuneChunk:
     step: bool = False
     # After the step, write a checkpoint whatever the period (the trainer asks when it runs dry).
     checkpoint: bool = False
+    part: str | None = None  # None: whole pairs; "score" | "chosen" | "rejected" (one pair)
+    logp_rejected: float | None = None  # "chosen": the score part's result
+    weight: float | None = None  # "rejected": the chosen part's ``w``
+    # Drop the gradients accumulated so far before this chunk (an iteration carrying part of
+    # the accumulation failed; the trainer sent its pairs round again).
+    reset: bool = False
 
     @property
     def num_tokens(self) -> int:
-        return sum(p.num_tokens for p in self.pairs)
+        if self.part is None:
+            return sum(p.num_tokens for p in self.pairs)
+        p = self.pairs[0]
+        return len(p.prompt_ids) + len(p.chosen_ids if self.part == "chosen" else p.rejected_ids)
+
+    @property
+    def has_grad(self) -> bool:
+        return self.kind == "gradient" and self.part != "score"
+
+    @property
+    def cost_tokens(self) -> int:
+        """Tokens as the cost model prices them: a forward without backward costs about a third
+        of a forward with one."""
+        return self.num_tokens if self.has_grad else -(-self.num_tokens // 3)
 
 
 @dataclass(slots=True)
@@ -159,6 +187,8 @@ class FinetuneResult:
     # gradient: DPO loss per pair (feeds the scheduler's fine-tune priority and the outlier guard).
     losses: dict[str, float] = field(default_factory=dict)
     num_tokens: int = 0
+    # "score": logp_r under the train adapter; "chosen": the weight w for the rejected part.
+    part_value: float | None = None
     # Set when the chunk ended an accumulation: whether the step was taken (False: a loss or
     # gradient was not finite, the step was skipped and the last good weights restored).
     stepped: bool | None = None

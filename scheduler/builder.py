@@ -30,7 +30,10 @@ def build_from_model(model: torch.nn.Module, tokenizer, config: EngineConfig) ->
     context = max_context_len(mcfg)
     max_model_len = min(config.max_model_len or context, context)
     if config.max_num_batched_tokens is None:
-        budget = 64 if next(model.parameters()).device.type == "cpu" else 2048
+        # FCFS plans bound an iteration's time by its tokens; mace bounds it by the TBT SLO
+        # through the cost model, and the token cap only stops pathological plans.
+        cpu = next(model.parameters()).device.type == "cpu"
+        budget = (256 if cpu else 8192) if config.policy == "mace" else (64 if cpu else 2048)
         config = dataclasses.replace(config, max_num_batched_tokens=budget)
     if not config.enable_chunked_prefill and config.max_num_batched_tokens < max_model_len:
         # Without chunking a whole prompt must fit one iteration's budget.

@@ -25,6 +25,7 @@ from engine.plan import IterationPlan, IterationResult, SequenceChunk, TokenLogp
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from scheduler.cost_model import CostModel, IterationShape
 from scheduler.fcfs import FcfsScheduler, ScheduledSequence
+from scheduler.mace import FinetuneOffer, MaceScheduler
 from scheduler.request import FinishReason, RequestOptions, Sequence, SequenceStatus
 
 
@@ -56,13 +57,18 @@ class EngineCore:
         pruning = None
         if config.kv_prune != "none":
             pruning = PruningPolicy(config.kv_prune, config.kv_budget, config.block_size, config.kv_sink_tokens)
-        self.scheduler = FcfsScheduler(
-            self.pool,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            max_num_seqs=config.max_num_seqs,
-            enable_chunked_prefill=config.enable_chunked_prefill,
-            pruning=pruning,
-        )
+        self.cost_model = CostModel.load(config.cost_profile) if config.cost_profile else CostModel(PRIOR_COSTS)
+        self.clock = time.monotonic  # arrivals, first tokens, deadlines; simulations drive their own
+        if config.policy == "mace":
+            self.scheduler = MaceScheduler(self.pool, config, self.cost_model, pruning, clock=lambda: self.clock())
+        else:
+            self.scheduler = FcfsScheduler(
+                self.pool,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_num_seqs=config.max_num_seqs,
+                enable_chunked_prefill=config.enable_chunked_prefill,
+                pruning=pruning,
+            )
         self.sequences: dict[str, Sequence] = {}
         self._seq_ids = itertools.count()
         self._iterations = itertools.count()
@@ -70,11 +76,10 @@ class EngineCore:
         self._in_flight: dict[int, list[ScheduledSequence]] = {}
         self._finetune_in_flight: dict[int, int] = {}  # iteration -> fine-tune task id
         self.trainer = None  # trainer.trainer.Trainer when training is on (the builder wires it)
-        self.cost_model = CostModel.load(config.cost_profile) if config.cost_profile else CostModel(PRIOR_COSTS)
         self._shapes: dict[int, IterationShape] = {}
         self._iterations_without_finetune = 0
-        self.clock = time.monotonic  # the periodic policy's; tests drive their own
-        self._next_burst_s = time.monotonic() + config.retrain_period_s
+        self._finetune_waiting_since: float | None = None
+        self._next_burst_s = self.clock() + config.retrain_period_s
         self._burst_started_s: float | None = None
 
     # -- requests -----------------------------------------------------------------------------
@@ -130,7 +135,7 @@ class EngineCore:
             max_tokens=max_tokens,
             stop_token_ids=stop_ids,
             detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop),
-            arrival_s=time.monotonic(),
+            arrival_s=self.clock(),
             prompt_logprobs=[None],
             options=options or RequestOptions(),
         )
@@ -155,13 +160,22 @@ class EngineCore:
 
     def schedule(self) -> IterationPlan | None:
         """The next iteration: inference chunks, and (with a trainer) one fine-tune chunk of at
-        most ``finetune_tokens_per_iteration`` tokens. (The FCFS planner adds fine-tune work to
-        every iteration while there is some, SLO-blind; the MACE scheduler sizes it to the slack.)"""
-        scheduled = self.scheduler.schedule()
-        chunks = [self._chunk(s.seq, s.num_new_tokens) for s in scheduled]
-        shape = _shape(chunks)
+        most ``finetune_tokens_per_iteration`` tokens. Under ``mace`` the planner packs both
+        (scheduler/mace.py); the other policies plan inference first-come-first-served and
+        decide the fine-tune work apart (``_finetune_budget``)."""
+        if self.config.policy == "mace":
+            offer = self._finetune_offer()
+            force = offer is not None and self._iterations_without_finetune >= self.config.finetune_min_every
+            scheduled = self.scheduler.schedule(offer, force)
+            chunks = [self._chunk(s.seq, s.num_new_tokens) for s in scheduled]
+            shape = _shape(chunks)
+            budget = self.scheduler.finetune_tokens
+        else:
+            scheduled = self.scheduler.schedule()
+            chunks = [self._chunk(s.seq, s.num_new_tokens) for s in scheduled]
+            shape = _shape(chunks)
+            budget = self._finetune_budget(shape)
         finetune = None
-        budget = self._finetune_budget(shape)
         if budget:
             finetune = self.trainer.next_chunk(budget)
         if not scheduled and finetune is None:
@@ -171,7 +185,8 @@ class EngineCore:
         if finetune is not None:
             self._finetune_in_flight[iteration] = finetune.task_id
             self._iterations_without_finetune = 0
-            shape = dataclasses.replace(shape, num_finetune_tokens=finetune.num_tokens)
+            self._finetune_waiting_since = None  # the wait starts again when work is offered
+            shape = dataclasses.replace(shape, num_finetune_tokens=finetune.cost_tokens)
         else:
             self._iterations_without_finetune += 1
         self._shapes[iteration] = shape
@@ -189,25 +204,28 @@ class EngineCore:
             return 0
         return self.config.finetune_tokens_per_iteration
 
+    def _finetune_offer(self) -> FinetuneOffer | None:
+        """What the trainer can add to this iteration, for the mace planner (None: nothing)."""
+        trainer = self.trainer
+        if trainer is None or (smallest := trainer.next_pair_tokens()) is None:
+            self._finetune_waiting_since = None
+            return None
+        now = self.clock()
+        if self._finetune_waiting_since is None:
+            self._finetune_waiting_since = now
+        loss = trainer.head_loss()
+        return FinetuneOffer(smallest, max(smallest, self.config.finetune_tokens_per_iteration),
+                             loss if loss is not None else _LN2, now - self._finetune_waiting_since)
+
     def _finetune_budget(self, shape: IterationShape) -> int:
-        """Fine-tune tokens this iteration may carry under the policy (0: none)."""
+        """Fine-tune tokens this iteration may carry under the FCFS-planned policies (0: none)."""
         trainer, config = self.trainer, self.config
         if trainer is None or config.policy == "inference-only":
             return 0
         smallest = trainer.next_pair_tokens()
         if config.policy == "periodic":
             return self._periodic_budget(smallest is not None)
-        if smallest is None:
-            return 0
-        if config.policy == "synchronous" or not shape.num_decodes and not shape.num_prefill_tokens:
-            return config.finetune_tokens_per_iteration  # (mace: an idle engine trains at full size)
-        slack_s = config.slo_tbt_ms / 1e3 * (1 - config.slo_margin) - self.cost_model.predict(shape)
-        budget = min(int(slack_s / self.cost_model.cost_per_finetune_token()), config.finetune_tokens_per_iteration)
-        if budget >= smallest:
-            return budget
-        if self._iterations_without_finetune >= config.finetune_min_every:
-            return smallest  # starvation guard: one pair, SLO or not
-        return 0
+        return config.finetune_tokens_per_iteration if smallest is not None else 0  # synchronous
 
     def _chunk(self, seq: Sequence, num_new: int) -> SequenceChunk:
         start = seq.num_computed_tokens
@@ -248,7 +266,7 @@ class EngineCore:
         if shape is not None and result.total_s > 0:
             self.cost_model.observe(shape, result.total_s)
         by_id = {r.seq_id: r for r in result.outputs}
-        now = time.monotonic()
+        now = self.clock()
         outputs = []
         for s in scheduled:
             seq = s.seq
@@ -337,6 +355,8 @@ class EngineCore:
         for s in self.scheduler.waiting:
             assert s.status is SequenceStatus.WAITING and not s.block_table
 
+
+_LN2 = 0.6931471805599453  # the DPO loss of a pair the adapter has not moved yet
 
 # Seconds: a CPU-sized guess (a ~60M model) that the first measured iterations correct.
 PRIOR_COSTS = [5e-3, 1e-3, 1e-5, 1e-3, 2e-5, 3e-3]

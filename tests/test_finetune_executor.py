@@ -171,3 +171,34 @@ def test_checkpoints_load_with_plain_peft_and_resume(tiny, demo_model_dir, tmp_p
     assert trainer.adapter_version == 3 and runner.finetune_executor.version == 3
     with torch.no_grad():
         assert torch.allclose(runner.finetune_executor.model(input_ids=ids).logits, served, atol=1e-5)
+
+
+def _grads(executor) -> list[torch.Tensor]:
+    return [p.grad.detach().clone() for p in executor.params]
+
+
+def test_a_pair_cut_in_three_parts_gives_the_whole_pairs_gradient(tiny):
+    model, _ = tiny
+    config = TrainerConfig(lr=5e-3, grad_accum=2)
+    executor = FinetuneExecutor(attach_adapters(model, config), config, pad_id=0)
+    pairs = _pairs(2, seed=4)
+    refs = executor.run(FinetuneChunk(0, "reference", pairs)).ref_logprobs
+    pairs = [_with_refs(p, *refs[p.pair_id]) for p in pairs]
+    executor.run(FinetuneChunk(1, "gradient", pairs, step=True))  # LoRA B off zero: every grad counts
+    (p,) = pairs[:1]
+    whole = executor.run(FinetuneChunk(2, "gradient", [p]))
+    expected = _grads(executor)
+    executor.optimizer.zero_grad(set_to_none=True)
+
+    score = executor.run(FinetuneChunk(3, "gradient", [p], part="score"))
+    assert all(q.grad is None for q in executor.params)  # no gradient from the score part
+    chosen = executor.run(FinetuneChunk(4, "gradient", [p], part="chosen", logp_rejected=score.part_value))
+    assert chosen.losses["p0"] == pytest.approx(whole.losses["p0"], rel=1e-5)
+    rejected = executor.run(FinetuneChunk(5, "gradient", [p], part="rejected", weight=chosen.part_value))
+    assert rejected.stepped is None and not rejected.losses
+    for got, want in zip(_grads(executor), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    assert any(w.abs().max() > 1e-6 for w in expected)
+    # the chunk sizes the scheduler prices: one sequence each
+    assert FinetuneChunk(0, "gradient", [p], part="chosen").num_tokens == len(p.prompt_ids) + len(p.chosen_ids)
+    assert FinetuneChunk(0, "gradient", [p], part="score").cost_tokens == -(-(len(p.prompt_ids) + len(p.rejected_ids)) // 3)

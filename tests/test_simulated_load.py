@@ -49,6 +49,7 @@ async def test_an_hour_of_load_keeps_the_slo_and_trains_every_minute(demo_model_
                           max_num_batched_tokens=64, max_num_seqs=32, finetune_tokens_per_iteration=512,
                           finetune_min_every=50, max_model_len=1024, vocab_size=8192)
     core = EngineCore(config, tokenizer, frozenset(), num_blocks=2048)
+    core.clock = lambda: t  # arrivals, first tokens and deadlines on the simulated clock
     store = FeedbackStore(tmp_path / "f.sqlite3")
     core.trainer = Trainer(store, tokenizer, TrainerConfig(grad_accum=4), tokenizer.eos_token_id)
     rng = random.Random(0)

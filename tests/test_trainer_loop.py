@@ -217,3 +217,31 @@ async def test_an_outlier_pair_is_set_aside_after_k_tries(make_engine, tmp_path)
     assert store.get("p1").state == "set_aside" and store.get("p2").state == "set_aside"
     assert store.stats() == {"received": 3, "trained": 1, "pending": 0, "set_aside": 2}
     store.close()
+
+
+async def test_a_pair_too_big_for_the_room_trains_in_three_parts(make_engine, tmp_path):
+    core, runner = make_engine()
+    store = FeedbackStore(tmp_path / "f.sqlite3")
+    trainer = attach_trainer(core, runner, store, TrainerConfig(grad_accum=1))
+    store.add([NewPair("Why is the sky blue?", " Because of Rayleigh scattering.", " No idea.")])
+    await trainer.refill()
+    ex = runner.finetune_executor
+
+    def step(failed: bool = False) -> tuple:
+        chunk = trainer.next_chunk(trainer.next_pair_tokens())  # only ever the smallest room
+        if failed:
+            trainer.on_failure(chunk.task_id)
+        else:
+            trainer.on_result(ex.run(chunk))
+        return chunk.kind, chunk.part, chunk.step, chunk.reset
+
+    assert [step(), step(), step()] == [("reference", None, False, False), ("gradient", "score", False, False),
+                                        ("gradient", "chosen", False, False)]
+    assert step(failed=True) == ("gradient", "rejected", True, False)  # its iteration failed
+    # the pair starts over, and the gradients of the failed accumulation are dropped first
+    assert [step(), step(), step()] == [("gradient", "score", False, True), ("gradient", "chosen", False, False),
+                                        ("gradient", "rejected", True, False)]
+    assert not trainer.has_work and trainer.adapter_version == 1
+    await trainer.flush()
+    assert store.stats()["trained"] == 1
+    store.close()

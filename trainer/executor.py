@@ -83,6 +83,9 @@ class FinetuneExecutor:
 
     def run(self, chunk: FinetuneChunk) -> FinetuneResult:
         t0 = time.perf_counter()
+        if chunk.reset:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._bad_accumulation = False
         if chunk.kind == "reference":
             result = self._reference(chunk)
         elif chunk.kind == "gradient":
@@ -124,23 +127,67 @@ class FinetuneExecutor:
         refs = {p.pair_id: (c, r) for p, c, r in zip(chunk.pairs, chosen.tolist(), rejected.tolist())}
         return FinetuneResult(chunk.task_id, "reference", ref_logprobs=refs)
 
+    def _sequence_logprob(self, prompt: list[int], response: list[int]) -> torch.Tensor:
+        ids = torch.tensor([prompt + response], device=self._device)
+        resp = torch.zeros(ids.shape, device=self._device)
+        resp[0, len(prompt) :] = 1.0
+        logits = self.model(input_ids=ids, use_cache=False).logits
+        return response_logprobs(logits, ids, resp)[0]
+
+    def _part(self, chunk: FinetuneChunk, result: FinetuneResult) -> None:
+        """One sequence of a pair cut in three (see FinetuneChunk); under the train adapter."""
+        (p,) = chunk.pairs
+        beta, scale = self.config.dpo_beta, 1.0 / self.config.grad_accum
+        if chunk.part == "score":
+            self.model.eval()
+            with torch.no_grad():
+                result.part_value = self._sequence_logprob(p.prompt_ids, p.rejected_ids).item()
+        elif chunk.part == "chosen":
+            logp_c = self._sequence_logprob(p.prompt_ids, p.chosen_ids)
+            ref = torch.tensor([p.ref_chosen], device=self._device)
+            logp_r = torch.tensor([chunk.logp_rejected], device=self._device)
+            loss, margin = dpo_loss(logp_c.reshape(1), logp_r, ref, torch.tensor([p.ref_rejected], device=self._device), beta)
+            w = beta * torch.sigmoid(-margin[0])
+            result.losses = {p.pair_id: loss.item()}
+            result.part_value = w.item()
+            if torch.isfinite(loss).all():
+                (-w * logp_c * scale).backward()
+            else:
+                self._bad_accumulation = True
+                result.part_value = 0.0
+        elif chunk.part == "rejected":
+            logp_r = self._sequence_logprob(p.prompt_ids, p.rejected_ids)
+            if chunk.weight:
+                (chunk.weight * logp_r * scale).backward()
+        else:
+            raise ValueError(f"unknown fine-tune chunk part {chunk.part!r}")
+
+    def _whole(self, chunk: FinetuneChunk, result: FinetuneResult) -> None:
+        chosen, rejected = self._logprobs(chunk.pairs)
+        ref_c = torch.tensor([p.ref_chosen for p in chunk.pairs], device=self._device)
+        ref_r = torch.tensor([p.ref_rejected for p in chunk.pairs], device=self._device)
+        losses, _ = dpo_loss(chosen, rejected, ref_c, ref_r, self.config.dpo_beta)
+        result.losses = {p.pair_id: v for p, v in zip(chunk.pairs, losses.tolist())}
+        if torch.isfinite(losses).all():
+            (losses.sum() / self.config.grad_accum).backward()
+        else:
+            self._bad_accumulation = True
+
     def _gradient(self, chunk: FinetuneChunk) -> FinetuneResult:
         result = FinetuneResult(chunk.task_id, "gradient")
         self.model.set_adapter(TRAIN)
         self.model.train()
         try:
-            chosen, rejected = self._logprobs(chunk.pairs)
-            ref_c = torch.tensor([p.ref_chosen for p in chunk.pairs], device=self._device)
-            ref_r = torch.tensor([p.ref_rejected for p in chunk.pairs], device=self._device)
-            losses, _ = dpo_loss(chosen, rejected, ref_c, ref_r, self.config.dpo_beta)
-            result.losses = {p.pair_id: v for p, v in zip(chunk.pairs, losses.tolist())}
-            if torch.isfinite(losses).all():
-                (losses.sum() / self.config.grad_accum).backward()
+            if chunk.part is not None:
+                self._part(chunk, result)
             else:
-                self._bad_accumulation = True
+                self._whole(chunk, result)
         finally:
             self.model.set_adapter(SERVING)  # also leaves only `serving` marked trainable
             self.model.eval()
+        return self._maybe_step(chunk, result)
+
+    def _maybe_step(self, chunk: FinetuneChunk, result: FinetuneResult) -> FinetuneResult:
         if chunk.step:
             result.stepped = self._step()
             due = self.version % self.checkpoint_every == 0 or chunk.checkpoint

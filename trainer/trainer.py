@@ -53,6 +53,12 @@ class Trainer:
         self._ready: deque[PreferencePair] = deque()
         self._known: set[str] = set()  # ids loaded and not yet trained or set aside
         self._accumulated: list[PreferencePair] = []  # in the optimizer's gradients now
+        # A pair cut in three parts (FinetuneChunk): the pair, the next part, what the last gave.
+        self._split: PreferencePair | None = None
+        self._split_part = "score"
+        self._split_value: float | None = None
+        self._reset = False  # the next gradient chunk drops the gradients accumulated so far
+        self._pair_losses: dict[str, float] = {}  # last DPO loss per pair (the scheduler's priority)
         self._in_flight: dict[int, FinetuneChunk] = {}
         self._task_ids = itertools.count()
         self._recent_losses: deque[float] = deque(maxlen=64)
@@ -93,7 +99,7 @@ class Trainer:
 
     @property
     def has_work(self) -> bool:
-        return bool(self._needs_reference or self._ready) and not self._in_flight
+        return bool(self._needs_reference or self._ready or self._split) and not self._in_flight
 
     @property
     def mean_recent_loss(self) -> float | None:
@@ -102,19 +108,50 @@ class Trainer:
     # -- the scheduler's side ---------------------------------------------------------------------
 
     def next_pair_tokens(self) -> int | None:
-        """Tokens of the smallest chunk ``next_chunk`` can give (one pair), or None."""
+        """Tokens of the smallest chunk ``next_chunk`` can give, or None: the next part of a cut
+        pair, a reference pass of one pair, or (a pair ready to train) its first part."""
         if not self.has_work:
             return None
-        return (self._needs_reference or self._ready)[0].num_tokens
+        if self._split is not None:
+            return self._part_chunk(0).num_tokens
+        if self._needs_reference:
+            return self._needs_reference[0].num_tokens
+        head = self._ready[0]
+        return min(head.num_tokens, len(head.prompt_ids) + len(head.rejected_ids))
+
+    def head_loss(self) -> float | None:
+        """The last DPO loss of the pair trained next, else the recent mean (None: no losses yet)."""
+        pair = self._split or (self._ready[0] if self._ready else None)
+        if pair is not None and pair.pair_id in self._pair_losses:
+            return self._pair_losses[pair.pair_id]
+        return self.mean_recent_loss
+
+    def _part_chunk(self, task_id: int) -> FinetuneChunk:
+        pair, part = self._split, self._split_part
+        chunk = FinetuneChunk(task_id, "gradient", [pair], part=part)
+        if part == "chosen":
+            chunk.logp_rejected = self._split_value
+        elif part == "rejected":
+            chunk.weight = self._split_value
+            is_last = not (self._ready or self._needs_reference)
+            chunk.step = len(self._accumulated) >= self.config.grad_accum or is_last
+            chunk.checkpoint = chunk.step and is_last
+        return chunk
 
     def next_chunk(self, max_tokens: int) -> FinetuneChunk | None:
         """The next piece of fine-tune work, of at most ``max_tokens`` (at least one pair), or
         None. One chunk at a time: the next waits for this one's result."""
         if not self.has_work:
             return None
-        if self._needs_reference:
+        if self._split is not None:
+            chunk = self._part_chunk(next(self._task_ids))
+        elif self._needs_reference:
             pairs = self._take(self._needs_reference, max_tokens, len(self._needs_reference))
             chunk = FinetuneChunk(next(self._task_ids), "reference", pairs)
+        elif self._ready[0].num_tokens > max_tokens:  # too big for the room: cut in three parts
+            self._split, self._split_part = self._ready.popleft(), "score"
+            self._accumulated.append(self._split)
+            chunk = self._part_chunk(next(self._task_ids))
         else:
             room = self.config.grad_accum - len(self._accumulated)
             pairs = self._take(self._ready, max_tokens, room)
@@ -124,6 +161,8 @@ class Trainer:
             step = len(self._accumulated) >= self.config.grad_accum or is_last
             # running dry: checkpoint now, so the pairs are marked trained without waiting
             chunk = FinetuneChunk(next(self._task_ids), "gradient", pairs, step=step, checkpoint=step and is_last)
+        if chunk.kind == "gradient" and self._reset:
+            chunk.reset, self._reset = True, False
         self._in_flight[chunk.task_id] = chunk
         return chunk
 
@@ -145,9 +184,18 @@ class Trainer:
                 self._io(self.store.set_reference, p.pair_id, p.ref_chosen, p.ref_rejected)
             self._ready.extend(chunk.pairs)
             return
+        if chunk.part is not None:
+            if chunk.part == "rejected":
+                self._split = None
+            else:
+                self._split_part = "chosen" if chunk.part == "score" else "rejected"
+                self._split_value = result.part_value
         mean = self.mean_recent_loss
         for p in chunk.pairs:
+            if p.pair_id not in result.losses:
+                continue  # a part without the loss
             loss = result.losses[p.pair_id]
+            self._pair_losses[p.pair_id] = loss
             if math.isfinite(loss):
                 self._recent_losses.append(loss)
             if not math.isfinite(loss) or (mean is not None and loss > self.outlier_factor * max(mean, 1e-3)):
@@ -158,8 +206,12 @@ class Trainer:
                     self._set_aside.add(p.pair_id)
                     self._io(self.store.set_aside, p.pair_id)
         if result.stepped is None:
+            if self._split is not None:
+                self.on_new_work()
             return
         accumulated, self._accumulated = self._accumulated, []
+        for p in accumulated:
+            self._pair_losses.pop(p.pair_id, None)
         self.adapter_version = result.adapter_version
         kept = [p for p in accumulated if p.pair_id not in self._set_aside]
         if result.stepped:
@@ -182,12 +234,17 @@ class Trainer:
             self._io(self.store.mark_trained, ids)
 
     def on_failure(self, task_id: int) -> None:
-        """The iteration carrying this chunk failed: its pairs go back, gradients are dropped."""
+        """The iteration carrying this chunk failed. A reference chunk's pairs go back; for a
+        gradient chunk the whole accumulation does (the gradients may hold part of it), and the
+        next gradient chunk drops the gradients."""
         chunk = self._in_flight.pop(task_id, None)
         if chunk is None:
             return
-        queue = self._needs_reference if chunk.kind == "reference" else self._ready
-        queue.extendleft(reversed(chunk.pairs))
+        if chunk.kind == "reference":
+            self._needs_reference.extendleft(reversed(chunk.pairs))
+            return
+        self._ready.extendleft(reversed(self._accumulated))
+        self._accumulated, self._split, self._reset = [], None, True
 
     def _io(self, fn, *args) -> None:
         """Store writes off the loop, in order of submission per call site."""

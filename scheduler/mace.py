@@ -1,0 +1,302 @@
+"""The MACE planner: SLO-aware priorities and best-fit packing of one iteration (``--policy mace``).
+
+One iteration is one bin with two capacities:
+
+- latency ``L``: how long the iteration may take. Every running decode has a deadline for its
+  next token, ``first_token + n * tbt * (1 - margin)`` after ``n`` output tokens (the pace that
+  keeps its TPOT within the SLO); ``L`` is the smallest slack to those deadlines, never below one
+  TBT budget ``tbt * (1 - margin)`` (a request behind its pace cannot be helped by a shorter
+  iteration than that) and never above ``slo_bank_max`` of them (so the gap between two tokens
+  stays bounded). Slack banked by fast iterations can thus be spent on fine-tune work without a
+  request's mean time per token going past its SLO. Without decodes, ``L`` is one TBT budget.
+- memory ``M``: ``tau_mem`` times the KV blocks free or evictable at the start (the rest is the
+  reserve running sequences grow into).
+
+Decodes run first, every iteration (their blocks come first too; when the pool is short the
+lowest-priority running sequence is preempted and recomputed later). What they leave of ``L``
+and ``M`` goes to the candidates: prefill chunks (running sequences part-way through their
+prompt, and waiting requests) and the trainer's next fine-tune piece. Each has a priority:
+
+    prefill:   w_prefill + request priority + alpha_wait * wait / slo_ttft  (+ URGENT)
+    fine-tune: delta_ft + alpha_ft * wait + gamma_loss * L_dpo
+
+where a prefill is URGENT once the iterations it still needs no longer fit before its TTFT
+deadline (urgent prefills are placed first, before anything else), and ``L_dpo`` is the last
+DPO loss seen for the pair (the running mean for unseen pairs): higher loss, sooner. Then,
+repeatedly: among the ``pack_top_k`` highest-priority candidates that fit, take the one with the
+smallest ``f = lambda_mem * |M_rem - m_i| / M + lambda_lat * |L_rem - l_i| / L`` (best fit; a
+task that does not use KV blocks is scored on latency alone), cut to what remains when it is
+divisible (prefill chunks at block boundaries, fine-tune pieces by the trainer), until nothing
+fits. Ties go to the higher priority. Costs ``l_i`` are the cost model's marginal prices.
+
+Starvation guards: a fine-tune piece is forced into an iteration after ``finetune_min_every``
+iterations without one; a prefill's priority grows with its wait until it wins.
+
+Waiting requests of the default class (no per-request priority or SLO) have priorities in
+arrival order, so no more of them can be admitted than there are free sequence slots, from the
+head; the planner looks at those and at every request with its own options, which keeps
+planning time flat in the queue length.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from cache.block_pool import BlockPool
+from cache.pruning import PruningPolicy
+from engine.config import EngineConfig
+from scheduler.cost_model import CostModel, IterationShape
+from scheduler.fcfs import FcfsScheduler, ScheduledSequence
+from scheduler.request import RequestOptions, Sequence, SequenceStatus
+
+URGENT = 100.0
+
+
+@dataclass(slots=True)
+class FinetuneOffer:
+    """What the trainer can add to an iteration: a piece of ``min_tokens`` up to ``max_tokens``."""
+
+    min_tokens: int
+    max_tokens: int
+    loss: float  # the DPO loss the priority uses
+    wait_s: float  # since the work became ready or last ran
+
+
+@dataclass(slots=True)
+class _Candidate:
+    priority: float
+    seq: Sequence | None  # None: the fine-tune piece
+    waiting: bool = False
+
+
+class MaceScheduler(FcfsScheduler):
+    def __init__(self, pool: BlockPool, config: EngineConfig, cost_model: CostModel,
+                 pruning: PruningPolicy | None = None, clock=time.monotonic) -> None:
+        super().__init__(pool, config.max_num_batched_tokens, config.max_num_seqs,
+                         config.enable_chunked_prefill, pruning)
+        self.config = config
+        self.cost_model = cost_model
+        self.clock = clock
+        self.finetune_tokens = 0  # the fine-tune piece the last plan makes room for (0: none)
+        self.latency_capacity_s = 0.0  # the last plan's L, and its prediction (tests, metrics)
+        self.predicted_s = 0.0
+
+    # -- SLOs and priorities ----------------------------------------------------------------------
+
+    def _tbt_budget(self, options: RequestOptions) -> float:
+        tbt = options.slo_tbt_ms if options.slo_tbt_ms is not None else self.config.slo_tbt_ms
+        return tbt / 1e3 * (1 - self.config.slo_margin)
+
+    def _ttft(self, options: RequestOptions) -> float:
+        return (options.slo_ttft_ms if options.slo_ttft_ms is not None else self.config.slo_ttft_ms) / 1e3
+
+    def decode_slack(self, seq: Sequence, now: float) -> float:
+        """Seconds until the deadline of ``seq``'s next token (negative: behind its pace)."""
+        if seq.first_token_s is None:  # the last prompt token: the TTFT deadline
+            return seq.arrival_s + self._ttft(seq.options) - now
+        return seq.first_token_s + seq.num_output_tokens * self._tbt_budget(seq.options) - now
+
+    def prefill_priority(self, seq: Sequence, now: float) -> float:
+        c = self.config
+        ttft = self._ttft(seq.options)
+        priority = c.w_prefill + seq.options.priority + c.alpha_wait * (now - seq.arrival_s) / ttft
+        # iterations still needed at one TBT budget each, at most max_num_batched_tokens a chunk
+        remaining = seq.num_tokens - seq.num_computed_tokens
+        # (iterations may run up to slo_bank_max budgets when decodes have banked slack)
+        needed = (math.ceil(remaining / self.max_num_batched_tokens) + 1) * self._tbt_budget(seq.options) * c.slo_bank_max
+        if seq.arrival_s + ttft - now <= needed:
+            priority += URGENT
+        return priority
+
+    def finetune_priority(self, offer: FinetuneOffer) -> float:
+        c = self.config
+        return c.delta_ft + c.alpha_ft * offer.wait_s + c.gamma_loss * offer.loss
+
+    def _victim(self) -> Sequence:
+        """Who is preempted when blocks run out: the lowest request priority, newest first."""
+        return min(self.running, key=lambda s: (s.options.priority, -s.arrival_s))
+
+    # -- costs ------------------------------------------------------------------------------------
+
+    def _prefill_cost(self, num_new: int, kv_offset: int) -> float:
+        c = self.cost_model.coefficients
+        return max(0.0, c[1] * num_new + c[2] * num_new * (kv_offset + num_new) / 1e3)
+
+    def _blocks_needed(self, seq: Sequence, kv_tokens: int, num_new: int) -> int:
+        return self.pool.blocks_for_tokens(kv_tokens + num_new) - len(seq.block_table)
+
+    def _prefill_fit(self, seq: Sequence, lat: float, mem: int, tokens: int, force: bool) -> tuple[int, float, int]:
+        """Largest chunk of ``seq``'s prefill within the capacities: (tokens, seconds, blocks)."""
+        cached = self.num_cached_prefix_tokens(seq) if seq.status is SequenceStatus.WAITING else 0
+        done = max(seq.num_computed_tokens, cached)
+        kv = done - seq.num_pruned_tokens
+        remaining = seq.num_tokens - done
+        held = len(seq.block_table) if seq.status is SequenceStatus.RUNNING else cached // self.pool.block_size
+
+        def cost(n: int) -> tuple[float, int]:
+            return self._prefill_cost(n, kv), self.pool.blocks_for_tokens(kv + n) - held
+
+        n = min(remaining, tokens)
+        if not self.enable_chunked_prefill:
+            if n < remaining:
+                return 0, 0.0, 0
+            lat_n, mem_n = cost(n)
+            return (n, lat_n, mem_n) if (lat_n <= lat or force) and mem_n <= mem else (0, 0.0, 0)
+        lo, hi = 0, n
+        while lo < hi:  # the largest n whose cost fits (costs grow with n)
+            mid = (lo + hi + 1) // 2
+            lat_m, mem_m = cost(mid)
+            if (lat_m <= lat or force) and mem_m <= mem:
+                lo = mid
+            else:
+                hi = mid - 1
+        n = lo
+        bs = self.pool.block_size
+        if 0 < n < remaining and n > bs:
+            n -= (kv + n) % bs  # a cut chunk ends at a block boundary (its blocks can be cached)
+        if n == 0:
+            return 0, 0.0, 0
+        lat_n, mem_n = cost(n)
+        return n, lat_n, mem_n
+
+    def _prefill_whole(self, seq: Sequence) -> tuple[float, int]:
+        """Seconds and new blocks of the rest of ``seq``'s prefill in one chunk (best-fit size)."""
+        cached = self.num_cached_prefix_tokens(seq) if seq.status is SequenceStatus.WAITING else 0
+        done = max(seq.num_computed_tokens, cached)
+        kv = done - seq.num_pruned_tokens
+        held = len(seq.block_table) if seq.status is SequenceStatus.RUNNING else cached // self.pool.block_size
+        n = seq.num_tokens - done
+        return self._prefill_cost(n, kv), self.pool.blocks_for_tokens(kv + n) - held
+
+    # -- one plan ---------------------------------------------------------------------------------
+
+    def schedule(self, offer: FinetuneOffer | None = None, force_finetune: bool = False) -> list[ScheduledSequence]:
+        c = self.config
+        now = self.clock()
+        self.finetune_tokens = 0
+        scheduled: list[ScheduledSequence] = []
+        tokens = self.max_num_batched_tokens
+        base = c.slo_tbt_ms / 1e3 * (1 - c.slo_margin)
+
+        # 1. Decodes, most urgent first; blocks for them before anything else.
+        decodes = sorted((s for s in self.running if s.num_tokens - s.num_computed_tokens == 1),
+                         key=lambda s: self.decode_slack(s, now))
+        preempted = False
+        for seq in decodes:
+            if seq.status is not SequenceStatus.RUNNING or tokens == 0:
+                continue
+            if self.pruning is not None and seq.num_output_tokens > 0:
+                self._prune(seq)
+            while not self._grow(seq, 1):
+                victim = self._victim()
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is SequenceStatus.RUNNING:
+                scheduled.append(ScheduledSequence(seq, 1))
+                tokens -= 1
+        decoding = [s.seq for s in scheduled]
+        num_ctx = sum(s.num_kv_tokens + 1 for s in decoding)
+        predicted = self.cost_model.predict(IterationShape(num_decodes=len(decoding), decode_context=num_ctx))
+        if decoding:
+            slack = min(self.decode_slack(s, now) for s in decoding)
+            capacity = min(max(slack, base), c.slo_bank_max * base)
+        else:
+            capacity = base
+        lat = capacity - predicted
+        free = self.pool.num_free_blocks + self.pool.num_cached_blocks
+        mem_total = max(1, int(c.tau_mem * free))
+        mem = mem_total if not preempted else 0  # memory is short: no new KV this iteration
+
+        # 2. Candidates: part-way prefills, the head of the queue, requests with their own options.
+        candidates = [_Candidate(self.prefill_priority(s, now), s)
+                      for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
+        head, room = 0, max(c.pack_top_k, self.max_num_seqs - len(self.running))
+        for seq in self.waiting:
+            if seq.options != _DEFAULT_OPTIONS or head < room:
+                head += seq.options == _DEFAULT_OPTIONS
+                candidates.append(_Candidate(self.prefill_priority(seq, now), seq, waiting=True))
+        idle = not decoding and not candidates
+        if offer is not None:
+            candidates.append(_Candidate(self.finetune_priority(offer), None))
+            if idle:  # nothing to protect: a full piece
+                self.finetune_tokens = offer.max_tokens
+                candidates.pop()
+            elif force_finetune:  # the starvation guard: the smallest piece, SLO or not
+                self.finetune_tokens = offer.min_tokens
+                lat -= offer.min_tokens * self.cost_model.cost_per_finetune_token()
+                candidates.pop()
+        candidates.sort(key=lambda cand: -cand.priority)
+
+        # 3. Urgent prefills first, then best fit among the top K that fit.
+        slots = self.max_num_seqs - len(self.running)
+        per_token = self.cost_model.cost_per_finetune_token()
+        while candidates and tokens > 0:
+            choice = None  # (f, -priority, index, size, seconds, blocks)
+            considered = 0
+            for i, cand in enumerate(candidates):
+                if considered == c.pack_top_k:
+                    break
+                if cand.seq is None:
+                    size = min(offer.max_tokens, int(lat / per_token)) if lat > 0 else 0
+                    if size < offer.min_tokens:
+                        continue
+                    seconds, blocks = size * per_token, 0
+                    whole_s, whole_blocks = offer.min_tokens * per_token, 0  # one unit: a pair or a part
+                else:
+                    if cand.waiting and slots <= 0:
+                        continue
+                    urgent = cand.priority >= URGENT
+                    size, seconds, blocks = self._prefill_fit(cand.seq, lat, mem, tokens, force=urgent)
+                    if size == 0:
+                        continue
+                    if urgent:  # placed before anything else
+                        choice = (-1.0, -cand.priority, i, size, seconds, blocks)
+                        break
+                    whole_s, whole_blocks = self._prefill_whole(cand.seq)
+                considered += 1
+                # best fit on the task's whole size: the one that fills what remains most closely
+                f = c.lambda_mem * abs(mem - whole_blocks) / mem_total + c.lambda_lat * abs(lat - whole_s) / capacity
+                key = (f, -cand.priority, i, size, seconds, blocks)
+                if choice is None or key < choice:
+                    choice = key
+            if choice is None:
+                break
+            _, _, i, size, seconds, blocks = choice
+            cand = candidates.pop(i)
+            if cand.seq is None:
+                self.finetune_tokens = size
+            elif not self._commit(cand, size, scheduled):
+                continue
+            else:
+                slots -= cand.waiting
+                tokens -= size
+                mem -= blocks
+            lat -= seconds
+        self.latency_capacity_s = capacity
+        self.predicted_s = capacity - lat
+        return scheduled
+
+    def _commit(self, cand: _Candidate, num_new: int, scheduled: list[ScheduledSequence]) -> bool:
+        seq = cand.seq
+        if cand.waiting:
+            self._take_cached_prefix(seq)
+            num_new = min(num_new, seq.num_tokens - seq.num_computed_tokens)
+        if not self._grow(seq, num_new):
+            if cand.waiting:
+                self._release(seq)
+            return False
+        if cand.waiting:
+            self.num_prefix_query_tokens += seq.num_tokens
+            self.num_prefix_hit_tokens += seq.num_cached_tokens
+            self.waiting.remove(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+        scheduled.append(ScheduledSequence(seq, num_new))
+        return True
+
+
+_DEFAULT_OPTIONS = RequestOptions()

@@ -1,0 +1,197 @@
+"""The mace planner with fixed costs and a hand-driven clock: which tasks go into an iteration and
+at what size, in which order, the slack that decodes bank, the starvation guard, preemption.
+
+Costs (seconds): 10 ms per iteration, 1 ms per prefill token, 2 ms per decode, 0.25 ms per
+fine-tune token; TBT SLO 100 ms with a 10% margin, so one iteration may take 90 ms.
+"""
+
+import pytest
+from transformers import AutoTokenizer
+
+from engine.config import EngineConfig
+from engine.plan import FinetuneChunk, IterationResult, PreferencePair, SequenceResult
+from engine.sampling_params import SamplingParams
+from scheduler.core import EngineCore
+from scheduler.cost_model import CostModel
+from scheduler.mace import URGENT
+from scheduler.request import RequestOptions, SequenceStatus
+from tests.conftest import random_prompts
+
+COSTS = [0.010, 0.001, 0.0, 0.002, 0.0, 0.00025]
+PARAMS = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+
+
+class FakeTrainer:
+    """Offers pieces of ``smallest`` tokens or more; records what it was asked for."""
+
+    def __init__(self, smallest: int | None, loss: float | None = None):
+        self.smallest, self.loss, self.asked = smallest, loss, []
+
+    def next_pair_tokens(self):
+        return self.smallest
+
+    def head_loss(self):
+        return self.loss
+
+    def next_chunk(self, budget):
+        self.asked.append(budget)
+        return FinetuneChunk(len(self.asked), "gradient", [PreferencePair("p", [1] * budget, [], [])])
+
+    def on_result(self, result):
+        pass
+
+    has_work = property(lambda self: self.smallest is not None)
+
+
+@pytest.fixture
+def core_factory(demo_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
+
+    def make(num_blocks: int = 64, **overrides) -> tuple[EngineCore, list[float]]:
+        settings = dict(policy="mace", slo_tbt_ms=100.0, slo_margin=0.1, slo_ttft_ms=1000.0,
+                        max_num_batched_tokens=256, max_num_seqs=16, finetune_tokens_per_iteration=512,
+                        max_model_len=1024, vocab_size=8192)
+        config = EngineConfig(model=demo_model_dir, **{**settings, **overrides})
+        core = EngineCore(config, tokenizer, frozenset(), num_blocks=num_blocks)
+        core.cost_model = core.scheduler.cost_model = CostModel(COSTS)
+        now = [0.0]
+        core.clock = lambda: now[0]
+        return core, now
+
+    return make
+
+
+def _sizes(plan) -> dict[int, int]:
+    return {c.seq_id: len(c.token_ids) for c in plan.chunks}
+
+
+def _finish_iteration(core: EngineCore, plan) -> None:
+    """The worker's part, without a model: token 7 wherever a chunk samples; zero time, so the
+    cost model keeps its fixed costs."""
+    outputs = [SequenceResult(c.seq_id, token_id=7 if c.sampling is not None else None) for c in plan.chunks]
+    core.process_result(IterationResult(plan.iteration, outputs, plan.num_tokens, total_s=0.0))
+
+
+def test_prefills_fill_the_latency_budget_and_fine_tune_takes_the_rest(core_factory):
+    core, now = core_factory()
+    a, b = (core.add_request(f"r{i}", p, PARAMS) for i, p in enumerate(random_prompts([20, 20], seed=1)))
+    plan = core.schedule()  # no decodes: 90 ms, 10 of them fixed; both prompts whole (20 ms each)
+    assert _sizes(plan) == {a.seq_id: 20, b.seq_id: 20} and plan.finetune is None
+    now[0] = 0.05
+    _finish_iteration(core, plan)
+    assert a.first_token_s == b.first_token_s == 0.05
+
+    core.trainer = FakeTrainer(smallest=30)
+    c = core.add_request("r2", random_prompts([100], seed=2)[0], PARAMS)
+    plan = core.schedule()
+    # Two decodes at pace: L = 90 ms, of which 10 + 2 x 2 = 14 fixed, 76 left. Best fit on whole
+    # sizes: the prompt (100 ms; f = 0.5 * |54 - 7| / 54 + 0.5 * |76 - 100| / 90 = 0.57) beats
+    # a fine-tune unit (7.5 ms; f = 0.5 * 54 / 54 + 0.5 * |76 - 7.5| / 90 = 0.88), and is cut to
+    # the 76 ms left, at a block boundary: 64 tokens. The 12 ms left take 48 fine-tune tokens.
+    assert _sizes(plan) == {a.seq_id: 1, b.seq_id: 1, c.seq_id: 64}
+    assert core.trainer.asked == [48]
+    assert core.scheduler.latency_capacity_s == pytest.approx(0.09)
+    assert core.scheduler.predicted_s == pytest.approx(0.014 + 0.064 + 0.012)
+
+
+def test_no_room_no_fine_tune_until_the_starvation_guard(core_factory):
+    core, now = core_factory(finetune_min_every=3)
+    seqs = [core.add_request(f"r{i}", p, PARAMS) for i, p in enumerate(random_prompts([8] * 16, seed=3))]
+    _finish_iteration(core, core.schedule())  # 10 prompts of 8 tokens fill the 80 ms
+    _finish_iteration(core, core.schedule())  # 10 decodes (30 ms) and the other 6 prompts
+    assert all(s.num_output_tokens > 0 for s in seqs)
+    core.trainer = FakeTrainer(smallest=100)
+    trained = []
+    for i in range(8):
+        now[0] += 0.09  # every iteration exactly at pace: the slack is one budget, 90 ms
+        plan = core.schedule()  # 16 decodes: 10 + 32 = 42 ms of the 90
+        assert len(plan.chunks) == 16
+        trained.append(plan.finetune is not None)
+        _finish_iteration(core, plan)
+    # 48 ms of room is 192 tokens: the 100-token unit fits each time, sized to the room
+    assert trained == [True] * 8 and set(core.trainer.asked) == {192}
+
+    core.trainer = FakeTrainer(smallest=400)  # a unit of 100 ms never fits: only the guard runs it
+    trained = []
+    for i in range(8):
+        now[0] += 0.09
+        plan = core.schedule()
+        trained.append(plan.finetune is not None)
+        _finish_iteration(core, plan)
+    assert trained == [False, False, False, True, False, False, False, True]
+    assert core.trainer.asked == [400, 400]  # the smallest unit, SLO or not
+    assert all(s.status is SequenceStatus.RUNNING for s in seqs)
+
+
+def test_decodes_bank_slack_that_fine_tune_spends(core_factory):
+    core, now = core_factory()
+    (a,) = (core.add_request("r0", p, PARAMS) for p in random_prompts([16], seed=4))
+    _finish_iteration(core, core.schedule())  # first token at t = 0
+    for _ in range(5):  # five tokens, each 10 ms: 80 ms banked per token against the 90 ms pace
+        now[0] += 0.01
+        _finish_iteration(core, core.schedule())
+    assert core.scheduler.decode_slack(a, now[0]) == pytest.approx(6 * 0.09 - 0.05)
+    core.trainer = FakeTrainer(smallest=100)
+    plan = core.schedule()
+    # slack 490 ms, capped at slo_bank_max (3) budgets: 270 ms; minus 12 ms of decode: 258 ms
+    assert core.scheduler.latency_capacity_s == pytest.approx(0.27)
+    assert core.trainer.asked == [512]  # all the piece may carry (258 ms would take 1032 tokens)
+    assert _sizes(plan) == {a.seq_id: 1}
+
+
+def test_priority_orders_the_queue_and_best_fit_decides_within_the_top_k(core_factory):
+    prompts = random_prompts([300, 70, 300], seed=5)
+    # top-1: pure priority. The request with priority 5 goes first and takes the whole budget
+    core, now = core_factory(pack_top_k=1)
+    first = core.add_request("old", prompts[0], PARAMS)
+    vip = core.add_request("vip", prompts[2], PARAMS, RequestOptions(priority=5))
+    plan = core.schedule()
+    assert list(_sizes(plan)) == [vip.seq_id]
+    assert first.status is SequenceStatus.WAITING
+    # top-4: best fit. 80 ms left: the 70-token prompt fills it best, then the rest takes 10 ms
+    core, now = core_factory(pack_top_k=4)
+    big = core.add_request("big", prompts[0], PARAMS)
+    small = core.add_request("small", prompts[1], PARAMS)
+    plan = core.schedule()
+    assert _sizes(plan) == {small.seq_id: 70, big.seq_id: 10}
+
+
+def test_a_prefill_near_its_ttft_deadline_goes_first(core_factory):
+    core, now = core_factory(pack_top_k=1)
+    late = core.add_request("late", random_prompts([200], seed=6)[0], PARAMS, RequestOptions(slo_ttft_ms=300.0))
+    vip = core.add_request("vip", random_prompts([200], seed=7)[0], PARAMS, RequestOptions(priority=5))
+    # (1 chunk + 1) x 90 ms x 3 banked budgets = 540 ms of need > 300 ms left: urgent at once
+    assert core.scheduler.prefill_priority(late, now[0]) == 1.0 + URGENT
+    assert core.scheduler.prefill_priority(vip, now[0]) == 6.0
+    plan = core.schedule()
+    assert list(_sizes(plan))[0] == late.seq_id
+
+
+def test_memory_pressure_preempts_the_lowest_priority_not_the_oldest(core_factory):
+    core, now = core_factory(num_blocks=4)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    bs = core.pool.block_size
+    low = core.add_request("low", random_prompts([bs], seed=8)[0], params, RequestOptions(priority=-1))
+    high = core.add_request("high", random_prompts([bs], seed=9)[0], params, RequestOptions(priority=1))
+    mid = core.add_request("mid", random_prompts([bs], seed=10)[0], params)
+    _finish_iteration(core, core.schedule())  # three sequences of one full block each
+    assert core.pool.num_free_blocks == 1
+    plan = core.schedule()  # each needs a second block for its next token; one is free
+    # highest priority first takes the free block; the next preempts the lowest priority ("low",
+    # the oldest) and takes its block; the last has none left and preempts itself
+    assert low.status is SequenceStatus.WAITING and low.num_preemptions == 1
+    assert [c.seq_id for c in plan.chunks] == [high.seq_id, mid.seq_id] or [c.seq_id for c in plan.chunks] == [mid.seq_id, high.seq_id]
+    core.check_integrity()
+    _finish_iteration(core, plan)
+    assert low.num_output_tokens == 1  # its token is kept: recomputed from prompt + outputs later
+
+
+def test_tau_mem_caps_the_blocks_new_prefill_may_claim(core_factory):
+    # prefill at 0.1 ms a token: 80 ms would take 800 tokens, but 40 free blocks x 0.5 = 20
+    # blocks of 16 may be claimed: 320 tokens
+    core, now = core_factory(num_blocks=40, tau_mem=0.5, max_num_batched_tokens=1024)
+    core.cost_model = core.scheduler.cost_model = CostModel([0.010, 0.0001, 0.0, 0.002, 0.0, 0.00025])
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    a = core.add_request("a", random_prompts([600], seed=11)[0], params)
+    assert _sizes(core.schedule()) == {a.seq_id: 320}
+    assert core.pool.num_free_blocks == 20
