@@ -57,7 +57,7 @@ class EngineCore:
         pruning = None
         if config.kv_prune != "none":
             pruning = PruningPolicy(config.kv_prune, config.kv_budget, config.block_size, config.kv_sink_tokens)
-        self.cost_model = CostModel.load(config.cost_profile) if config.cost_profile else CostModel(PRIOR_COSTS)
+        self._cost_model = CostModel.load(config.cost_profile) if config.cost_profile else CostModel(PRIOR_COSTS)
         self.clock = time.monotonic  # arrivals, first tokens, deadlines; simulations drive their own
         if config.policy == "mace":
             self.scheduler = MaceScheduler(self.pool, config, self.cost_model, pruning, clock=lambda: self.clock())
@@ -81,6 +81,17 @@ class EngineCore:
         self._finetune_waiting_since: float | None = None
         self._next_burst_s = self.clock() + config.retrain_period_s
         self._burst_started_s: float | None = None
+
+    @property
+    def cost_model(self) -> CostModel:
+        return self._cost_model
+
+    @cost_model.setter
+    def cost_model(self, model: CostModel) -> None:
+        """Replace the cost model (a fresh profile); the mace planner prices with the same one."""
+        self._cost_model = model
+        if isinstance(self.scheduler, MaceScheduler):
+            self.scheduler.cost_model = model
 
     # -- requests -----------------------------------------------------------------------------
 

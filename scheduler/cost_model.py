@@ -18,6 +18,7 @@ microseconds per iteration. ``error_ratio`` is a running mean of |predicted - me
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,3 +115,15 @@ class CostModel:
         x = np.stack([s.features() for s in shapes])
         coef, *_ = np.linalg.lstsq(x, np.asarray(times_s), rcond=None)
         return cls(np.maximum(coef, 0.0), prior_weight=50.0)
+
+
+def suggest_slos(model: CostModel, max_num_seqs: int) -> tuple[float, float]:
+    """Default SLOs (TTFT, TBT; milliseconds) from a profile, for requests and servers that set
+    none: twice the predicted time of a decode step of up to 16 sequences at 512 tokens of
+    context each (at least 20 ms), and twice that of a 1024-token prompt prefilled in one go
+    (at least 200 ms). Generous enough to hold at a load the machine carries, tight enough that
+    fine-tune work cannot double the latency unseen."""
+    batch = min(16, max_num_seqs)
+    tbt = 2 * model.predict(IterationShape(num_decodes=batch, decode_context=512 * batch))
+    ttft = 2 * model.predict(IterationShape(num_prefill_tokens=1024, prefill_attention=1024 * 1024 // 2))
+    return max(200.0, math.ceil(ttft * 1e3 / 50) * 50), max(20.0, math.ceil(tbt * 1e3 / 5) * 5)

@@ -167,8 +167,12 @@ def serve(args: argparse.Namespace) -> None:
         finetune_tokens_per_iteration=args.finetune_tokens_per_iteration,
         policy=args.policy,
         retrain_period_s=args.retrain_period,
-        slo_tbt_ms=args.slo_tbt_ms,
+        slo_tbt_ms=args.slo_tbt_ms or 100.0,
+        slo_ttft_ms=args.slo_ttft_ms or 1000.0,
         cost_profile=args.cost_profile,
+        tau_mem=args.tau_mem,
+        pack_top_k=args.pack_top_k,
+        finetune_min_every=args.finetune_min_every,
     )
     api_key = args.api_key
     if args.api_key_file:
@@ -190,6 +194,14 @@ def serve(args: argparse.Namespace) -> None:
 
         log.info("no --cost-profile: profiling this machine briefly")
         core.cost_model, _ = profile(runner, core.config.max_model_len, quick=True, progress=False)
+    if args.slo_ttft_ms is None or args.slo_tbt_ms is None:
+        from scheduler.cost_model import suggest_slos
+
+        ttft, tbt = suggest_slos(core.cost_model, core.config.max_num_seqs)
+        if args.policy == "mace" or args.cost_profile:  # a measured profile, not the prior
+            core.config.slo_ttft_ms = args.slo_ttft_ms or ttft
+            core.config.slo_tbt_ms = args.slo_tbt_ms or tbt
+    log.info("default SLOs: TTFT %.0f ms, TBT %.0f ms", core.config.slo_ttft_ms, core.config.slo_tbt_ms)
     engine = AsyncEngine(core, runner)
     app = build_app(
         engine, model_name=args.served_model_name, api_key=api_key or None,

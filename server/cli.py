@@ -135,8 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tune work per iteration: every iteration (SLO-blind), the TBT SLO's slack, "
                         "bursts every --retrain-period, or none")
     t.add_argument("--retrain-period", type=float, default=60.0, help="seconds between periodic retraining bursts")
-    t.add_argument("--slo-tbt-ms", type=float, default=100.0, help="the TBT SLO the mace policy protects")
-    t.add_argument("--cost-profile", default=None, help="a cost profile file (default: a prior corrected online)")
+    t.add_argument("--slo-ttft-ms", type=float, default=None,
+                   help="default time-to-first-token SLO (default: from the cost profile, else 1000)")
+    t.add_argument("--slo-tbt-ms", type=float, default=None,
+                   help="default time-between-tokens SLO the mace policy protects (default: from the cost profile, else 100)")
+    t.add_argument("--cost-profile", "--profile", dest="cost_profile", default=None,
+                   help="a `mace profile` file (default with --policy mace: a brief profile at start)")
+    t.add_argument("--tau-mem", type=float, default=0.9, help="mace: share of free KV blocks one iteration may claim")
+    t.add_argument("--pack-top-k", type=int, default=4, help="mace: best fit among this many top-priority candidates")
+    t.add_argument("--finetune-min-every", type=int, default=50,
+                   help="mace: fine-tune work at least once every N iterations (the starvation guard)")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("profile", help="measure iteration costs on this machine and write a cost profile")

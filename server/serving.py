@@ -38,15 +38,11 @@ class SequenceSpec:
 
 
 class Serving:
-    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, max_waiting_requests: int,
-                 slo_ttft_ms: float = 1000.0) -> None:
+    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, max_waiting_requests: int) -> None:
         self.engine = engine
         self.metrics = metrics
         self.max_waiting_requests = max_waiting_requests
-        # SLO defaults for requests that set none (the TBT one is the engine's, which the mace
-        # policy protects)
-        self.slo_ttft_ms = slo_ttft_ms
-        self.slo_tbt_ms = engine.core.config.slo_tbt_ms
+        self.config = engine.core.config  # its SLOs are the defaults for requests that set none
         self.is_draining = False
         self._token_text: dict[int, str] = {}
         tokenizer = engine.core.tokenizer
@@ -133,8 +129,8 @@ class Serving:
 
     def _count_slo(self, options: RequestOptions, ttft_s: float, tpot_s: float) -> None:
         """DESIGN.md's attainment: TTFT <= its SLO and TPOT <= the TBT SLO."""
-        ttft_slo = options.slo_ttft_ms if options.slo_ttft_ms is not None else self.slo_ttft_ms
-        tbt_slo = options.slo_tbt_ms if options.slo_tbt_ms is not None else self.slo_tbt_ms
+        ttft_slo = options.slo_ttft_ms if options.slo_ttft_ms is not None else self.config.slo_ttft_ms
+        tbt_slo = options.slo_tbt_ms if options.slo_tbt_ms is not None else self.config.slo_tbt_ms
         if ttft_s * 1e3 <= ttft_slo and tpot_s * 1e3 <= tbt_slo:
             self.metrics.slo_attained.inc()
         else:

@@ -119,3 +119,12 @@ def test_no_windup_when_a_feature_goes_unused_for_long():
     for _ in range(200):  # fine-tune work comes back: the model picks its cost up again
         model.observe(busy, float(TRUE @ busy.features()))
     assert model.predict(busy) == pytest.approx(float(TRUE @ busy.features()), rel=0.05)
+
+
+def test_default_slos_come_from_the_profile():
+    from scheduler.cost_model import suggest_slos
+
+    # TBT: 2 x (4 + 16 x 1.1 + 8.192 x 0.03) ms = 43.7 -> 45 ms (5 ms steps);
+    # TTFT: 2 x (4 + 1024 x 0.9 + 524.288 x 0.02) ms = 1872.2 -> 1900 ms (50 ms steps)
+    assert suggest_slos(CostModel(TRUE), max_num_seqs=64) == (1900.0, 45.0)
+    assert suggest_slos(CostModel(np.zeros(6)), max_num_seqs=64) == (200.0, 20.0)  # the floors

@@ -53,7 +53,7 @@ def core_factory(demo_model_dir):
                         max_model_len=1024, vocab_size=8192)
         config = EngineConfig(model=demo_model_dir, **{**settings, **overrides})
         core = EngineCore(config, tokenizer, frozenset(), num_blocks=num_blocks)
-        core.cost_model = core.scheduler.cost_model = CostModel(COSTS)
+        core.cost_model = CostModel(COSTS)
         now = [0.0]
         core.clock = lambda: now[0]
         return core, now
@@ -190,7 +190,7 @@ def test_tau_mem_caps_the_blocks_new_prefill_may_claim(core_factory):
     # prefill at 0.1 ms a token: 80 ms would take 800 tokens, but 40 free blocks x 0.5 = 20
     # blocks of 16 may be claimed: 320 tokens
     core, now = core_factory(num_blocks=40, tau_mem=0.5, max_num_batched_tokens=1024)
-    core.cost_model = core.scheduler.cost_model = CostModel([0.010, 0.0001, 0.0, 0.002, 0.0, 0.00025])
+    core.cost_model = CostModel([0.010, 0.0001, 0.0, 0.002, 0.0, 0.00025])
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     a = core.add_request("a", random_prompts([600], seed=11)[0], params)
     assert _sizes(core.schedule()) == {a.seq_id: 320}
