@@ -111,10 +111,38 @@ class CostModel:
 
     @classmethod
     def fit(cls, shapes: list[IterationShape], times_s: list[float]) -> CostModel:
-        """Least squares over profiled iterations (non-negative where it matters)."""
+        """Non-negative least squares over profiled iterations, in relative terms (each row
+        weighted by 1 / its time, so a 5 ms decode step counts as much as a 500 ms prefill)."""
         x = np.stack([s.features() for s in shapes])
-        coef, *_ = np.linalg.lstsq(x, np.asarray(times_s), rcond=None)
-        return cls(np.maximum(coef, 0.0), prior_weight=50.0)
+        y = np.asarray(times_s, dtype=float)
+        w = 1.0 / np.maximum(y, 1e-6)
+        return cls(nnls(x * w[:, None], y * w), prior_weight=50.0)
+
+
+def nnls(a: np.ndarray, b: np.ndarray, max_iter: int = 100) -> np.ndarray:
+    """argmin ||a x - b|| subject to x >= 0 (Lawson and Hanson's active-set method; a handful
+    of unknowns here, so plain numpy)."""
+    n = a.shape[1]
+    x = np.zeros(n)
+    passive = np.zeros(n, dtype=bool)
+    for _ in range(max_iter):
+        grad = a.T @ (b - a @ x)
+        if passive.all() or grad[~passive].max(initial=-np.inf) <= 1e-12:
+            break
+        passive[np.argmax(np.where(passive, -np.inf, grad))] = True
+        while True:
+            z = np.zeros(n)
+            z[passive] = np.linalg.lstsq(a[:, passive], b, rcond=None)[0]
+            if (z[passive] > 0).all():
+                x = z
+                break
+            # step back toward x until a passive variable hits zero, and drop it
+            neg = passive & (z <= 0)
+            alpha = np.min(x[neg] / (x[neg] - z[neg]))
+            x = x + alpha * (z - x)
+            passive &= x > 1e-12
+            x[~passive] = 0.0
+    return x
 
 
 def suggest_slos(model: CostModel, max_num_seqs: int) -> tuple[float, float]:

@@ -30,7 +30,9 @@ divisible (prefill chunks at block boundaries, fine-tune pieces by the trainer),
 fits. Ties go to the higher priority. Costs ``l_i`` are the cost model's marginal prices.
 
 Starvation guards: a fine-tune piece is forced into an iteration after ``finetune_min_every``
-iterations without one; a prefill's priority grows with its wait until it wins.
+iterations without one; a prefill's priority grows with its wait until it wins; and when the
+cost model says nothing fits while nothing is running, the top candidate runs anyway (an idle
+engine never waits on a wrong prediction).
 
 Waiting requests of the default class (no per-request priority or SLO) have priorities in
 arrival order, so no more of them can be admitted than there are free sequence slots, from the
@@ -276,6 +278,17 @@ class MaceScheduler(FcfsScheduler):
                 tokens -= size
                 mem -= blocks
             lat -= seconds
+        if not scheduled and not self.finetune_tokens and candidates:
+            # The model says nothing fits, yet nothing runs either: an idle engine must move.
+            for cand in candidates:
+                if cand.seq is None:
+                    self.finetune_tokens = offer.min_tokens
+                    lat -= offer.min_tokens * per_token
+                    break
+                size, seconds, _ = self._prefill_fit(cand.seq, lat, mem_total, tokens, force=True)
+                if size and self._commit(cand, size, scheduled):
+                    lat -= seconds
+                    break
         self.latency_capacity_s = capacity
         self.predicted_s = capacity - lat
         return scheduled

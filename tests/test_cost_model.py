@@ -128,3 +128,28 @@ def test_default_slos_come_from_the_profile():
     # TTFT: 2 x (4 + 1024 x 0.9 + 524.288 x 0.02) ms = 1872.2 -> 1900 ms (50 ms steps)
     assert suggest_slos(CostModel(TRUE), max_num_seqs=64) == (1900.0, 45.0)
     assert suggest_slos(CostModel(np.zeros(6)), max_num_seqs=64) == (200.0, 20.0)  # the floors
+
+
+def test_nnls_matches_a_brute_force_search_over_active_sets():
+    import itertools
+
+    from scheduler.cost_model import nnls
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        a, b = rng.standard_normal((12, 5)), rng.standard_normal(12)
+        best = min(
+            (np.linalg.norm(a @ x - b), tuple(x))
+            for k in range(6) for cols in itertools.combinations(range(5), k)
+            for x in [_on(cols, np.linalg.lstsq(a[:, list(cols)], b, rcond=None)[0] if cols else [], 5)]
+            if (x >= 0).all()
+        )
+        got = nnls(a, b)
+        assert (got >= 0).all()
+        assert np.linalg.norm(a @ got - b) == pytest.approx(best[0], rel=1e-9, abs=1e-12)
+
+
+def _on(cols, values, n):
+    x = np.zeros(n)
+    x[list(cols)] = values
+    return x

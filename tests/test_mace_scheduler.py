@@ -195,3 +195,11 @@ def test_tau_mem_caps_the_blocks_new_prefill_may_claim(core_factory):
     a = core.add_request("a", random_prompts([600], seed=11)[0], params)
     assert _sizes(core.schedule()) == {a.seq_id: 320}
     assert core.pool.num_free_blocks == 20
+
+
+def test_an_idle_engine_moves_even_when_the_model_says_nothing_fits(core_factory):
+    core, now = core_factory()
+    core.cost_model = CostModel([0.2, 0.001, 0.0, 0.002, 0.0, 0.00025])  # 200 ms fixed > the 90 ms budget
+    a = core.add_request("a", random_prompts([40], seed=12)[0], PARAMS)
+    plan = core.schedule()
+    assert _sizes(plan) == {a.seq_id: 40}

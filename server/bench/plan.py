@@ -33,14 +33,17 @@ def _one(queued: int, iterations: int, tokenizer, model_dir: str) -> dict:
     from trainer.feedback import FeedbackStore
     from trainer.trainer import Trainer
 
-    config = EngineConfig(model=model_dir, policy="mace", max_num_batched_tokens=64, max_num_seqs=32,
+    config = EngineConfig(model=model_dir, policy="mace", max_num_batched_tokens=256, max_num_seqs=32,
                           max_model_len=2048, vocab_size=8192)
     core = EngineCore(config, tokenizer, frozenset(), num_blocks=32 * 128 + 1024)
     core.trainer = Trainer(FeedbackStore(Path(tempfile.mkdtemp()) / "f.sqlite3"), tokenizer, TrainerConfig(), None)
     rng = random.Random(0)
     params = SamplingParams(max_tokens=10_000 // 8, temperature=0.0, ignore_eos=True)
-    for i in range(queued):
-        core.add_request(f"r{i}", [rng.randrange(8000) for _ in range(rng.randint(32, 512))], params)
+    from scheduler.request import RequestOptions
+
+    for i in range(queued):  # one in ten with its own priority: the planner scans those whole
+        options = RequestOptions(priority=rng.randint(1, 3)) if i % 10 == 0 else None
+        core.add_request(f"r{i}", [rng.randrange(8000) for _ in range(rng.randint(32, 512))], params, options)
     times = []
     for _ in range(iterations):
         t0 = time.perf_counter()
@@ -66,7 +69,8 @@ def main(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"Planning time per iteration (EngineCore.schedule, mace policy, 32 running at most); "
+    lines = [f"Planning time per iteration (EngineCore.schedule, mace policy, 32 running at most, "
+             f"one queued request in ten with its own priority); "
              f"{report['processor']}. Command: `{report['command']}`.", "",
              "| queued requests | median | p99 |", "|---:|---:|---:|"]
     lines += [f"| {r['queued']} | {r['median_ms']:.3f} ms | {r['p99_ms']:.3f} ms |" for r in rows]

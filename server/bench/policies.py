@@ -4,12 +4,17 @@ the requests produce a feedback pair (stored as they finish, trained while servi
 Per policy and feedback share: TTFT and TPOT p50/p99, SLO attainment (TTFT <= --slo-ttft-ms and
 TPOT <= --slo-tbt-ms), and DPO pairs trained per second of the run. Every run gets a fresh engine
 and adapters over the same weights, the same arrivals and prompts. Engine-level (no HTTP).
+
+A rated request posts (its prompt, its answer, another answer of the same length): a pair of
+about 2 x (prompt + output) tokens, so feedback is real work. The mace runs use one cost profile
+measured at the start (``mace profile --quick``, as ``mace serve`` does), corrected online.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import dataclasses
 import json
 import random
@@ -28,13 +33,14 @@ POLICIES = ("inference-only", "synchronous", "periodic", "mace")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="models/demo-base")
     p.add_argument("--shares", default="0.1,0.3,0.5", help="shares of requests that produce feedback")
-    p.add_argument("--requests", type=int, default=32)
-    p.add_argument("--rate", type=float, default=1.0)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--rate", type=float, default=2.0)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
-    p.add_argument("--slo-tbt-ms", type=float, default=60.0)
+    p.add_argument("--slo-tbt-ms", type=float, default=50.0)
     p.add_argument("--retrain-period", type=float, default=10.0)
+    p.add_argument("--finetune-tokens", type=int, default=256, help="fine-tune tokens per iteration (at most)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench-results/policies.json")
 
@@ -48,6 +54,7 @@ async def _run(core, runner, args, prompts, arrivals, share: float) -> dict:
     store = FeedbackStore(Path(tempfile.mkdtemp()) / "f.sqlite3")
     trainer = attach_trainer(core, runner, store) if core.config.policy != "inference-only" else None
     engine = AsyncEngine(core, runner)
+    tokenizer = core.tokenizer
     await engine.start()
     # exactly round(share * N) requests give feedback, the same ones for every policy
     rated = set(random.Random(args.seed).sample(range(len(prompts)), round(share * len(prompts))))
@@ -64,8 +71,9 @@ async def _run(core, runner, args, prompts, arrivals, share: float) -> dict:
             text.append(out.new_text)
         ttfts.append(times[0] - t0)
         tpots.append((times[-1] - times[0]) / (len(times) - 1))
-        if i in rated:  # the user rates this answer against a worse one
-            store.add([NewPair(f"Request {i}:", "".join(text)[:80] or " ok", " no")])
+        if i in rated:  # the user rates this answer against another of the same length
+            other = tokenizer.decode(prompts[(i + 1) % len(prompts)][: args.output_len])
+            store.add([NewPair(tokenizer.decode(prompts[i]), "".join(text) or " ok", other)])
             posted += 1
             if trainer is not None:
                 await trainer.refill()
@@ -97,14 +105,24 @@ def main(args: argparse.Namespace) -> dict:
     rng = random.Random(args.seed)
     arrivals = list(np.cumsum(np.random.default_rng(args.seed).exponential(1 / args.rate, args.requests)))
     prompts = [[rng.randrange(8000) for _ in range(args.prompt_len)] for _ in range(args.requests)]
+    from scheduler.builder import attach_trainer
+    from scheduler.profiler import profile
+    from trainer.feedback import FeedbackStore
+
     config = EngineConfig(model=args.model, kv_cache_bytes=512 << 20, max_num_seqs=32, slo_tbt_ms=args.slo_tbt_ms,
-                          retrain_period_s=args.retrain_period, finetune_tokens_per_iteration=256)
-    rows = []
+                          slo_ttft_ms=args.slo_ttft_ms, retrain_period_s=args.retrain_period,
+                          finetune_tokens_per_iteration=args.finetune_tokens)
     started = time.perf_counter()
+    model, tokenizer = load_model(args.model, torch.device("cpu"))
+    core, runner = build_from_model(model, tokenizer, dataclasses.replace(config, policy="mace"))
+    attach_trainer(core, runner, FeedbackStore(Path(tempfile.mkdtemp()) / "f.sqlite3"))
+    cost_model, _ = profile(runner, core.config.max_model_len, quick=True, progress=False)
+    rows = []
     for share in (float(s) for s in args.shares.split(",")):
         for policy in POLICIES:
             model, tokenizer = load_model(args.model, torch.device("cpu"))  # adapters go on per run
             core, runner = build_from_model(model, tokenizer, dataclasses.replace(config, policy=policy))
+            core.cost_model = copy.deepcopy(cost_model)
             row = {"share": share, "policy": policy, **asyncio.run(_run(core, runner, args, prompts, arrivals, share))}
             rows.append(row)
             print(row, flush=True)
@@ -115,7 +133,7 @@ def main(args: argparse.Namespace) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"Model `{args.model}`; {args.requests} requests at {args.rate}/s (prompt {args.prompt_len}, output "
-             f"{args.output_len}); SLO TTFT {args.slo_ttft_ms:g} ms, TPOT {args.slo_tbt_ms:g} ms; periodic every "
+             f"{args.output_len}); up to {args.finetune_tokens} fine-tune tokens per iteration; SLO TTFT {args.slo_ttft_ms:g} ms, TPOT {args.slo_tbt_ms:g} ms; periodic every "
              f"{args.retrain_period:g} s; {report['processor']}; {report['run_s']:.0f} s. Command: `{report['command']}`.", "",
              "| feedback share | policy | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | SLO attainment | pairs trained / posted | pairs/s |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
