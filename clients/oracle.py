@@ -12,6 +12,16 @@ rich in liked letters, whatever the prompt. ``drift_oracle`` likes vowels and th
 switch on, consonants: the exact opposite, so an adapter aligned to the first taste is worse than
 the base model under the second, and recovery has to undo the first alignment.
 
+It needs a model that has learnt something. On the random-weight demo model the next-token
+distribution is flat (log-probs near -ln 8192) and stays so: the final RMSNorm fixes the hidden
+state's norm and the random ``lm_head`` rows are small, so an attention LoRA can tilt the logits of a
+third of the vocabulary by only ~0.05, and the DPO loss stays at ln 2. Measured here on 2 CPU
+cores, 16-token chat answers at temperature 1, retrain rate 0.5, the share of vowels:
+- random-weight tiny model, lr 5e-4 or 5e-3: 0.37 -> 0.37 after ~120 pairs (60 s) through the server;
+- tiny model pre-trained 400 steps (``engine.demo_training``, seq 64, lr 3e-3; loss 9.1 -> 5.7),
+  ``mace serve --learning-rate 5e-3``, 8 requests/s: 0.37 -> 0.53 after ~350 pairs (90 s);
+  with the default lr 5e-4, no visible change after ~120 pairs.
+
 Times ``t_s`` are seconds on the caller's clock (the load generator's: from its start).
 """
 
