@@ -18,6 +18,7 @@ from typing import Any, Generic, Self, TypeVar
 import aiohttp
 import msgspec
 
+from server.protocol import feedback as fb
 from server.protocol import openai as oa
 from server.protocol import tgi
 from server.sse import DONE, iter_events
@@ -292,6 +293,22 @@ class AsyncClient:
                   if off >= len(prompt) and p is not None]
         tokens, logprobs = [t for t, _ in picked], [p for _, p in picked]
         return Score(tokens, logprobs, sum(logprobs))
+
+    async def feedback(self, prompt: str | Sequence[dict[str, Any] | oa.ChatMessage], chosen: str, rejected: str,
+                       id: str | None = None) -> fb.FeedbackResponse:
+        """POST /v1/feedback: one preference pair, ``chosen`` better than ``rejected`` as answers to
+        ``prompt`` (a string: a completion prompt; a list: chat messages, stored as the chat
+        template renders them). The server stores the pair before it answers; an ``id`` makes a
+        resend harmless (a repeated id is counted in ``duplicates``, not stored twice)."""
+        body: dict[str, Any] = {"chosen": chosen, "rejected": rejected}
+        body["prompt" if isinstance(prompt, str) else "messages"] = prompt
+        if id is not None:
+            body["id"] = id
+        return await self._call("POST", "/v1/feedback", fb.FeedbackResponse, body)
+
+    async def feedback_stats(self) -> fb.FeedbackStats:
+        """GET /v1/feedback/stats: pairs received, trained, pending and set aside."""
+        return await self._call("GET", "/v1/feedback/stats", fb.FeedbackStats)
 
     async def models(self) -> oa.ModelList:
         """GET /v1/models."""

@@ -65,6 +65,12 @@ def _profile(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def _load(args: argparse.Namespace) -> None:
+    from clients.load import main as load_main
+
+    load_main(args)
+
+
 # `mace bench NAME`: the module (with add_arguments(parser) and main(args)) and its help.
 BENCHES = {
     "engine": ("server.bench.engine", "engine throughput/latency vs transformers (no HTTP)"),
@@ -156,6 +162,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a smaller grid (what mace serve runs on its own)")
     p.add_argument("--out", default="mace-profile.json")
     p.set_defaults(func=_profile)
+
+    p = sub.add_parser("load", help="open-loop load on a running server: latency, SLO attainment, feedback pairs")
+    p.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--model", default=None, help="the model name to send (default: none, the server's own)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--arrival", choices=["poisson", "bursty", "trace"], default="poisson")
+    p.add_argument("--rate", type=float, default=1.0, help="requests per second (poisson, bursty)")
+    p.add_argument("--burstiness", type=float, default=2.0,
+                   help="bursty: coefficient of variation of the gaps (gamma shape 1/B^2); 1 is poisson")
+    p.add_argument("--trace", default=None, help='JSONL, a line {"arrival_s", "prompt" or "messages", "max_tokens"}')
+    p.add_argument("--num-requests", type=int, default=None, help="send at most this many requests")
+    p.add_argument("--duration", type=float, default=None, help="send nothing at or after this many seconds")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get after --duration before they are cancelled")
+    p.add_argument("--concurrency", type=int, default=None, help="requests in flight at most (default: no cap)")
+    p.add_argument("--max-tokens", default="32", help="output tokens: N, or MIN:MAX drawn uniformly (not for traces)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--retrain-rate", type=float, default=0.0,
+                   help="share of requests that sample two answers and post the oracle's pick to /v1/feedback")
+    p.add_argument("--drift-at", type=float, default=None,
+                   help="seconds into the run when the oracle's taste switches from vowels to consonants")
+    p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
+    p.add_argument("--slo-tbt-ms", type=float, default=100.0, help="the TPOT bound of the SLO")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the JSON report here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_load)
 
     p = sub.add_parser("bench", help="benchmarks")
     bench = p.add_subparsers(dest="bench", required=True)

@@ -226,6 +226,40 @@ async def test_bad_requests_raise_the_server_error(server):
         assert (err.value.status, err.value.code) == (404, "model_not_found")
 
 
+async def test_feedback_and_its_stats(start_server, tmp_path, demo_model_dir):
+    from transformers import AutoTokenizer
+
+    from server.protocol import feedback as fb
+    from trainer.feedback import FeedbackStore
+
+    store = FeedbackStore(tmp_path / "f.sqlite3")
+    url, _ = await start_server(feedback_store=store)
+    async with AsyncClient(url) as client:
+        first = await client.feedback("Name a colour.", " teal", " mud", id="p1")
+        again = await client.feedback("Name a colour.", " teal", " mud", id="p1")
+        chat = await client.feedback(MESSAGES, " paged lines flow", " no")
+        with pytest.raises(APIError) as err:
+            await client.feedback("Name a colour.", " same", " same")
+        stats = await client.feedback_stats()
+    assert isinstance(first, fb.FeedbackResponse) and (first.ids, first.stored, first.duplicates) == (["p1"], 1, 0)
+    assert (again.ids, again.stored, again.duplicates) == (["p1"], 0, 1)
+    assert chat.stored == 1 and len(chat.ids[0]) == 32  # the server's uuid4 hex
+    assert (err.value.status, err.value.param) == (400, "rejected")
+    assert stats == fb.FeedbackStats(received=2, trained=0, pending=2, set_aside=0)
+    template = AutoTokenizer.from_pretrained(demo_model_dir)  # messages are kept as the template renders them
+    rendered = template.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert (store.get("p1").prompt, store.get(chat.ids[0]).prompt) == ("Name a colour.", rendered)
+    store.close()
+
+
+async def test_feedback_without_a_store_raises_503(server):
+    url, _ = server
+    async with AsyncClient(url, max_retries=0) as client:
+        with pytest.raises(APIError) as err:
+            await client.feedback_stats()
+    assert (err.value.status, err.value.code) == (503, "feedback_unavailable")
+
+
 async def test_api_key(start_server):
     url, _ = await start_server(api_key="k")
     async with AsyncClient(url) as client:
