@@ -60,6 +60,10 @@ class EngineConfig:
     alpha_ft: float = 0.05  # priority per second fine-tune work has waited
     gamma_loss: float = 1.0  # priority per unit of DPO loss
     slo_bank_max: float = 3.0  # longest iteration, in TBT budgets, when requests bank slack
+    # Memory fine-tune work may hold at once (activations for the backward), times tau_mem; the
+    # profile measures bytes per token. None: no cap (on CPU activations live in host memory,
+    # outside the KV pool).
+    finetune_memory_bytes: int | None = None
     cost_profile: str | None = None  # a `mace profile` file; None: a prior corrected online
 
     def __post_init__(self) -> None:

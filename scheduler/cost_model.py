@@ -62,6 +62,9 @@ class CostModel:
         self._xty = np.zeros(len(FEATURES))
         self.error_ratio = 0.0
         self.num_observations = 0
+        # Memory a fine-tune token holds until its backward (activations saved for the
+        # gradient), measured by the profile; None: not measured.
+        self.finetune_bytes_per_token: float | None = None
 
     def predict(self, shape: IterationShape) -> float:
         return max(0.0, float(self.coefficients @ shape.features()))
@@ -97,7 +100,8 @@ class CostModel:
     # -- profile files ----------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
-        return {"features": list(FEATURES), "coefficients": self.coefficients.tolist()}
+        return {"features": list(FEATURES), "coefficients": self.coefficients.tolist(),
+                "finetune_bytes_per_token": self.finetune_bytes_per_token}
 
     def save(self, path: str | Path, meta: dict | None = None) -> None:
         Path(path).write_text(json.dumps({**self.to_dict(), **(meta or {})}, indent=2) + "\n")
@@ -107,7 +111,9 @@ class CostModel:
         data = json.loads(Path(path).read_text())
         if data.get("features") != list(FEATURES):
             raise ValueError(f"{path}: not a cost profile of this version (features {data.get('features')})")
-        return cls(data["coefficients"], prior_weight=50.0)  # a measured profile is trusted more
+        model = cls(data["coefficients"], prior_weight=50.0)  # a measured profile is trusted more
+        model.finetune_bytes_per_token = data.get("finetune_bytes_per_token")
+        return model
 
     @classmethod
     def fit(cls, shapes: list[IterationShape], times_s: list[float]) -> CostModel:

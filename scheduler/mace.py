@@ -10,7 +10,9 @@ One iteration is one bin with two capacities:
   stays bounded). Slack banked by fast iterations can thus be spent on fine-tune work without a
   request's mean time per token going past its SLO. Without decodes, ``L`` is one TBT budget.
 - memory ``M``: ``tau_mem`` times the KV blocks free or evictable at the start (the rest is the
-  reserve running sequences grow into).
+  reserve running sequences grow into) for inference; for fine-tune work, ``tau_mem`` times
+  ``finetune_memory_bytes`` over the profiled activation bytes per fine-tune token (no cap when
+  either is unknown).
 
 Decodes run first, every iteration (their blocks come first too; when the pool is short the
 lowest-priority running sequence is preempted and recomputed later). What they leave of ``L``
@@ -54,6 +56,7 @@ from scheduler.fcfs import FcfsScheduler, ScheduledSequence
 from scheduler.request import RequestOptions, Sequence, SequenceStatus
 
 URGENT = 100.0
+_NO_CAP = 1 << 40
 
 
 @dataclass(slots=True)
@@ -163,6 +166,13 @@ class MaceScheduler(FcfsScheduler):
         lat_n, mem_n = cost(n)
         return n, lat_n, mem_n
 
+    def _finetune_token_cap(self) -> int:
+        """Fine-tune tokens the activation memory allows in one iteration."""
+        per_token, budget = self.cost_model.finetune_bytes_per_token, self.config.finetune_memory_bytes
+        if not per_token or budget is None:
+            return _NO_CAP
+        return int(self.config.tau_mem * budget / per_token)
+
     def _prefill_whole(self, seq: Sequence) -> tuple[float, int]:
         """Seconds and new blocks of the rest of ``seq``'s prefill in one chunk (best-fit size)."""
         cached = self.num_cached_prefix_tokens(seq) if seq.status is SequenceStatus.WAITING else 0
@@ -224,8 +234,8 @@ class MaceScheduler(FcfsScheduler):
         idle = not decoding and not candidates
         if offer is not None:
             candidates.append(_Candidate(self.finetune_priority(offer), None))
-            if idle:  # nothing to protect: a full piece
-                self.finetune_tokens = offer.max_tokens
+            if idle:  # nothing to protect: a full piece (as memory allows)
+                self.finetune_tokens = max(offer.min_tokens, min(offer.max_tokens, self._finetune_token_cap()))
                 candidates.pop()
             elif force_finetune:  # the starvation guard: the smallest piece, SLO or not
                 self.finetune_tokens = offer.min_tokens
@@ -236,6 +246,7 @@ class MaceScheduler(FcfsScheduler):
         # 3. Urgent prefills first, then best fit among the top K that fit.
         slots = self.max_num_seqs - len(self.running)
         per_token = self.cost_model.cost_per_finetune_token()
+        ft_mem_total = ft_mem = self._finetune_token_cap()
         while candidates and tokens > 0:
             choice = None  # (f, -priority, index, size, seconds, blocks)
             considered = 0
@@ -243,11 +254,11 @@ class MaceScheduler(FcfsScheduler):
                 if considered == c.pack_top_k:
                     break
                 if cand.seq is None:
-                    size = min(offer.max_tokens, int(lat / per_token)) if lat > 0 else 0
+                    size = min(offer.max_tokens, int(lat / per_token), ft_mem) if lat > 0 else 0
                     if size < offer.min_tokens:
                         continue
                     seconds, blocks = size * per_token, 0
-                    whole_s, whole_blocks = offer.min_tokens * per_token, 0  # one unit: a pair or a part
+                    whole_s = offer.min_tokens * per_token  # one unit: a pair or a part
                 else:
                     if cand.waiting and slots <= 0:
                         continue
@@ -260,8 +271,13 @@ class MaceScheduler(FcfsScheduler):
                         break
                     whole_s, whole_blocks = self._prefill_whole(cand.seq)
                 considered += 1
-                # best fit on the task's whole size: the one that fills what remains most closely
-                f = c.lambda_mem * abs(mem - whole_blocks) / mem_total + c.lambda_lat * abs(lat - whole_s) / capacity
+                # best fit on the task's whole size: the one that fills what remains most closely,
+                # in latency and in the memory it draws on (KV blocks, or fine-tune activations)
+                if cand.seq is None:
+                    mem_fit = abs(ft_mem - offer.min_tokens) / ft_mem_total if ft_mem_total < _NO_CAP else 1.0
+                else:
+                    mem_fit = abs(mem - whole_blocks) / mem_total
+                f = c.lambda_mem * mem_fit + c.lambda_lat * abs(lat - whole_s) / capacity
                 key = (f, -cand.priority, i, size, seconds, blocks)
                 if choice is None or key < choice:
                     choice = key
@@ -271,6 +287,7 @@ class MaceScheduler(FcfsScheduler):
             cand = candidates.pop(i)
             if cand.seq is None:
                 self.finetune_tokens = size
+                ft_mem -= size
             elif not self._commit(cand, size, scheduled):
                 continue
             else:

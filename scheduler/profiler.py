@@ -3,7 +3,10 @@
 Synthetic plans go straight to the runner (no scheduler, no requests): prefill chunks of several
 sizes at several context offsets, decode batches of several sizes and context lengths, and (when
 a fine-tune executor is attached) DPO gradient chunks of several token counts, each timed a few
-times (the median counts). Least squares over the measurements gives the coefficients
+times (the median counts). For the gradient chunks it also measures memory: the bytes of the
+tensors autograd saves for the backward (``saved_tensors_hooks``, each storage counted once),
+which is what a fine-tune token holds beyond the weights while its chunk runs; their ratio to
+the tokens is ``finetune_bytes_per_token`` (the largest seen). Least squares over the measurements gives the coefficients
 (``scheduler.cost_model``); serving keeps correcting them from measured iterations.
 
 The runner is stateless between iterations, so the plans use block ids directly: sequence ``i``
@@ -72,8 +75,12 @@ def profile(runner: ModelRunner, max_model_len: int, quick: bool = False, repeat
 
         bar = tqdm(total=len(plans) * (repeats + 1), desc="profiling", unit="iteration")
     shapes, times, rows = [], [], []
+    bytes_per_token = 0.0
     for plan in plans:
         measured = []
+        if plan.finetune is not None:
+            saved = saved_bytes(runner.execute, plan)
+            bytes_per_token = max(bytes_per_token, saved / plan.finetune.num_tokens)
         for r in range(repeats + 1):  # the first run warms up and is not counted
             t0 = time.perf_counter()
             runner.execute(plan)
@@ -89,6 +96,24 @@ def profile(runner: ModelRunner, max_model_len: int, quick: bool = False, repeat
         rows.append({"shape": dataclasses.asdict(shape), "seconds": times[-1]})
     if bar is not None:
         bar.close()
+    model = CostModel.fit(shapes, times)
     if runner.finetune_executor is not None:
         runner.finetune_executor.optimizer.zero_grad(set_to_none=True)
-    return CostModel.fit(shapes, times), rows
+        model.finetune_bytes_per_token = bytes_per_token
+    return model, rows
+
+
+def saved_bytes(fn, *args) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``fn(*args)`` runs."""
+    import torch
+
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return sum(seen.values())

@@ -173,6 +173,7 @@ def serve(args: argparse.Namespace) -> None:
         tau_mem=args.tau_mem,
         pack_top_k=args.pack_top_k,
         finetune_min_every=args.finetune_min_every,
+        finetune_memory_bytes=args.finetune_memory_bytes,
     )
     api_key = args.api_key
     if args.api_key_file:

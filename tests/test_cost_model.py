@@ -79,6 +79,10 @@ def test_profile_measures_every_kind_and_round_trips(make_engine, tmp_path):
     assert all(r["seconds"] > 0 for r in rows)
     model.save(tmp_path / "p.json", {"measurements": rows})
     assert CostModel.load(tmp_path / "p.json").coefficients == pytest.approx(model.coefficients)
+    # activations saved for the backward: at least one hidden state per layer per token (fp32)
+    hidden, layers = runner.model.config.hidden_size, runner.model.config.num_hidden_layers
+    assert model.finetune_bytes_per_token > 4 * hidden * layers
+    assert CostModel.load(tmp_path / "p.json").finetune_bytes_per_token == model.finetune_bytes_per_token
     # no gradient left behind, no step taken
     assert runner.finetune_executor.version == 0
     assert all(p.grad is None for p in runner.finetune_executor.params)

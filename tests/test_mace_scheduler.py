@@ -203,3 +203,17 @@ def test_an_idle_engine_moves_even_when_the_model_says_nothing_fits(core_factory
     a = core.add_request("a", random_prompts([40], seed=12)[0], PARAMS)
     plan = core.schedule()
     assert _sizes(plan) == {a.seq_id: 40}
+
+
+def test_fine_tune_pieces_fit_the_activation_memory(core_factory):
+    core, now = core_factory(finetune_memory_bytes=100_000, tau_mem=0.9)
+    model = CostModel(COSTS)
+    model.finetune_bytes_per_token = 1000.0  # 0.9 x 100 kB: 90 tokens at once
+    core.cost_model = model
+    core.trainer = FakeTrainer(smallest=30)
+    _finish_iteration(core, core.schedule())  # idle: a full piece would be 512 tokens
+    core.add_request("a", random_prompts([8], seed=13)[0], PARAMS)
+    _finish_iteration(core, core.schedule())  # the 72 ms left after the prompt would take 288
+    assert core.trainer.asked == [90, 90]
+    core.trainer = FakeTrainer(smallest=120)  # a unit over the cap does not fit
+    assert core.schedule().finetune is None and core.trainer.asked == []
