@@ -13,6 +13,7 @@ writes, so the runner never allocates.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from engine.sampling_params import SamplingParams
@@ -72,6 +73,11 @@ class KvPrune:
     num_sinks: int
     num_recent: int
     policy: str  # "window" | "heavy-hitter"
+
+
+# A forward without backward costs about a third of a forward with one (the backward is about
+# twice the forward): how no-grad fine-tune tokens (reference passes, score parts) are priced.
+NO_GRAD_COST = 1 / 3
 
 
 @dataclass(slots=True)
@@ -139,7 +145,7 @@ class FinetuneChunk:
     def cost_tokens(self) -> int:
         """Tokens as the cost model prices them: a forward without backward costs about a third
         of a forward with one."""
-        return self.num_tokens if self.has_grad else -(-self.num_tokens // 3)
+        return self.num_tokens if self.has_grad else math.ceil(self.num_tokens * NO_GRAD_COST)
 
 
 @dataclass(slots=True)

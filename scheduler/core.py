@@ -21,7 +21,7 @@ from cache.block_pool import BlockPool
 from cache.pruning import PruningPolicy
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.plan import IterationPlan, IterationResult, SequenceChunk, TokenLogprob
+from engine.plan import NO_GRAD_COST, IterationPlan, IterationResult, SequenceChunk, TokenLogprob
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from scheduler.cost_model import CostModel, IterationShape
 from scheduler.fcfs import FcfsScheduler, ScheduledSequence
@@ -225,8 +225,10 @@ class EngineCore:
         if self._finetune_waiting_since is None:
             self._finetune_waiting_since = now
         loss = trainer.head_loss()
+        has_grad = getattr(trainer, "next_unit_has_grad", lambda: True)()
         return FinetuneOffer(smallest, max(smallest, self.config.finetune_tokens_per_iteration),
-                             loss if loss is not None else _LN2, now - self._finetune_waiting_since)
+                             loss if loss is not None else _LN2, now - self._finetune_waiting_since,
+                             min_cost_factor=1.0 if has_grad else NO_GRAD_COST)
 
     def _finetune_budget(self, shape: IterationShape) -> int:
         """Fine-tune tokens this iteration may carry under the FCFS-planned policies (0: none)."""

@@ -67,6 +67,9 @@ class FinetuneOffer:
     max_tokens: int
     loss: float  # the DPO loss the priority uses
     wait_s: float  # since the work became ready or last ran
+    # The smallest piece's price per token relative to a gradient token: 1/3 when it is a
+    # forward without backward (a reference pass, a score part). Tokens past it price at 1.
+    min_cost_factor: float = 1.0
 
 
 @dataclass(slots=True)
@@ -239,7 +242,7 @@ class MaceScheduler(FcfsScheduler):
                 candidates.pop()
             elif force_finetune:  # the starvation guard: the smallest piece, SLO or not
                 self.finetune_tokens = offer.min_tokens
-                lat -= offer.min_tokens * self.cost_model.cost_per_finetune_token()
+                lat -= offer.min_tokens * offer.min_cost_factor * self.cost_model.cost_per_finetune_token()
                 candidates.pop()
         candidates.sort(key=lambda cand: -cand.priority)
 
@@ -254,11 +257,11 @@ class MaceScheduler(FcfsScheduler):
                 if considered == c.pack_top_k:
                     break
                 if cand.seq is None:
-                    size = min(offer.max_tokens, int(lat / per_token), ft_mem) if lat > 0 else 0
-                    if size < offer.min_tokens:
+                    whole_s = offer.min_tokens * per_token * offer.min_cost_factor  # one unit: a pair or a part
+                    if lat < whole_s or ft_mem < offer.min_tokens:
                         continue
-                    seconds, blocks = size * per_token, 0
-                    whole_s = offer.min_tokens * per_token  # one unit: a pair or a part
+                    size = min(offer.max_tokens, offer.min_tokens + int((lat - whole_s) / per_token), ft_mem)
+                    seconds, blocks = whole_s + (size - offer.min_tokens) * per_token, 0
                 else:
                     if cand.waiting and slots <= 0:
                         continue
@@ -300,7 +303,7 @@ class MaceScheduler(FcfsScheduler):
             for cand in candidates:
                 if cand.seq is None:
                     self.finetune_tokens = offer.min_tokens
-                    lat -= offer.min_tokens * per_token
+                    lat -= offer.min_tokens * per_token * offer.min_cost_factor
                     break
                 size, seconds, _ = self._prefill_fit(cand.seq, lat, mem_total, tokens, force=True)
                 if size and self._commit(cand, size, scheduled):

@@ -174,6 +174,7 @@ def serve(args: argparse.Namespace) -> None:
         pack_top_k=args.pack_top_k,
         finetune_min_every=args.finetune_min_every,
         finetune_memory_bytes=args.finetune_memory_bytes,
+        slo_bank_max=args.slo_bank_max,
     )
     api_key = args.api_key
     if args.api_key_file:

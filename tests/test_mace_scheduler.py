@@ -50,7 +50,7 @@ def core_factory(demo_model_dir):
     def make(num_blocks: int = 64, **overrides) -> tuple[EngineCore, list[float]]:
         settings = dict(policy="mace", slo_tbt_ms=100.0, slo_margin=0.1, slo_ttft_ms=1000.0,
                         max_num_batched_tokens=256, max_num_seqs=16, finetune_tokens_per_iteration=512,
-                        max_model_len=1024, vocab_size=8192)
+                        max_model_len=1024, vocab_size=8192, slo_bank_max=3.0)
         config = EngineConfig(model=demo_model_dir, **{**settings, **overrides})
         core = EngineCore(config, tokenizer, frozenset(), num_blocks=num_blocks)
         core.cost_model = CostModel(COSTS)
@@ -217,3 +217,14 @@ def test_fine_tune_pieces_fit_the_activation_memory(core_factory):
     assert core.trainer.asked == [90, 90]
     core.trainer = FakeTrainer(smallest=120)  # a unit over the cap does not fit
     assert core.schedule().finetune is None and core.trainer.asked == []
+
+
+def test_a_no_grad_unit_is_priced_at_a_third(core_factory):
+    core, now = core_factory()
+    core.add_request("a", random_prompts([16], seed=14)[0], PARAMS)
+    _finish_iteration(core, core.schedule())
+    core.trainer = FakeTrainer(smallest=300)
+    core.trainer.next_unit_has_grad = lambda: False  # a reference pass: 300 x 0.25 ms / 3 = 25 ms
+    now[0] += 0.09
+    plan = core.schedule()  # 90 - 12 = 78 ms left: the unit (25 ms) fits, plus 212 tokens at full price
+    assert core.trainer.asked == [300 + 212]

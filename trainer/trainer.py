@@ -119,6 +119,15 @@ class Trainer:
         head = self._ready[0]
         return min(head.num_tokens, len(head.prompt_ids) + len(head.rejected_ids))
 
+    def next_unit_has_grad(self) -> bool:
+        """Whether the smallest chunk (``next_pair_tokens``) runs a backward."""
+        if self._split is not None:
+            return self._split_part != "score"
+        if self._needs_reference:
+            return False
+        head = self._ready[0]
+        return head.num_tokens <= len(head.prompt_ids) + len(head.rejected_ids)  # else a score part
+
     def head_loss(self) -> float | None:
         """The last DPO loss of the pair trained next, else the recent mean (None: no losses yet)."""
         pair = self._split or (self._ready[0] if self._ready else None)

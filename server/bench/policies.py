@@ -33,6 +33,7 @@ POLICIES = ("inference-only", "synchronous", "periodic", "mace")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="models/demo-base")
     p.add_argument("--shares", default="0.1,0.3,0.5", help="shares of requests that produce feedback")
+    p.add_argument("--policies", default=",".join(POLICIES), help="which policies to run, comma-separated")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--rate", type=float, default=2.0)
     p.add_argument("--prompt-len", type=int, default=64)
@@ -119,7 +120,7 @@ def main(args: argparse.Namespace) -> dict:
     cost_model, _ = profile(runner, core.config.max_model_len, quick=True, progress=False)
     rows = []
     for share in (float(s) for s in args.shares.split(",")):
-        for policy in POLICIES:
+        for policy in args.policies.split(","):
             model, tokenizer = load_model(args.model, torch.device("cpu"))  # adapters go on per run
             core, runner = build_from_model(model, tokenizer, dataclasses.replace(config, policy=policy))
             core.cost_model = copy.deepcopy(cost_model)
