@@ -111,7 +111,7 @@ class CostModel:
         data = json.loads(Path(path).read_text())
         if data.get("features") != list(FEATURES):
             raise ValueError(f"{path}: not a cost profile of this version (features {data.get('features')})")
-        model = cls(data["coefficients"], prior_weight=50.0)  # a measured profile is trusted more
+        model = cls(data["coefficients"], prior_weight=10.0)
         model.finetune_bytes_per_token = data.get("finetune_bytes_per_token")
         return model
 
@@ -122,7 +122,7 @@ class CostModel:
         x = np.stack([s.features() for s in shapes])
         y = np.asarray(times_s, dtype=float)
         w = 1.0 / np.maximum(y, 1e-6)
-        return cls(nnls(x * w[:, None], y * w), prior_weight=50.0)
+        return cls(nnls(x * w[:, None], y * w), prior_weight=10.0)
 
 
 def nnls(a: np.ndarray, b: np.ndarray, max_iter: int = 100) -> np.ndarray:
