@@ -213,7 +213,8 @@ class EngineCore:
             self._next_burst_s = now + self.config.retrain_period_s
         if self._burst_started_s is None or not has_work:
             return 0
-        return self.config.finetune_tokens_per_iteration
+        whole = getattr(self.trainer, "next_whole_tokens", lambda: 0)() or 0
+        return max(self.config.finetune_tokens_per_iteration, whole)
 
     def _finetune_offer(self) -> FinetuneOffer | None:
         """What the trainer can add to this iteration, for the mace planner (None: nothing)."""
@@ -226,7 +227,8 @@ class EngineCore:
             self._finetune_waiting_since = now
         loss = trainer.head_loss()
         has_grad = getattr(trainer, "next_unit_has_grad", lambda: True)()
-        return FinetuneOffer(smallest, max(smallest, self.config.finetune_tokens_per_iteration),
+        whole = getattr(trainer, "next_whole_tokens", lambda: smallest)()
+        return FinetuneOffer(smallest, max(whole, self.config.finetune_tokens_per_iteration),
                              loss if loss is not None else _LN2, now - self._finetune_waiting_since,
                              min_cost_factor=1.0 if has_grad else NO_GRAD_COST)
 
@@ -238,7 +240,10 @@ class EngineCore:
         smallest = trainer.next_pair_tokens()
         if config.policy == "periodic":
             return self._periodic_budget(smallest is not None)
-        return config.finetune_tokens_per_iteration if smallest is not None else 0  # synchronous
+        if smallest is None:
+            return 0
+        # synchronous: a fixed chunk, but at least one whole pair (it has no slack to cut it for)
+        return max(config.finetune_tokens_per_iteration, getattr(trainer, "next_whole_tokens", lambda: smallest)())
 
     def _chunk(self, seq: Sequence, num_new: int) -> SequenceChunk:
         start = seq.num_computed_tokens

@@ -119,6 +119,15 @@ class Trainer:
         head = self._ready[0]
         return min(head.num_tokens, len(head.prompt_ids) + len(head.rejected_ids))
 
+    def next_whole_tokens(self) -> int | None:
+        """Tokens of the next chunk if nothing is cut: the next part of a cut pair, else one
+        whole pair (None: no work)."""
+        if not self.has_work:
+            return None
+        if self._split is not None:
+            return self._part_chunk(0).num_tokens
+        return (self._needs_reference or self._ready)[0].num_tokens
+
     def next_unit_has_grad(self) -> bool:
         """Whether the smallest chunk (``next_pair_tokens``) runs a backward."""
         if self._split is not None:
