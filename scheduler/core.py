@@ -227,8 +227,8 @@ class EngineCore:
             self._finetune_waiting_since = now
         loss = trainer.head_loss()
         has_grad = getattr(trainer, "next_unit_has_grad", lambda: True)()
-        whole = getattr(trainer, "next_whole_tokens", lambda: smallest)()
-        return FinetuneOffer(smallest, max(whole, self.config.finetune_tokens_per_iteration),
+        # (at most the per-iteration cap, even idle: an arrival waits for the piece in flight)
+        return FinetuneOffer(smallest, max(smallest, self.config.finetune_tokens_per_iteration),
                              loss if loss is not None else _LN2, now - self._finetune_waiting_since,
                              min_cost_factor=1.0 if has_grad else NO_GRAD_COST)
 
