@@ -64,8 +64,9 @@ class PagedAttentionMetadata:
     decode_max_len: int = 0
     # (num_decode_tokens, 1, 1, max_len) bool: which keys are real; None when no padding.
     decode_mask: torch.Tensor | None = None
-    # Heavy-hitter pruning: (num_decode_tokens, >= max_len) fp32 that every layer adds each
-    # decode key's attention probability (summed over heads) to, in the same pass. None: off.
+    # Heavy-hitter pruning: (num_layers, num_decode_tokens, >= max_len) fp32; each layer adds
+    # each decode key's attention probability (summed over heads) to its own row, in the same
+    # pass. None: off.
     decode_scores: torch.Tensor | None = None
     # (num_decode_tokens * nb * bs,) the slot of each ``decode_scores`` entry (runner's use).
     decode_score_slots: torch.Tensor | None = None
@@ -111,7 +112,8 @@ def paged_attention_forward(
     if num_decodes and meta.decode_kernel is not None:
         out[:num_decodes] = paged_decode_attention(
             meta.decode_kernel, q[:, :num_decodes].transpose(0, 1), k_cache, v_cache,
-            meta.decode_block_tables, meta.decode_lens, scaling or head_dim**-0.5, meta.decode_scores,
+            meta.decode_block_tables, meta.decode_lens, scaling or head_dim**-0.5,
+            meta.decode_scores[module.layer_idx] if meta.decode_scores is not None else None,
         )  # (Bd, H, D)
     elif num_decodes:
         length = meta.decode_max_len
@@ -127,7 +129,7 @@ def paged_attention_forward(
             if meta.decode_mask is not None:
                 att = att.masked_fill(~meta.decode_mask, float("-inf"))
             probs = att.float().softmax(-1)
-            meta.decode_scores[:, :length] += probs.sum((1, 2))
+            meta.decode_scores[module.layer_idx, :, :length] += probs.sum((1, 2))
             od = probs.to(vd.dtype) @ vd.transpose(1, 2)  # (Bd, Hkv, G, D)
         out[:num_decodes] = od.reshape(num_decodes, num_heads, head_dim)
 

@@ -47,10 +47,11 @@ class ModelRunner:
         self.decode_kernel = None
         if decode_attention == "auto" and self.device.type == "cpu" and self.dtype == torch.float32:
             self.decode_kernel = cpu_kernels.load()
-        # Heavy-hitter pruning: attention each KV slot has received from decodes, summed over
-        # layers and heads since its token was written.
+        # Heavy-hitter pruning: attention each KV slot has received from decodes since its token
+        # was written, per layer (summed over heads): (num_layers, num_blocks * block_size). Each
+        # layer keeps its own heavy hitters, as H2O does.
         self.slot_scores = (
-            torch.zeros(num_blocks * block_size, dtype=torch.float32, device=self.device)
+            torch.zeros(self.kv_pool.shape[0], num_blocks * block_size, dtype=torch.float32, device=self.device)
             if collect_attention_scores else None
         )
         # Evaluation tools (bench cache's pruning quality) set this to read the next-token logits
@@ -101,7 +102,8 @@ class ModelRunner:
         rows = [c.block_table[:max_blocks] for c in decodes]
         table = torch.tensor([r + [0] * (max_blocks - len(r)) for r in rows], dtype=torch.long)  # (Bd, nb)
         if self.slot_scores is not None:
-            meta.decode_scores = torch.zeros(len(decodes), max_blocks * bs, device=self.device)  # (Bd, nb * bs)
+            meta.decode_scores = torch.zeros(self.slot_scores.shape[0], len(decodes), max_blocks * bs,
+                                             device=self.device)  # (layers, Bd, nb * bs)
             meta.decode_score_slots = (table[:, :, None] * bs + torch.arange(bs)).view(-1).to(self.device)
         if self.decode_kernel is not None:
             meta.decode_kernel = self.decode_kernel
@@ -134,22 +136,26 @@ class ModelRunner:
         bs, start = self.block_size, op.private_start
         num_private = op.kv_len - start
         middle = num_private - op.num_sinks - op.num_recent  # candidates between sinks and recent
-        keep = list(range(op.num_sinks))
         num_heavy = op.num_keep - op.num_sinks - op.num_recent
         table = torch.tensor(op.block_table, dtype=torch.long)
         slots = (table[:, None] * bs + torch.arange(bs)).view(-1)[start : op.kv_len]  # (num_private,)
+        sinks = torch.arange(op.num_sinks)
+        recent = torch.arange(num_private - op.num_recent, num_private)
+        num_layers = self.kv_pool.shape[0]
         if num_heavy > 0 and middle > 0:
             assert op.policy == "heavy-hitter" and self.slot_scores is not None
-            scores = self.slot_scores[slots[op.num_sinks : op.num_sinks + middle].to(self.device)]
-            heavy = torch.topk(scores, min(num_heavy, middle)).indices.sort().values + op.num_sinks
-            keep += heavy.tolist()
-        keep += range(num_private - op.num_recent, num_private)
-        src = slots[keep].to(self.device)
-        dst = slots[: len(keep)].to(self.device)
-        flat = self.kv_pool.view(self.kv_pool.shape[0], 2, -1, *self.kv_pool.shape[-2:])  # (layers, 2, NB * BS, Hkv, D)
-        flat[:, :, dst] = flat[:, :, src]  # the read is a copy: overlapping ranges are safe
-        if self.slot_scores is not None:
-            self.slot_scores[dst] = self.slot_scores[src]
+            scores = self.slot_scores[:, slots[op.num_sinks : op.num_sinks + middle].to(self.device)]  # (layers, middle)
+            heavy = torch.topk(scores, min(num_heavy, middle), dim=1).indices.sort(dim=1).values.cpu() + op.num_sinks
+            keep = torch.cat([sinks.expand(num_layers, -1), heavy, recent.expand(num_layers, -1)], dim=1)
+        else:
+            keep = torch.cat([sinks, recent]).expand(num_layers, -1)
+        dst = slots[: keep.shape[1]].to(self.device)
+        flat = self.kv_pool.view(num_layers, 2, -1, *self.kv_pool.shape[-2:])  # (layers, 2, NB * BS, Hkv, D)
+        for layer in range(num_layers):  # each layer keeps its own entries
+            src = slots[keep[layer]].to(self.device)
+            flat[layer, :, dst] = flat[layer, :, src]  # the read is a copy: overlapping ranges are safe
+            if self.slot_scores is not None:
+                self.slot_scores[layer, dst] = self.slot_scores[layer, src]
 
     def _scratch_for(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V scratch of at least ``rows`` rows, kept between iterations and grown by half
@@ -183,7 +189,7 @@ class ModelRunner:
             return IterationResult(plan.iteration, [], 0)
         ordered, ids, pos_ids, meta = self._prepare(plan.chunks)
         if self.slot_scores is not None:
-            self.slot_scores[meta.slot_mapping] = 0.0  # fresh tokens start from nothing
+            self.slot_scores[:, meta.slot_mapping] = 0.0  # fresh tokens start from nothing
         t1 = time.perf_counter()
         hidden = self._decoder(
             input_ids=ids,
@@ -193,7 +199,7 @@ class ModelRunner:
             mace_meta=meta,
         ).last_hidden_state[0]  # (T, hidden)
         if meta.decode_scores is not None:  # padded entries point at slot 0 and add nothing
-            self.slot_scores.index_add_(0, meta.decode_score_slots, meta.decode_scores.view(-1))
+            self.slot_scores.index_add_(1, meta.decode_score_slots, meta.decode_scores.flatten(1))
 
         # Logits only where they are used: the last row of each sampling chunk, and the rows
         # whose prompt log-probs were asked for.

@@ -92,23 +92,26 @@ def test_a_long_generation_stays_within_its_budget(make_engine, policy, budget):
 def test_compaction_moves_exactly_the_chosen_entries(make_engine):
     core, runner = make_engine(kv_prune="heavy-hitter", kv_budget=0.5)
     pool = runner.kv_pool  # (layers, 2, NB, BS, Hkv, D)
-    slots = pool.shape[2] * BS
-    flat = pool.view(pool.shape[0], 2, slots, *pool.shape[-2:])
+    layers, slots = pool.shape[0], pool.shape[2] * BS
+    flat = pool.view(layers, 2, slots, *pool.shape[-2:])
     flat.copy_(torch.arange(slots, dtype=pool.dtype)[None, None, :, None, None].expand_as(flat))
-    runner.slot_scores.copy_(torch.zeros(slots))
+    runner.slot_scores.zero_()
     table = [7, 3, 9]  # 48 entries; the first block is shared and stays
     entries = [b * BS + i for b in table for i in range(BS)]
-    heavy = [entries[20], entries[25], entries[30]]
-    runner.slot_scores[heavy] = torch.tensor([5.0, 1.0, 3.0])
-    runner.slot_scores[entries[2]] = 100.0  # in the shared block: not a candidate
+    # layer 0 and the others disagree on the heavy hitters: each keeps its own
+    runner.slot_scores[0, [entries[20], entries[25], entries[30]]] = torch.tensor([5.0, 1.0, 3.0])
+    runner.slot_scores[1:, [entries[21], entries[25], entries[33]]] = torch.tensor([2.0, 9.0, 1.0])
+    runner.slot_scores[:, entries[2]] = 100.0  # in the shared block: not a candidate
     # private entries 16..47: keep 2 sinks, 4 recent, and the 2 heaviest of the middle
     runner._prune(KvPrune(seq_id=0, block_table=table, kv_len=48, private_start=16, num_keep=8, num_sinks=2,
                           num_recent=4, policy="heavy-hitter"))
-    kept = [entries[i] for i in (16, 17, 20, 30, 44, 45, 46, 47)]
-    got = flat[0, 0, entries[:24], 0, 0].tolist()
-    assert got == [float(e) for e in entries[:16] + kept]
-    assert torch.equal(flat[:, :, entries[16:24]], flat[:1, :1, entries[16:24]].expand(pool.shape[0], 2, -1, -1, -1))
-    assert runner.slot_scores[entries[18]].item() == 5.0 and runner.slot_scores[entries[19]].item() == 3.0
+    kept = {0: (16, 17, 20, 30, 44, 45, 46, 47), 1: (16, 17, 21, 25, 44, 45, 46, 47)}
+    for layer in range(layers):
+        want = [float(e) for e in entries[:16] + [entries[i] for i in kept[min(layer, 1)]]]
+        for kv in (0, 1):
+            assert flat[layer, kv, entries[:24], 0, 0].tolist() == want
+    assert runner.slot_scores[0, entries[18]].item() == 5.0 and runner.slot_scores[0, entries[19]].item() == 3.0
+    assert runner.slot_scores[1, entries[18]].item() == 2.0 and runner.slot_scores[1, entries[19]].item() == 9.0
 
 
 def test_heavy_hitter_scores_are_collected_by_both_decode_paths(make_engine):
@@ -118,10 +121,12 @@ def test_heavy_hitter_scores_are_collected_by_both_decode_paths(make_engine):
         prompt = random_prompts([21], seed=14)[0]
         generate(core, runner, [prompt], SamplingParams(max_tokens=5, **GREEDY))
         scores[path] = runner.slot_scores.clone()
-    # 4 decodes (the 5th token is sampled by the last), each adds one probability per head per
-    # layer over its keys: every decode contributes num_layers * num_heads in total
+    # 4 decodes (the 5th token is sampled by the last), each adds one probability per head over
+    # its keys, in each layer's own row: num_heads per decode per layer
     config = runner.model.config
-    assert scores["auto"].sum().item() == pytest.approx(4 * config.num_hidden_layers * config.num_attention_heads, rel=1e-4)
+    assert scores["auto"].shape[0] == config.num_hidden_layers
+    per_layer = scores["auto"].sum(1)
+    assert per_layer.tolist() == pytest.approx([4.0 * config.num_attention_heads] * config.num_hidden_layers, rel=1e-4)
     assert torch.allclose(scores["auto"], scores["sdpa"], atol=1e-4)
 
 
