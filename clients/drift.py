@@ -13,7 +13,10 @@ Two measures per evaluation, both at the evaluation's time ``t_s`` (the oracle's
   fixed per phase) of ``logp(chosen|x) - logp(rejected|x)`` under the serving model, response
   tokens only, scored through the server's log-prob API (``AsyncClient.score``: an echo of
   prompt + response with ``max_tokens=0``). ``x`` is the chat template's rendering of the prompt,
-  the text the trainer sees for chat feedback.
+  the text the trainer sees for chat feedback. The held-out responses differ in length (in
+  tokens), which offsets CLPD by an amount that has nothing to do with the preference (the base
+  model's CLPD on them is far from 0), so each point also carries ``clpd_gain``: CLPD minus the
+  base model's CLPD on the same pairs (measured in ``take_base`` for every phase).
 
 ``recovery`` reads a finished series: the time after the switch to recover 90% of the way to the
 post-drift plateau.
@@ -56,6 +59,7 @@ class EvalPoint:
     phase: str  # the oracle's taste at t_s
     win_rate: float
     clpd: float
+    clpd_gain: float  # clpd minus the base model's CLPD on the same pairs
     num_comparisons: int
     num_ties: int
     eval_s: float  # how long the evaluation took (under load)
@@ -88,6 +92,7 @@ class DriftEvaluator:
     def __init__(self, client: AsyncClient, oracle: PreferenceOracle, config: EvalConfig) -> None:
         self.client, self.oracle, self.config = client, oracle, config
         self.base_samples: list[str] | None = None
+        self.base_clpd: dict[str, float] = {}  # per phase name
         self._pairs: dict[str, list[PreferencePair]] = {}  # per phase name: fixed for the run
 
     async def _samples(self) -> list[str]:
@@ -104,11 +109,16 @@ class DriftEvaluator:
         return [text for texts in per_prompt for text in texts]
 
     async def take_base(self) -> list[str]:
-        """Sample the base model's answers; the server must still serve adapter version 0."""
+        """Sample the base model's answers and score every phase's held-out pairs under it; the
+        server must still serve adapter version 0 (and still does after)."""
         version = await self.adapter_version()
         if version not in (None, 0):
             raise RuntimeError(f"the base samples need adapter version 0, the server serves version {version}")
         self.base_samples = await self._samples()
+        for start_s, phase in zip(self.oracle.starts_s, self.oracle.phases):
+            self.base_clpd[phase.name] = await self.clpd(start_s)
+        if (after := await self.adapter_version()) not in (None, 0):
+            raise RuntimeError(f"the adapter moved to version {after} while the base was measured")
         return self.base_samples
 
     async def adapter_version(self) -> int | None:
@@ -136,8 +146,9 @@ class DriftEvaluator:
         samples, value = await asyncio.gather(self._samples(), self.clpd(t_s))
         ours = [self.oracle.score(s, t_s) for s in samples]
         base = [self.oracle.score(s, t_s) for s in self.base_samples]
-        return EvalPoint(t_s=t_s, adapter_version=version, phase=self.oracle.phase_at(t_s).name,
-                         win_rate=win_rate(ours, base), clpd=value, num_comparisons=len(ours),
+        phase = self.oracle.phase_at(t_s).name
+        return EvalPoint(t_s=t_s, adapter_version=version, phase=phase, win_rate=win_rate(ours, base), clpd=value,
+                         clpd_gain=value - self.base_clpd[phase], num_comparisons=len(ours),
                          num_ties=sum(a == b for a, b in zip(ours, base)), eval_s=time.perf_counter() - started)
 
     async def run(self, start: float, interval_s: float, until_s: float) -> list[EvalPoint]:

@@ -85,6 +85,7 @@ async def test_evaluator_against_a_tiny_server(start_server, tmp_path):
         by_hand = [(await client.score(p.prompt, p.chosen)).logprob - (await client.score(p.prompt, p.rejected)).logprob
                    for p in pairs]
         assert point.clpd == pytest.approx(sum(by_hand) / 2, abs=1e-4) and math.isfinite(point.clpd)
+        assert point.clpd_gain == pytest.approx(0.0, abs=1e-4)  # the base against its own CLPD
         start = time.perf_counter()
         series = await evaluator.run(start, interval_s=0.5, until_s=1.2)
         assert [round(p.t_s * 2) / 2 for p in series] == [0.5, 1.0] and time.perf_counter() - start < 5.0
