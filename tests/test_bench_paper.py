@@ -17,7 +17,8 @@ def _drift_run(t90: float | None, final_clpd: float, series: list[tuple[float, f
     return {"recovery": {"start": 0.3, "plateau": 0.7, "target": 0.66, "time_to_recover_s": t90},
             "final_clpd": final_clpd + 5.0, "final_clpd_gain": final_clpd, "base_clpd": {"vowels": 2.0, "consonants": 5.0},
             "pairs_posted": 10, "pairs_trained": 8,
-            "adapter_version": 2, "series": [{"t_s": t, "win_rate": w, "clpd": final_clpd + 5.0, "clpd_gain": final_clpd} for t, w in series]}
+            "adapter_version": 2,
+            "series": [{"t_s": t, "win_rate": w, "clpd": final_clpd + 5.0, "clpd_gain": final_clpd} for t, w in series]}
 
 
 def results(t_mace, t_periodic, clpd_mace, clpd_periodic, mace_ttft=110.0):

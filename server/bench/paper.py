@@ -72,6 +72,7 @@ class Settings:
     retrain_rates: tuple[float, ...] = (0.1, 0.3, 0.5)
     latency_rate_per_s: float = 8.0
     latency_duration_s: float = 8.0
+    latency_retrain_period_s: float = 3.0  # periodic: shorter than a cell, so that it retrains in it
     latency_max_tokens: int = 16
     # 3. ablation
     ablation_rate_per_s: float = 5.0
@@ -86,6 +87,7 @@ class Settings:
 QUICK = Settings()
 FULL = Settings(switch_s=90.0, drift_duration_s=300.0, eval_interval_s=10.0, retrain_period_s=40.0,
                 num_eval_prompts=24, retrain_rates=(0.1, 0.2, 0.3, 0.4, 0.5), latency_duration_s=30.0,
+                latency_retrain_period_s=10.0,
                 ablation_duration_s=60.0, ablation_max_tokens=256)
 
 
@@ -122,8 +124,8 @@ class Common:
 
     def flags(self, settings: Settings, *extra: str) -> list[str]:
         return ["--profile", self.profile, "--slo-ttft-ms", f"{self.slo_ttft_ms:g}", "--slo-tbt-ms", f"{self.slo_tbt_ms:g}",
-                "--learning-rate", f"{settings.learning_rate:g}", "--grad-accum", str(settings.grad_accum), "--seed", str(self.seed), "--shutdown-grace", "2",
-                *extra]
+                "--learning-rate", f"{settings.learning_rate:g}", "--grad-accum", str(settings.grad_accum),
+                "--seed", str(self.seed), "--shutdown-grace", "2", *extra]
 
     def server(self, name: str, settings: Settings, *extra: str, kv_cache_bytes: int = 64 << 20):
         return spawned_server(self.model, *self.flags(settings, "--kv-cache-bytes", str(kv_cache_bytes), *extra),
@@ -221,12 +223,13 @@ def run_latency(settings: Settings, common: Common) -> dict[str, Any]:
     for rate in settings.retrain_rates:  # policies interleaved, so a slow moment of the machine hits all
         for policy in POLICIES:
             with common.server(f"latency-{policy}-{rate:g}", settings, "--policy", policy,
-                               "--retrain-period", f"{settings.retrain_period_s:g}") as url:
+                               "--retrain-period", f"{settings.latency_retrain_period_s:g}") as url:
                 row = {"policy": policy, "retrain_rate": rate, **asyncio.run(_latency_run(url, settings, common, rate))}
             rows.append(row)
             s = row["latency"]
             print(f"[latency] {rate:.0%} {policy}: TTFT p99 {s['ttft_ms']['p99']:.1f} ms, TBT p99 "
-                  f"{s['itl_ms']['p99']:.1f} ms, SLO {s['slo_attainment']:.1%}, {row['pairs_trained']} pairs trained", flush=True)
+                  f"{s['itl_ms']['p99']:.1f} ms, SLO {s['slo_attainment']:.1%}, {row['pairs_trained']} pairs trained",
+                  flush=True)
     return {"rows": rows}
 
 
@@ -285,11 +288,22 @@ EXPERIMENTS = {"drift": run_drift, "latency": run_latency, "ablation": run_ablat
 
 
 def _profile(model: str, out: Path) -> tuple[float, float]:
-    """``mace profile --quick`` once (every server plans with it), and the SLOs it suggests."""
-    from scheduler.cost_model import CostModel, suggest_slos
+    """``mace profile --quick`` (every mace server plans with it) and the SLOs it suggests. Run
+    twice, keeping the faster: anything else busy on the machine only ever inflates a profile
+    (seen here: a 160 ms intercept instead of 3 ms while another benchmark ran)."""
+    from scheduler.cost_model import CostModel, IterationShape, suggest_slos
 
-    subprocess.run([sys.executable, "-m", "server.cli", "profile", "--model", model, "--quick", "--out", str(out)],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    best = None
+    for attempt in range(2):
+        path = out.with_name(f"{out.stem}-{attempt}.json")
+        subprocess.run([sys.executable, "-m", "server.cli", "profile", "--model", model, "--quick", "--out", str(path)],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        step_s = CostModel.load(path).predict(IterationShape(num_decodes=16, decode_context=16 * 256))
+        if best is None or step_s < best[0]:
+            best = (step_s, path)
+    best[1].replace(out)
+    for path in out.parent.glob(f"{out.stem}-*.json"):
+        path.unlink()
     return suggest_slos(CostModel.load(out), 64)  # 64: mace serve's --max-num-seqs
 
 
