@@ -6,7 +6,7 @@ SIZE    ?= tiny
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 
-.PHONY: install serve test bench bench-http bench-cache bench-train bench-plan bench-policies demo-model clean
+.PHONY: install serve test bench bench-http bench-cache bench-train bench-plan bench-policies bench-paper demo-model clean
 
 install: .venv/.installed
 
@@ -36,6 +36,7 @@ bench: .venv/.installed
 	$(MAKE) bench-train
 	$(MAKE) bench-plan
 	$(MAKE) bench-policies
+	$(MAKE) bench-paper
 
 bench-http: .venv/.installed
 	$(MAKE) demo-model MODEL=models/demo-base SIZE=base
@@ -55,6 +56,10 @@ bench-plan: .venv/.installed
 bench-policies: .venv/.installed
 	$(MAKE) demo-model MODEL=models/demo-base SIZE=base
 	.venv/bin/mace bench policies --model models/demo-base --out bench-results/policies.json
+
+# Builds models/demo-tiny-pretrained once (about a minute); `mace bench paper --quick` for the short run.
+bench-paper: .venv/.installed
+	.venv/bin/mace bench paper --out-dir bench-results/paper
 
 clean:
 	rm -rf .venv models bench-results

@@ -310,6 +310,11 @@ class AsyncClient:
         """GET /v1/feedback/stats: pairs received, trained, pending and set aside."""
         return await self._call("GET", "/v1/feedback/stats", fb.FeedbackStats)
 
+    async def adapters(self) -> dict[str, Any]:
+        """GET /v1/adapters: ``{"training": bool, "serving": {"name", "version"} | None, ...}``
+        (the serving adapter's version, and the trainer's counters when it trains)."""
+        return await self._call("GET", "/v1/adapters", dict)
+
     async def models(self) -> oa.ModelList:
         """GET /v1/models."""
         return await self._call("GET", "/v1/models", oa.ModelList)

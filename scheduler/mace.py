@@ -213,6 +213,9 @@ class MaceScheduler(FcfsScheduler):
             if seq.status is SequenceStatus.RUNNING:
                 scheduled.append(ScheduledSequence(seq, 1))
                 tokens -= 1
+        # a victim may be a decode planned earlier in this loop: its blocks are gone, drop it
+        tokens += sum(s.seq.status is not SequenceStatus.RUNNING for s in scheduled)
+        scheduled = [s for s in scheduled if s.seq.status is SequenceStatus.RUNNING]
         decoding = [s.seq for s in scheduled]
         num_ctx = sum(s.num_kv_tokens + 1 for s in decoding)
         predicted = self.cost_model.predict(IterationShape(num_decodes=len(decoding), decode_context=num_ctx))

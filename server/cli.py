@@ -79,6 +79,7 @@ BENCHES = {
     "train": ("server.bench.train", "DPO pairs/s alone and while serving, and the serving TPOT with and without"),
     "plan": ("server.bench.plan", "the scheduler's planning time per iteration at 16, 256 and 1024 queued requests"),
     "policies": ("server.bench.policies", "the fine-tune policies under a chat load with 10/30/50%% feedback"),
+    "paper": ("server.bench.paper", "MACE's evaluation over HTTP: recovery after drift, latency vs retrain rate, ablation"),
 }
 
 

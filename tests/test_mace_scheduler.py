@@ -186,6 +186,25 @@ def test_memory_pressure_preempts_the_lowest_priority_not_the_oldest(core_factor
     assert low.num_output_tokens == 1  # its token is kept: recomputed from prompt + outputs later
 
 
+def test_a_decode_already_planned_that_is_then_preempted_leaves_the_plan(core_factory):
+    # "low" is the most urgent (tightest TBT), so it is planned first and takes the free block;
+    # "high" then finds none and preempts the lowest priority: "low", already in the plan. The plan
+    # must drop it (its blocks are gone: the runner would index an empty block table).
+    core, now = core_factory(num_blocks=4)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    bs = core.pool.block_size
+    low = core.add_request("low", random_prompts([bs], seed=8)[0], params, RequestOptions(priority=-1, slo_tbt_ms=10.0))
+    high = core.add_request("high", random_prompts([bs], seed=9)[0], params, RequestOptions(priority=1))
+    mid = core.add_request("mid", random_prompts([bs], seed=10)[0], params)
+    _finish_iteration(core, core.schedule())
+    plan = core.schedule()
+    assert low.status is SequenceStatus.WAITING and low.num_preemptions == 1 and low.block_table == []
+    assert sorted(c.seq_id for c in plan.chunks) == sorted([high.seq_id, mid.seq_id])
+    assert all(c.block_table for c in plan.chunks)
+    core.check_integrity()
+    _finish_iteration(core, plan)
+
+
 def test_tau_mem_caps_the_blocks_new_prefill_may_claim(core_factory):
     # prefill at 0.1 ms a token: 80 ms would take 800 tokens, but 40 free blocks x 0.5 = 20
     # blocks of 16 may be claimed: 320 tokens

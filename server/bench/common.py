@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 from pathlib import Path
 
@@ -26,3 +27,56 @@ def cpu_name() -> str:
             return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
     except OSError:
         return platform.processor() or "unknown"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def spawned_server(model: str, *flags: str, log_path: str | Path, ready_timeout_s: float = 120.0):
+    """``mace serve --model MODEL FLAGS`` in a subprocess (this interpreter, ``-m server.cli``) on a
+    free 127.0.0.1 port with a fresh ``--state-dir``; yields its base URL once /health answers
+    200. Its output goes to ``log_path``. The server is stopped on exit, also on an error:
+    SIGTERM, then SIGKILL after 15 s."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    import urllib.request
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory(prefix="mace-bench-state-") as state_dir, open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
+             "--state-dir", state_dir, *flags],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            deadline = time.monotonic() + ready_timeout_s
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"mace serve exited with {proc.returncode} before it was ready; see {log_path}")
+                try:
+                    with urllib.request.urlopen(f"{url}/health", timeout=1.0) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"mace serve was not ready in {ready_timeout_s} s; see {log_path}")
+                time.sleep(0.1)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -1,0 +1,92 @@
+"""Drift evaluation: win rate (ties count one half), CLPD from given log-probs, recovery time, and
+one bounded run of the evaluator against a real tiny server."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from clients.drift import DriftEvaluator, EvalConfig, clpd, recovery, win_rate
+from clients.oracle import Phase, PreferenceOracle, drift_oracle
+
+
+def test_win_rate_counts_ties_one_half():
+    # win, tie, loss, win, tie: (1 + 0.5 + 0 + 1 + 0.5) / 5
+    assert win_rate([0.5, 0.3, 0.1, 0.9, 0.0], [0.4, 0.3, 0.2, 0.1, 0.0]) == pytest.approx(3 / 5)
+    assert win_rate([0.2, 0.2], [0.2, 0.2]) == 0.5  # the base against itself
+    assert win_rate([1.0], [0.0]) == 1.0 and win_rate([0.0], [1.0]) == 0.0
+    with pytest.raises(ValueError):
+        win_rate([0.1], [0.1, 0.2])
+    with pytest.raises(ValueError):
+        win_rate([], [])
+
+
+def test_win_rate_on_oracle_scores_by_hand():
+    vowels = Phase("vowels", frozenset("aeiou"))
+    serving = ["aaa", "bab", "xyz", "ee"]  # scores 1, 1/3, 0, 1
+    base = ["bbb", "bab", "aei", "ea"]  # scores 0, 1/3, 1, 1
+    # win, tie, loss, tie
+    assert win_rate([vowels.score(s) for s in serving], [vowels.score(b) for b in base]) == pytest.approx(2 / 4)
+
+
+def test_clpd_is_the_mean_chosen_minus_rejected_logprob():
+    # pairs: (-3.0) - (-5.0) = 2.0 ; (-4.5) - (-4.0) = -0.5 ; (-1.25) - (-2.0) = 0.75 -> mean 2.25 / 3
+    assert clpd([-3.0, -4.5, -1.25], [-5.0, -4.0, -2.0]) == pytest.approx(0.75)
+    # per-token log-probs summed first, response tokens only: chosen -1 -2, rejected -0.5 -0.5 -4
+    assert clpd([sum([-1.0, -2.0])], [sum([-0.5, -0.5, -4.0])]) == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        clpd([], [])
+
+
+def test_recovery_time_to_90_percent_of_the_rise_to_the_plateau():
+    series = [(0, 0.5), (10, 0.7), (20, 0.3), (30, 0.4), (40, 0.55), (50, 0.66), (60, 0.7), (70, 0.68), (80, 0.72)]
+    r = recovery(series, switch_s=20)
+    # start 0.3 (first point at or after the switch), plateau mean(0.7, 0.68, 0.72) = 0.7, target 0.3 + 0.9 * 0.4 = 0.66
+    assert r.start == 0.3 and r.plateau == pytest.approx(0.7) and r.target == pytest.approx(0.66)
+    assert r.time_to_recover_s == 30  # 0.66 at t = 50
+    flat = recovery([(t, 0.5) for t in range(0, 100, 10)], switch_s=20)
+    assert flat.time_to_recover_s is None and flat.plateau == 0.5  # nothing to recover: the base against itself
+    worse = recovery([(20, 0.5), (30, 0.4), (40, 0.3), (50, 0.3), (60, 0.3)], switch_s=20)
+    assert worse.time_to_recover_s is None
+    with pytest.raises(ValueError, match="need more than 3"):
+        recovery([(0, 0.5), (25, 0.5), (30, 0.5)], switch_s=20)
+
+
+def test_heldout_pairs_are_fixed_per_phase():
+    oracle = drift_oracle(10.0)
+    evaluator = DriftEvaluator(client=None, oracle=oracle, config=EvalConfig(prompts=("a",), clpd_prompts=("x: ", "y: ")))
+    first = evaluator.heldout_pairs(1.0)
+    assert evaluator.heldout_pairs(9.0) is first and len(first) == 2
+    after = evaluator.heldout_pairs(10.0)
+    assert after is not first
+    assert all(oracle.score(p.chosen, 12.0) > oracle.score(p.rejected, 12.0) for p in after)
+
+
+async def test_evaluator_against_a_tiny_server(start_server, tmp_path):
+    """The base against itself ties everywhere (same seeds: win rate 0.5); CLPD equals the sum of
+    the score API's log-probs done by hand; a series keeps to its interval and bound."""
+    import time
+
+    from clients import AsyncClient
+    from trainer.feedback import FeedbackStore
+
+    oracle = PreferenceOracle([(0.0, Phase("vowels", frozenset("aeiou")))])
+    config = EvalConfig(prompts=("Hello there.", "What is a queue?"), clpd_prompts=("Q: hi\nA:", "Q: why\nA:"),
+                        num_samples=2, max_tokens=6)
+    async with start_server(feedback_store=FeedbackStore(tmp_path / "f.sqlite3")) as (url, _), AsyncClient(url) as client:
+        evaluator = DriftEvaluator(client, oracle, config)
+        base = await evaluator.take_base()
+        assert len(base) == 4 and all(base)
+        point = await evaluator.evaluate(0.0)
+        assert point.adapter_version is None  # this server does not train
+        assert (point.win_rate, point.num_ties, point.num_comparisons, point.phase) == (0.5, 4, 4, "vowels")
+        pairs = evaluator.heldout_pairs(0.0)
+        by_hand = [(await client.score(p.prompt, p.chosen)).logprob - (await client.score(p.prompt, p.rejected)).logprob
+                   for p in pairs]
+        assert point.clpd == pytest.approx(sum(by_hand) / 2, abs=1e-4) and math.isfinite(point.clpd)
+        assert point.clpd_gain == pytest.approx(0.0, abs=1e-4)  # the base against its own CLPD
+        start = time.perf_counter()
+        series = await evaluator.run(start, interval_s=0.5, until_s=1.2)
+        assert [round(p.t_s * 2) / 2 for p in series] == [0.5, 1.0] and time.perf_counter() - start < 5.0
+        assert all(p.win_rate == 0.5 for p in series)
