@@ -33,17 +33,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import platform
 import random
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from server.bench import pruning
-from server.bench.common import DEFAULT_MODEL, cpu_name, resolve_model
+from server.bench.common import DEFAULT_MODEL, cpu_name, resolve_model, save_results
 
 NUM_WARMUP = 4
 
@@ -341,11 +339,7 @@ def main(args: argparse.Namespace) -> dict:
     for name in args.parts:
         header, rows, note = PARTS[name][1](report[name])
         print(f"\n{name}:", *console_table(header, rows), note, sep="\n")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    save_results(args.out, report, markdown(report))
     return report
 
 

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import platform
 from pathlib import Path
 
 DEFAULT_MODEL = "models/demo-base"  # what `make bench` builds
+
+
+def save_results(path: str | Path, report: dict, markdown: str) -> None:
+    """A bench's results: ``path`` (JSON) and the same name with ``.md`` (the table)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown if markdown.endswith("\n") else markdown + "\n")
+    print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
 def resolve_model(model: str | None) -> str:

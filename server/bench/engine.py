@@ -23,7 +23,6 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,7 +31,7 @@ from engine.config import EngineConfig
 from engine.sampling_params import SamplingParams
 from scheduler.async_engine import AsyncEngine
 from scheduler.builder import build_engine
-from server.bench.common import cpu_name
+from server.bench.common import cpu_name, save_results
 
 
 @dataclass
@@ -372,11 +371,7 @@ def main(args: argparse.Namespace) -> dict:
         "decode": decode,
     }
     _print_table(report)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown_table(report))
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    save_results(args.out, report, markdown_table(report))
     return report
 
 

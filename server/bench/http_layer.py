@@ -34,11 +34,10 @@ import platform
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 import msgspec
 
-from server.bench.common import DEFAULT_MODEL, cpu_name, resolve_model
+from server.bench.common import DEFAULT_MODEL, cpu_name, resolve_model, save_results
 from server.sse import DONE, Decoder
 
 NUM_WARMUP = 4
@@ -279,11 +278,7 @@ def main(args: argparse.Namespace) -> dict:
         "round_rows": [stats.summary() for pairs in zip(*runs.values()) for stats, _ in pairs],
     }
     _print_table(report)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown_table(report))
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    save_results(args.out, report, markdown_table(report))
     return report
 
 

@@ -7,7 +7,6 @@ fixed cost per iteration (no model runs), so only planning is timed.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -15,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from server.bench.common import cpu_name
+from server.bench.common import cpu_name, save_results
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,14 +65,11 @@ def main(args: argparse.Namespace) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows = [_one(int(q), args.iterations, tokenizer, model_dir) for q in args.queued.split(",")]
     report = {"command": "mace " + " ".join(sys.argv[1:]), "processor": cpu_name(), "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"Planning time per iteration (EngineCore.schedule, mace policy, 32 running at most, "
              f"one queued request in ten with its own priority); "
              f"{report['processor']}. Command: `{report['command']}`.", "",
              "| queued requests | median | p99 |", "|---:|---:|---:|"]
     lines += [f"| {r['queued']} | {r['median_ms']:.3f} ms | {r['p99_ms']:.3f} ms |" for r in rows]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    save_results(args.out, report, "\n".join(lines))
     print("\n".join(lines))
     return report

@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import copy
 import dataclasses
-import json
 import random
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from server.bench.common import cpu_name
+from server.bench.common import cpu_name, save_results
 
 POLICIES = ("inference-only", "synchronous", "periodic", "mace")
 
@@ -130,9 +129,6 @@ def main(args: argparse.Namespace) -> dict:
     report = {"command": "mace " + " ".join(sys.argv[1:]), "processor": cpu_name(), "model": args.model,
               "config": {k: v for k, v in vars(args).items() if k not in ("func", "out", "bench", "bench_module")}, "rows": rows,
               "run_s": round(time.perf_counter() - started, 1)}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"Model `{args.model}`; {args.requests} requests at {args.rate}/s (prompt {args.prompt_len}, output "
              f"{args.output_len}); up to {args.finetune_tokens} fine-tune tokens per iteration; SLO TTFT {args.slo_ttft_ms:g} ms, TPOT {args.slo_tbt_ms:g} ms; periodic every "
              f"{args.retrain_period:g} s; {report['processor']}; {report['run_s']:.0f} s. Command: `{report['command']}`.", "",
@@ -141,6 +137,6 @@ def main(args: argparse.Namespace) -> dict:
     for r in rows:
         lines.append(f"| {r['share']:.0%} | {r['policy']} | {r['ttft_p50_ms']} ms | {r['ttft_p99_ms']} ms | {r['tpot_p50_ms']} ms | "
                      f"{r['tpot_p99_ms']} ms | {r['slo_attainment']:.1%} | {r['pairs_trained']} / {r['pairs_posted']} | {r['pairs_per_s']} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    save_results(args.out, report, "\n".join(lines))
     print("\n".join(lines))
     return report

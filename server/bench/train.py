@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import random
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from server.bench.common import DEFAULT_MODEL, cpu_name, resolve_model
+from server.bench.common import DEFAULT_MODEL, cpu_name, resolve_model, save_results
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -141,9 +140,6 @@ def main(args: argparse.Namespace) -> dict:
         "rows": rows,
         "run_s": round(time.perf_counter() - started, 1),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"Model `{args.model}`; {args.pairs} DPO pairs (grad accum {args.grad_accum}, up to {args.finetune_tokens} "
              f"fine-tune tokens per iteration; mace protects a TBT SLO of {args.slo_tbt_ms:g} ms); chat load {args.requests} requests at {args.rate}/s, prompt "
              f"{args.prompt_len}, output {args.output_len} tokens; {report['machine']['processor']}, "
@@ -151,6 +147,6 @@ def main(args: argparse.Namespace) -> dict:
              "| run | DPO pairs/s | TPOT p50 | TPOT p99 |", "|---|---:|---:|---:|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['pairs_per_s'] or '-'} | {r.get('tpot_p50_ms', '-')} ms | {r.get('tpot_p99_ms', '-')} ms |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    save_results(args.out, report, "\n".join(lines))
     print("\n".join(lines))
     return report
