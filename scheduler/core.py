@@ -213,8 +213,7 @@ class EngineCore:
             self._next_burst_s = now + self.config.retrain_period_s
         if self._burst_started_s is None or not has_work:
             return 0
-        whole = getattr(self.trainer, "next_whole_tokens", lambda: 0)() or 0
-        return max(self.config.finetune_tokens_per_iteration, whole)
+        return max(self.config.finetune_tokens_per_iteration, self.trainer.next_whole_tokens())
 
     def _finetune_offer(self) -> FinetuneOffer | None:
         """What the trainer can add to this iteration, for the mace planner (None: nothing)."""
@@ -226,7 +225,7 @@ class EngineCore:
         if self._finetune_waiting_since is None:
             self._finetune_waiting_since = now
         loss = trainer.head_loss()
-        has_grad = getattr(trainer, "next_unit_has_grad", lambda: True)()
+        has_grad = trainer.next_unit_has_grad()
         # (at most the per-iteration cap, even idle: an arrival waits for the piece in flight)
         return FinetuneOffer(smallest, max(smallest, self.config.finetune_tokens_per_iteration),
                              loss if loss is not None else _LN2, now - self._finetune_waiting_since,
@@ -243,7 +242,7 @@ class EngineCore:
         if smallest is None:
             return 0
         # synchronous: a fixed chunk, but at least one whole pair (it has no slack to cut it for)
-        return max(config.finetune_tokens_per_iteration, getattr(trainer, "next_whole_tokens", lambda: smallest)())
+        return max(config.finetune_tokens_per_iteration, trainer.next_whole_tokens())
 
     def _chunk(self, seq: Sequence, num_new: int) -> SequenceChunk:
         start = seq.num_computed_tokens

@@ -77,6 +77,11 @@ class _Candidate:
     priority: float
     seq: Sequence | None  # None: the fine-tune piece
     waiting: bool = False
+    # A prefill's state, taken once per plan (a waiting one's cache lookup included): KV entries
+    # it holds or would reuse, prompt tokens left, blocks it holds or would share.
+    kv: int = 0
+    remaining: int = 0
+    held: int = 0
 
 
 class MaceScheduler(FcfsScheduler):
@@ -132,30 +137,30 @@ class MaceScheduler(FcfsScheduler):
         c = self.cost_model.coefficients
         return max(0.0, c[1] * num_new + c[2] * num_new * (kv_offset + num_new) / 1e3)
 
-    def _blocks_needed(self, seq: Sequence, kv_tokens: int, num_new: int) -> int:
-        return self.pool.blocks_for_tokens(kv_tokens + num_new) - len(seq.block_table)
-
-    def _prefill_fit(self, seq: Sequence, lat: float, mem: int, tokens: int, force: bool) -> tuple[int, float, int]:
-        """Largest chunk of ``seq``'s prefill within the capacities: (tokens, seconds, blocks)."""
-        cached = self.num_cached_prefix_tokens(seq) if seq.status is SequenceStatus.WAITING else 0
+    def _prefill_candidate(self, seq: Sequence, now: float, waiting: bool = False) -> _Candidate:
+        cached = self.num_cached_prefix_tokens(seq) if waiting else 0
         done = max(seq.num_computed_tokens, cached)
-        kv = done - seq.num_pruned_tokens
-        remaining = seq.num_tokens - done
-        held = len(seq.block_table) if seq.status is SequenceStatus.RUNNING else cached // self.pool.block_size
+        held = len(seq.block_table) if not waiting else cached // self.pool.block_size
+        return _Candidate(self.prefill_priority(seq, now), seq, waiting,
+                          kv=done - seq.num_pruned_tokens, remaining=seq.num_tokens - done, held=held)
 
-        def cost(n: int) -> tuple[float, int]:
-            return self._prefill_cost(n, kv), self.pool.blocks_for_tokens(kv + n) - held
+    def _prefill_cost_blocks(self, cand: _Candidate, n: int) -> tuple[float, int]:
+        """Seconds and new blocks of the next ``n`` tokens of a prefill candidate."""
+        return self._prefill_cost(n, cand.kv), self.pool.blocks_for_tokens(cand.kv + n) - cand.held
 
+    def _prefill_fit(self, cand: _Candidate, lat: float, mem: int, tokens: int, force: bool) -> tuple[int, float, int]:
+        """Largest chunk of a prefill candidate within the capacities: (tokens, seconds, blocks)."""
+        remaining = cand.remaining
         n = min(remaining, tokens)
         if not self.enable_chunked_prefill:
             if n < remaining:
                 return 0, 0.0, 0
-            lat_n, mem_n = cost(n)
+            lat_n, mem_n = self._prefill_cost_blocks(cand, n)
             return (n, lat_n, mem_n) if (lat_n <= lat or force) and mem_n <= mem else (0, 0.0, 0)
         lo, hi = 0, n
         while lo < hi:  # the largest n whose cost fits (costs grow with n)
             mid = (lo + hi + 1) // 2
-            lat_m, mem_m = cost(mid)
+            lat_m, mem_m = self._prefill_cost_blocks(cand, mid)
             if (lat_m <= lat or force) and mem_m <= mem:
                 lo = mid
             else:
@@ -163,10 +168,10 @@ class MaceScheduler(FcfsScheduler):
         n = lo
         bs = self.pool.block_size
         if 0 < n < remaining and n > bs:
-            n -= (kv + n) % bs  # a cut chunk ends at a block boundary (its blocks can be cached)
+            n -= (cand.kv + n) % bs  # a cut chunk ends at a block boundary (its blocks can be cached)
         if n == 0:
             return 0, 0.0, 0
-        lat_n, mem_n = cost(n)
+        lat_n, mem_n = self._prefill_cost_blocks(cand, n)
         return n, lat_n, mem_n
 
     def _finetune_token_cap(self) -> int:
@@ -175,15 +180,6 @@ class MaceScheduler(FcfsScheduler):
         if not per_token or budget is None:
             return _NO_CAP
         return int(self.config.tau_mem * budget / per_token)
-
-    def _prefill_whole(self, seq: Sequence) -> tuple[float, int]:
-        """Seconds and new blocks of the rest of ``seq``'s prefill in one chunk (best-fit size)."""
-        cached = self.num_cached_prefix_tokens(seq) if seq.status is SequenceStatus.WAITING else 0
-        done = max(seq.num_computed_tokens, cached)
-        kv = done - seq.num_pruned_tokens
-        held = len(seq.block_table) if seq.status is SequenceStatus.RUNNING else cached // self.pool.block_size
-        n = seq.num_tokens - done
-        return self._prefill_cost(n, kv), self.pool.blocks_for_tokens(kv + n) - held
 
     # -- one plan ---------------------------------------------------------------------------------
 
@@ -230,13 +226,12 @@ class MaceScheduler(FcfsScheduler):
         mem = mem_total if not preempted else 0  # memory is short: no new KV this iteration
 
         # 2. Candidates: part-way prefills, the head of the queue, requests with their own options.
-        candidates = [_Candidate(self.prefill_priority(s, now), s)
-                      for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
+        candidates = [self._prefill_candidate(s, now) for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
         head, room = 0, max(c.pack_top_k, self.max_num_seqs - len(self.running))
         for seq in self.waiting:
             if seq.options != _DEFAULT_OPTIONS or head < room:
                 head += seq.options == _DEFAULT_OPTIONS
-                candidates.append(_Candidate(self.prefill_priority(seq, now), seq, waiting=True))
+                candidates.append(self._prefill_candidate(seq, now, waiting=True))
         idle = not decoding and not candidates
         if offer is not None:
             candidates.append(_Candidate(self.finetune_priority(offer), None))
@@ -269,13 +264,13 @@ class MaceScheduler(FcfsScheduler):
                     if cand.waiting and slots <= 0:
                         continue
                     urgent = cand.priority >= URGENT
-                    size, seconds, blocks = self._prefill_fit(cand.seq, lat, mem, tokens, force=urgent)
+                    size, seconds, blocks = self._prefill_fit(cand, lat, mem, tokens, force=urgent)
                     if size == 0:
                         continue
                     if urgent:  # placed before anything else
                         choice = (-1.0, -cand.priority, i, size, seconds, blocks)
                         break
-                    whole_s, whole_blocks = self._prefill_whole(cand.seq)
+                    whole_s, whole_blocks = self._prefill_cost_blocks(cand, cand.remaining)
                 considered += 1
                 # best fit on the task's whole size: the one that fills what remains most closely,
                 # in latency and in the memory it draws on (KV blocks, or fine-tune activations)
@@ -308,7 +303,7 @@ class MaceScheduler(FcfsScheduler):
                     self.finetune_tokens = offer.min_tokens
                     lat -= offer.min_tokens * per_token * offer.min_cost_factor
                     break
-                size, seconds, _ = self._prefill_fit(cand.seq, lat, mem_total, tokens, force=True)
+                size, seconds, _ = self._prefill_fit(cand, lat, mem_total, tokens, force=True)
                 if size and self._commit(cand, size, scheduled):
                     lat -= seconds
                     break

@@ -45,6 +45,9 @@ class _Trainer:
     def next_pair_tokens(self):
         return self.smallest
 
+    def next_whole_tokens(self):
+        return self.smallest
+
 
 @pytest.mark.parametrize("policy", ["synchronous", "inference-only"])
 def test_the_fine_tune_budget_per_policy(make_engine, policy):

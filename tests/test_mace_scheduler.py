@@ -33,6 +33,9 @@ class FakeTrainer:
     def head_loss(self):
         return self.loss
 
+    def next_unit_has_grad(self):
+        return True
+
     def next_chunk(self, budget):
         self.asked.append(budget)
         return FinetuneChunk(len(self.asked), "gradient", [PreferencePair("p", [1] * budget, [], [])])
