@@ -3,8 +3,9 @@
 - ``window`` (StreamingLLM, arXiv 2309.17453): the first ``num_sinks`` tokens (attention sinks)
   plus the most recent ones.
 - ``heavy-hitter`` (H2O, arXiv 2306.14048): sinks, the most recent half of the budget, and the
-  rest by highest attention received so far. The decode attention accumulates those scores in
-  the same pass that computes its output (``engine.attention``); prompt tokens start at zero.
+  rest by highest attention received so far. The attention accumulates those scores in the
+  same pass that computes its output (``engine.attention``), from prefill queries (the prompt's
+  tokens attend to one another, as H2O counts them) and from every decode.
 
 The budget is per sequence: ``budget >= 1`` is a number of KV entries, ``0 < budget < 1`` a
 fraction of the sequence's tokens so far. Only decodes prune, and only once the sequence holds a

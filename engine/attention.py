@@ -70,6 +70,10 @@ class PagedAttentionMetadata:
     decode_scores: torch.Tensor | None = None
     # (num_decode_tokens * nb * bs,) the slot of each ``decode_scores`` entry (runner's use).
     decode_score_slots: torch.Tensor | None = None
+    # Heavy-hitter pruning: the runner's (num_layers, num_blocks * block_size) fp32 scores; each
+    # prefill chunk adds the attention every key receives from the chunk's queries (summed over
+    # queries and heads), as H2O counts the prompt. None: off.
+    prefill_scores: torch.Tensor | None = None
     prefills: list[PrefillSpan] = field(default_factory=list)
     # Scratch for gathered keys and values, (rows >= any gather, Hkv, D) each, reused by every
     # layer: a fresh multi-MB tensor per gather costs page faults that measured 3-5x the copy.
@@ -137,6 +141,18 @@ def paged_attention_forward(
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.length)
         qp = q[None, :, rows]  # (1, H, c, D)
+        if meta.prefill_scores is not None:
+            if span.key_slots is None:  # the chunk's own fresh keys, causal
+                kp, vp, key_slots = key[0, :, rows], value[0, :, rows], meta.slot_mapping[rows]
+                mask = torch.ones(span.length, span.length, dtype=torch.bool, device=q.device).tril()
+            else:
+                kp = _gather(k_slots, span.key_slots, meta.k_scratch).transpose(0, 1)  # (Hkv, L, D)
+                vp = _gather(v_slots, span.key_slots, meta.v_scratch).transpose(0, 1)
+                key_slots, mask = span.key_slots, span.mask
+            op, received = _attention_with_column_sums(qp[0], kp, vp, mask, scaling or head_dim**-0.5)
+            meta.prefill_scores[module.layer_idx].index_add_(0, key_slots, received)
+            out[rows] = op.transpose(0, 1)  # (c, H, D)
+            continue
         if span.key_slots is None:
             kp, vp = key[:, :, rows], value[:, :, rows]  # (1, Hkv, c, D)
             op = F.scaled_dot_product_attention(
@@ -150,6 +166,23 @@ def paged_attention_forward(
             )
         out[rows] = op[0].transpose(0, 1)  # (c, H, D)
     return out.unsqueeze(0), None  # (1, T, H, D)
+
+
+def _attention_with_column_sums(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked attention of q (H, c, D) over k, v (Hkv, L, D), spelled out so the probabilities
+    are at hand: the output (H, c, D) and each key's probability summed over queries and heads,
+    (L,) fp32. The GQA group folds into the query axis, so K/V are never repeated."""
+    num_heads, c, head_dim = q.shape
+    num_kv_heads = k.shape[0]
+    group = num_heads // num_kv_heads
+    qg = q.reshape(num_kv_heads, group * c, head_dim)  # heads h = kv * group + g
+    att = qg @ k.transpose(1, 2) * scale  # (Hkv, G * c, L)
+    att = att.masked_fill(~mask.repeat(group, 1), float("-inf"))
+    probs = att.float().softmax(-1)
+    out = (probs.to(v.dtype) @ v).view(num_heads, c, head_dim)
+    return out, probs.sum((0, 1))
 
 
 def _gather(slots: torch.Tensor, index: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:

@@ -47,8 +47,8 @@ class ModelRunner:
         self.decode_kernel = None
         if decode_attention == "auto" and self.device.type == "cpu" and self.dtype == torch.float32:
             self.decode_kernel = cpu_kernels.load()
-        # Heavy-hitter pruning: attention each KV slot has received from decodes since its token
-        # was written, per layer (summed over heads): (num_layers, num_blocks * block_size). Each
+        # Heavy-hitter pruning: attention each KV slot has received from prefill queries and
+        # decodes since its token was written, per layer (summed over heads): (num_layers, num_blocks * block_size). Each
         # layer keeps its own heavy hitters, as H2O does.
         self.slot_scores = (
             torch.zeros(self.kv_pool.shape[0], num_blocks * block_size, dtype=torch.float32, device=self.device)
@@ -68,7 +68,8 @@ class ModelRunner:
         """Pack the chunks, decodes first, into (1, T) ids and positions plus attention metadata."""
         decodes = [c for c in chunks if len(c.token_ids) == 1]
         prefills = [c for c in chunks if len(c.token_ids) > 1]
-        meta = PagedAttentionMetadata(kv_caches=self.kv_caches, slot_mapping=None, num_decode_tokens=len(decodes))
+        meta = PagedAttentionMetadata(kv_caches=self.kv_caches, slot_mapping=None, num_decode_tokens=len(decodes),
+                                      prefill_scores=self.slot_scores)
         input_ids = [c.token_ids[0] for c in decodes]
         positions = [c.start_pos for c in decodes]
         slots = [self._slot(c.block_table, c.kv_offset) for c in decodes]

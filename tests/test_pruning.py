@@ -3,6 +3,7 @@ exactly the chosen entries, memory stays within the budget, and shared blocks ar
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from cache.pruning import PruningPolicy
 from engine.plan import KvPrune
@@ -121,12 +122,13 @@ def test_heavy_hitter_scores_are_collected_by_both_decode_paths(make_engine):
         prompt = random_prompts([21], seed=14)[0]
         generate(core, runner, [prompt], SamplingParams(max_tokens=5, **GREEDY))
         scores[path] = runner.slot_scores.clone()
-    # 4 decodes (the 5th token is sampled by the last), each adds one probability per head over
-    # its keys, in each layer's own row: num_heads per decode per layer
+    # 21 prompt queries and 4 decodes (the 5th token is sampled by the last), each adds one
+    # probability per head over its keys, in each layer's own row: num_heads per query per layer
     config = runner.model.config
     assert scores["auto"].shape[0] == config.num_hidden_layers
     per_layer = scores["auto"].sum(1)
-    assert per_layer.tolist() == pytest.approx([4.0 * config.num_attention_heads] * config.num_hidden_layers, rel=1e-4)
+    expected = (21 + 4.0) * config.num_attention_heads
+    assert per_layer.tolist() == pytest.approx([expected] * config.num_hidden_layers, rel=1e-4)
     assert torch.allclose(scores["auto"], scores["sdpa"], atol=1e-4)
 
 
@@ -147,3 +149,22 @@ def test_shared_prefix_blocks_are_never_edited(make_engine):
     assert torch.equal(runner.kv_pool[:, :, cached], before)
     assert generate(core, runner, [system + [5, 6, 7]], SamplingParams(max_tokens=4, **GREEDY)) == first
     core.check_integrity()
+
+
+@pytest.mark.parametrize("chunk", [64, 16])
+def test_heavy_hitter_prefill_scores_equal_the_prompts_attention(make_engine, demo_model_dir, chunk):
+    """Each key's score after the prompt is the attention it got from the prompt's queries,
+    summed over heads, per layer: what an eager forward's attention maps give, chunked or not."""
+    core, runner = make_engine(kv_prune="heavy-hitter", kv_budget=1000, max_num_batched_tokens=chunk,
+                               enable_prefix_caching=False)
+    prompt = random_prompts([40], seed=16)[0]
+    seq = core.add_request("r", prompt, SamplingParams(max_tokens=2, **GREEDY))
+    while seq.num_computed_tokens < len(prompt):
+        core.process_result(runner.execute(core.schedule()))
+    slots = torch.tensor([runner._slot(seq.block_table, p) for p in range(len(prompt))])
+    got = runner.slot_scores[:, slots]  # (layers, 40)
+    model = AutoModelForCausalLM.from_pretrained(demo_model_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        maps = model(torch.tensor([prompt]), output_attentions=True).attentions  # per layer (1, H, T, T)
+    expected = torch.stack([m[0].sum((0, 1)) for m in maps])
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
