@@ -245,3 +245,25 @@ async def test_a_pair_too_big_for_the_room_trains_in_three_parts(make_engine, tm
     await trainer.flush()
     assert store.stats()["trained"] == 1
     store.close()
+
+
+async def test_a_pair_with_its_reference_trains_before_the_next_reference(make_engine, tmp_path):
+    """Depth first, in the smallest room: reference, then that pair's three parts, then the next
+    pair's reference; the step comes with the accumulation's last pair."""
+    core, runner = make_engine()
+    store = FeedbackStore(tmp_path / "f.sqlite3")
+    trainer = attach_trainer(core, runner, store, TrainerConfig(grad_accum=2))
+    store.add([NewPair(f"Question {i}?", " A long and careful answer.", " No.", id=f"p{i}") for i in range(2)])
+    await trainer.refill()
+    ex, order = runner.finetune_executor, []
+    while trainer.has_work:
+        chunk = trainer.next_chunk(trainer.next_pair_tokens())
+        order.append((chunk.kind, chunk.part, [p.pair_id for p in chunk.pairs], chunk.step))
+        trainer.on_result(ex.run(chunk))
+    assert order == [("reference", None, ["p0"], False), ("gradient", "score", ["p0"], False),
+                     ("gradient", "chosen", ["p0"], False), ("gradient", "rejected", ["p0"], False),
+                     ("reference", None, ["p1"], False), ("gradient", "score", ["p1"], False),
+                     ("gradient", "chosen", ["p1"], False), ("gradient", "rejected", ["p1"], True)]
+    await trainer.flush()
+    assert store.stats()["trained"] == 2 and trainer.num_steps == 1
+    store.close()

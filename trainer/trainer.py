@@ -4,7 +4,9 @@ The scheduler asks ``next_chunk(max_tokens)`` when it builds an iteration; the w
 chunk after that iteration's inference forward; ``on_result`` takes what came back. The order
 per pair: a ``reference`` chunk (log-probs with the adapter off, computed once and stored), then
 ``gradient`` chunks until ``grad_accum`` pairs have been accumulated, the last of which asks for
-the optimizer step. A pair is marked trained only once a step that included it was taken; a step
+the optimizer step. Depth first: a pair whose reference is known trains before the next pair's
+reference is computed, so the work in progress is one pair at a time and steps come as early as
+the room allows (references computed ahead would be work not yet worth anything). A pair is marked trained only once a step that included it was taken; a step
 skipped for a non-finite value sends its pairs back. With checkpoints on, "trained" is written
 only once a checkpoint holds the step, so a crash in between trains those pairs again. A pair whose loss is not finite, or an
 outlier (over ``outlier_factor`` times the recent mean), counts an attempt; after
@@ -114,7 +116,7 @@ class Trainer:
             return None
         if self._split is not None:
             return self._part_chunk(0).num_tokens
-        if self._needs_reference:
+        if not self._ready:
             return self._needs_reference[0].num_tokens
         head = self._ready[0]
         return min(head.num_tokens, len(head.prompt_ids) + len(head.rejected_ids))
@@ -126,13 +128,13 @@ class Trainer:
             return None
         if self._split is not None:
             return self._part_chunk(0).num_tokens
-        return (self._needs_reference or self._ready)[0].num_tokens
+        return (self._ready or self._needs_reference)[0].num_tokens
 
     def next_unit_has_grad(self) -> bool:
         """Whether the smallest chunk (``next_pair_tokens``) runs a backward."""
         if self._split is not None:
             return self._split_part != "score"
-        if self._needs_reference:
+        if not self._ready:
             return False
         head = self._ready[0]
         return head.num_tokens <= len(head.prompt_ids) + len(head.rejected_ids)  # else a score part
@@ -163,7 +165,7 @@ class Trainer:
             return None
         if self._split is not None:
             chunk = self._part_chunk(next(self._task_ids))
-        elif self._needs_reference:
+        elif not self._ready:
             pairs = self._take(self._needs_reference, max_tokens, len(self._needs_reference))
             chunk = FinetuneChunk(next(self._task_ids), "reference", pairs)
         elif self._ready[0].num_tokens > max_tokens:  # too big for the room: cut in three parts
