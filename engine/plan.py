@@ -76,7 +76,7 @@ class KvPrune:
 
 
 # A forward without backward costs about a third of a forward with one (the backward is about
-# twice the forward): how no-grad fine-tune tokens (reference passes, score parts) are priced.
+# twice the forward): how no-grad fine-tune tokens (reference passes) are priced.
 NO_GRAD_COST = 1 / 3
 
 
@@ -107,14 +107,14 @@ class FinetuneChunk:
     adapter and accumulates gradients; with ``step`` set it then clips, takes an AdamW step and
     publishes the ``train`` weights to the ``serving`` adapter (unless a value is not finite).
 
-    A pair too big for an iteration's slack is cut into three ``part``s of one sequence each,
+    A pair too big for an iteration's slack is cut into two ``part``s of one sequence each,
     whose gradients add up to the whole pair's exactly. With ``z = beta * ((logp_c - ref_c) -
-    (logp_r - ref_r))`` the pair's gradient is ``-w * (grad logp_c - grad logp_r)``, ``w = beta *
-    sigmoid(-z)``, so: ``"score"`` (no gradient) computes ``logp_r`` under the ``train`` adapter;
-    ``"chosen"`` runs the chosen sequence's forward, forms ``z`` and ``w`` from
-    ``logp_rejected``, and back-propagates ``-w * logp_c``; ``"rejected"`` back-propagates
-    ``w * logp_r`` with the ``weight`` the chosen part found. The cost: one extra no-grad
-    forward of the rejected sequence (about a sixth more compute than the whole pair).
+    (logp_r - ref_r))`` the pair's gradient is ``w * (grad logp_r - grad logp_c)``, ``w = beta *
+    sigmoid(-z)``, and ``w`` needs both log-probs. So ``"chosen"`` back-propagates ``logp_c``
+    alone into a gradient buffer of its own (kept on the worker, the LoRA parameters' size) and
+    ``"rejected"`` back-propagates ``logp_r`` into another, forms ``w`` from both log-probs and
+    adds ``w * (grad logp_r - grad logp_c)`` to the accumulation: the same compute as the whole
+    pair, one sequence per iteration.
     """
 
     task_id: int
@@ -123,9 +123,7 @@ class FinetuneChunk:
     step: bool = False
     # After the step, write a checkpoint whatever the period (the trainer asks when it runs dry).
     checkpoint: bool = False
-    part: str | None = None  # None: whole pairs; "score" | "chosen" | "rejected" (one pair)
-    logp_rejected: float | None = None  # "chosen": the score part's result
-    weight: float | None = None  # "rejected": the chosen part's ``w``
+    part: str | None = None  # None: whole pairs; "chosen" then "rejected" (one pair)
     # Drop the gradients accumulated so far before this chunk (an iteration carrying part of
     # the accumulation failed; the trainer sent its pairs round again).
     reset: bool = False
@@ -139,7 +137,7 @@ class FinetuneChunk:
 
     @property
     def has_grad(self) -> bool:
-        return self.kind == "gradient" and self.part != "score"
+        return self.kind == "gradient"
 
     @property
     def cost_tokens(self) -> int:
@@ -193,8 +191,6 @@ class FinetuneResult:
     # gradient: DPO loss per pair (feeds the scheduler's fine-tune priority and the outlier guard).
     losses: dict[str, float] = field(default_factory=dict)
     num_tokens: int = 0
-    # "score": logp_r under the train adapter; "chosen": the weight w for the rejected part.
-    part_value: float | None = None
     # Set when the chunk ended an accumulation: whether the step was taken (False: a loss or
     # gradient was not finite, the step was skipped and the last good weights restored).
     stepped: bool | None = None

@@ -68,7 +68,7 @@ class FinetuneOffer:
     loss: float  # the DPO loss the priority uses
     wait_s: float  # since the work became ready or last ran
     # The smallest piece's price per token relative to a gradient token: 1/3 when it is a
-    # forward without backward (a reference pass, a score part). Tokens past it price at 1.
+    # forward without backward (a reference pass). Tokens past it price at 1.
     min_cost_factor: float = 1.0
 
 

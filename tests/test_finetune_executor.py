@@ -177,7 +177,7 @@ def _grads(executor) -> list[torch.Tensor]:
     return [p.grad.detach().clone() for p in executor.params]
 
 
-def test_a_pair_cut_in_three_parts_gives_the_whole_pairs_gradient(tiny):
+def test_a_pair_cut_in_two_parts_gives_the_whole_pairs_gradient(tiny):
     model, _ = tiny
     config = TrainerConfig(lr=5e-3, grad_accum=2)
     executor = FinetuneExecutor(attach_adapters(model, config), config, pad_id=0)
@@ -185,20 +185,27 @@ def test_a_pair_cut_in_three_parts_gives_the_whole_pairs_gradient(tiny):
     refs = executor.run(FinetuneChunk(0, "reference", pairs)).ref_logprobs
     pairs = [_with_refs(p, *refs[p.pair_id]) for p in pairs]
     executor.run(FinetuneChunk(1, "gradient", pairs, step=True))  # LoRA B off zero: every grad counts
-    (p,) = pairs[:1]
-    whole = executor.run(FinetuneChunk(2, "gradient", [p]))
+    p, other = pairs
+    # another pair already in the accumulation: the parts must add to it, not replace it
+    executor.run(FinetuneChunk(2, "gradient", [other]))
+    whole = executor.run(FinetuneChunk(3, "gradient", [p]))
     expected = _grads(executor)
     executor.optimizer.zero_grad(set_to_none=True)
 
-    score = executor.run(FinetuneChunk(3, "gradient", [p], part="score"))
-    assert all(q.grad is None for q in executor.params)  # no gradient from the score part
-    chosen = executor.run(FinetuneChunk(4, "gradient", [p], part="chosen", logp_rejected=score.part_value))
-    assert chosen.losses["p0"] == pytest.approx(whole.losses["p0"], rel=1e-5)
-    rejected = executor.run(FinetuneChunk(5, "gradient", [p], part="rejected", weight=chosen.part_value))
-    assert rejected.stepped is None and not rejected.losses
+    executor.run(FinetuneChunk(4, "gradient", [other]))
+    before = _grads(executor)
+    chosen = executor.run(FinetuneChunk(5, "gradient", [p], part="chosen"))
+    assert not chosen.losses and chosen.stepped is None
+    for got, want in zip(_grads(executor), before, strict=True):  # kept apart until the pair is whole
+        assert torch.equal(got, want)
+    rejected = executor.run(FinetuneChunk(6, "gradient", [p], part="rejected"))
+    assert rejected.losses["p0"] == pytest.approx(whole.losses["p0"], rel=1e-5) and rejected.stepped is None
     for got, want in zip(_grads(executor), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
     assert any(w.abs().max() > 1e-6 for w in expected)
-    # the chunk sizes the scheduler prices: one sequence each
+    # a rejected part without its chosen part is refused
+    with pytest.raises(RuntimeError, match="without its chosen part"):
+        executor.run(FinetuneChunk(7, "gradient", [p], part="rejected"))
+    # the chunk sizes the scheduler prices: one sequence each, with a backward
     assert FinetuneChunk(0, "gradient", [p], part="chosen").num_tokens == len(p.prompt_ids) + len(p.chosen_ids)
-    assert FinetuneChunk(0, "gradient", [p], part="score").cost_tokens == -(-(len(p.prompt_ids) + len(p.rejected_ids)) // 3)
+    assert FinetuneChunk(0, "gradient", [p], part="rejected").cost_tokens == len(p.prompt_ids) + len(p.rejected_ids)

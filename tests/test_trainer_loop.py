@@ -219,7 +219,7 @@ async def test_an_outlier_pair_is_set_aside_after_k_tries(make_engine, tmp_path)
     store.close()
 
 
-async def test_a_pair_too_big_for_the_room_trains_in_three_parts(make_engine, tmp_path):
+async def test_a_pair_too_big_for_the_room_trains_in_two_parts(make_engine, tmp_path):
     core, runner = make_engine()
     store = FeedbackStore(tmp_path / "f.sqlite3")
     trainer = attach_trainer(core, runner, store, TrainerConfig(grad_accum=1))
@@ -235,12 +235,10 @@ async def test_a_pair_too_big_for_the_room_trains_in_three_parts(make_engine, tm
             trainer.on_result(ex.run(chunk))
         return chunk.kind, chunk.part, chunk.step, chunk.reset
 
-    assert [step(), step(), step()] == [("reference", None, False, False), ("gradient", "score", False, False),
-                                        ("gradient", "chosen", False, False)]
+    assert [step(), step()] == [("reference", None, False, False), ("gradient", "chosen", False, False)]
     assert step(failed=True) == ("gradient", "rejected", True, False)  # its iteration failed
     # the pair starts over, and the gradients of the failed accumulation are dropped first
-    assert [step(), step(), step()] == [("gradient", "score", False, True), ("gradient", "chosen", False, False),
-                                        ("gradient", "rejected", True, False)]
+    assert [step(), step()] == [("gradient", "chosen", False, True), ("gradient", "rejected", True, False)]
     assert not trainer.has_work and trainer.adapter_version == 1
     await trainer.flush()
     assert store.stats()["trained"] == 1
@@ -248,7 +246,7 @@ async def test_a_pair_too_big_for_the_room_trains_in_three_parts(make_engine, tm
 
 
 async def test_a_pair_with_its_reference_trains_before_the_next_reference(make_engine, tmp_path):
-    """Depth first, in the smallest room: reference, then that pair's three parts, then the next
+    """Depth first, in the smallest room: reference, then that pair's two parts, then the next
     pair's reference; the step comes with the accumulation's last pair."""
     core, runner = make_engine()
     store = FeedbackStore(tmp_path / "f.sqlite3")
@@ -260,9 +258,8 @@ async def test_a_pair_with_its_reference_trains_before_the_next_reference(make_e
         chunk = trainer.next_chunk(trainer.next_pair_tokens())
         order.append((chunk.kind, chunk.part, [p.pair_id for p in chunk.pairs], chunk.step))
         trainer.on_result(ex.run(chunk))
-    assert order == [("reference", None, ["p0"], False), ("gradient", "score", ["p0"], False),
-                     ("gradient", "chosen", ["p0"], False), ("gradient", "rejected", ["p0"], False),
-                     ("reference", None, ["p1"], False), ("gradient", "score", ["p1"], False),
+    assert order == [("reference", None, ["p0"], False), ("gradient", "chosen", ["p0"], False),
+                     ("gradient", "rejected", ["p0"], False), ("reference", None, ["p1"], False),
                      ("gradient", "chosen", ["p1"], False), ("gradient", "rejected", ["p1"], True)]
     await trainer.flush()
     assert store.stats()["trained"] == 2 and trainer.num_steps == 1

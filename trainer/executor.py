@@ -80,12 +80,15 @@ class FinetuneExecutor:
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self._device = self.params[0].device
         self._bad_accumulation = False
+        # A pair cut in two: (pair id, logp_c, grad logp_c per parameter) until its rejected part.
+        self._chosen_part: tuple[str, float, list[torch.Tensor | None]] | None = None
 
     def run(self, chunk: FinetuneChunk) -> FinetuneResult:
         t0 = time.perf_counter()
         if chunk.reset:
             self.optimizer.zero_grad(set_to_none=True)
             self._bad_accumulation = False
+            self._chosen_part = None
         if chunk.kind == "reference":
             result = self._reference(chunk)
         elif chunk.kind == "gradient":
@@ -134,33 +137,43 @@ class FinetuneExecutor:
         logits = self.model(input_ids=ids, use_cache=False).logits
         return response_logprobs(logits, ids, resp)[0]
 
+    def _sequence_gradient(self, prompt: list[int], response: list[int]) -> tuple[float, list[torch.Tensor | None]]:
+        """``logp`` of one sequence and its gradient, kept apart from the accumulation."""
+        accumulated = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        logp = self._sequence_logprob(prompt, response)
+        logp.backward()
+        grads = [p.grad for p in self.params]
+        for p, g in zip(self.params, accumulated):
+            p.grad = g
+        return logp.item(), grads
+
     def _part(self, chunk: FinetuneChunk, result: FinetuneResult) -> None:
-        """One sequence of a pair cut in three (see FinetuneChunk); under the train adapter."""
+        """One sequence of a pair cut in two (see FinetuneChunk); under the train adapter."""
         (p,) = chunk.pairs
-        beta, scale = self.config.dpo_beta, 1.0 / self.config.grad_accum
-        if chunk.part == "score":
-            self.model.eval()
-            with torch.no_grad():
-                result.part_value = self._sequence_logprob(p.prompt_ids, p.rejected_ids).item()
-        elif chunk.part == "chosen":
-            logp_c = self._sequence_logprob(p.prompt_ids, p.chosen_ids)
-            ref = torch.tensor([p.ref_chosen], device=self._device)
-            logp_r = torch.tensor([chunk.logp_rejected], device=self._device)
-            loss, margin = dpo_loss(logp_c.reshape(1), logp_r, ref, torch.tensor([p.ref_rejected], device=self._device), beta)
-            w = beta * torch.sigmoid(-margin[0])
-            result.losses = {p.pair_id: loss.item()}
-            result.part_value = w.item()
-            if torch.isfinite(loss).all():
-                (-w * logp_c * scale).backward()
-            else:
-                self._bad_accumulation = True
-                result.part_value = 0.0
-        elif chunk.part == "rejected":
-            logp_r = self._sequence_logprob(p.prompt_ids, p.rejected_ids)
-            if chunk.weight:
-                (chunk.weight * logp_r * scale).backward()
-        else:
+        if chunk.part == "chosen":
+            self._chosen_part = (p.pair_id, *self._sequence_gradient(p.prompt_ids, p.chosen_ids))
+            return
+        if chunk.part != "rejected":
             raise ValueError(f"unknown fine-tune chunk part {chunk.part!r}")
+        if self._chosen_part is None or self._chosen_part[0] != p.pair_id:
+            raise RuntimeError(f"the rejected part of pair {p.pair_id} came without its chosen part")
+        _, logp_c, grads_c = self._chosen_part
+        self._chosen_part = None
+        logp_r, grads_r = self._sequence_gradient(p.prompt_ids, p.rejected_ids)
+        beta, scale = self.config.dpo_beta, 1.0 / self.config.grad_accum
+        loss, margin = dpo_loss(*(torch.tensor([v], dtype=torch.float64) for v in (logp_c, logp_r, p.ref_chosen, p.ref_rejected)), beta)
+        result.losses = {p.pair_id: loss.item()}
+        if not torch.isfinite(loss).all():
+            self._bad_accumulation = True
+            return
+        w = scale * beta * torch.sigmoid(-margin[0]).item()
+        for param, g_c, g_r in zip(self.params, grads_c, grads_r):
+            if g_c is None and g_r is None:
+                continue
+            delta = w * ((g_r if g_r is not None else 0) - (g_c if g_c is not None else 0))
+            param.grad = delta if param.grad is None else param.grad + delta
 
     def _whole(self, chunk: FinetuneChunk, result: FinetuneResult) -> None:
         chosen, rejected = self._logprobs(chunk.pairs)

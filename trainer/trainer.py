@@ -55,10 +55,9 @@ class Trainer:
         self._ready: deque[PreferencePair] = deque()
         self._known: set[str] = set()  # ids loaded and not yet trained or set aside
         self._accumulated: list[PreferencePair] = []  # in the optimizer's gradients now
-        # A pair cut in three parts (FinetuneChunk): the pair, the next part, what the last gave.
+        # A pair cut in two parts (FinetuneChunk): the pair and its next part.
         self._split: PreferencePair | None = None
-        self._split_part = "score"
-        self._split_value: float | None = None
+        self._split_part = "chosen"
         self._reset = False  # the next gradient chunk drops the gradients accumulated so far
         self._pair_losses: dict[str, float] = {}  # last DPO loss per pair (the scheduler's priority)
         self._in_flight: dict[int, FinetuneChunk] = {}
@@ -119,7 +118,7 @@ class Trainer:
         if not self._ready:
             return self._needs_reference[0].num_tokens
         head = self._ready[0]
-        return min(head.num_tokens, len(head.prompt_ids) + len(head.rejected_ids))
+        return min(head.num_tokens, len(head.prompt_ids) + len(head.chosen_ids))
 
     def next_whole_tokens(self) -> int | None:
         """Tokens of the next chunk if nothing is cut: the next part of a cut pair, else one
@@ -132,12 +131,7 @@ class Trainer:
 
     def next_unit_has_grad(self) -> bool:
         """Whether the smallest chunk (``next_pair_tokens``) runs a backward."""
-        if self._split is not None:
-            return self._split_part != "score"
-        if not self._ready:
-            return False
-        head = self._ready[0]
-        return head.num_tokens <= len(head.prompt_ids) + len(head.rejected_ids)  # else a score part
+        return self._split is not None or bool(self._ready)  # else a reference pass
 
     def head_loss(self) -> float | None:
         """The last DPO loss of the pair trained next, else the recent mean (None: no losses yet)."""
@@ -149,10 +143,7 @@ class Trainer:
     def _part_chunk(self, task_id: int) -> FinetuneChunk:
         pair, part = self._split, self._split_part
         chunk = FinetuneChunk(task_id, "gradient", [pair], part=part)
-        if part == "chosen":
-            chunk.logp_rejected = self._split_value
-        elif part == "rejected":
-            chunk.weight = self._split_value
+        if part == "rejected":
             is_last = not (self._ready or self._needs_reference)
             chunk.step = len(self._accumulated) >= self.config.grad_accum or is_last
             chunk.checkpoint = chunk.step and is_last
@@ -168,8 +159,8 @@ class Trainer:
         elif not self._ready:
             pairs = self._take(self._needs_reference, max_tokens, len(self._needs_reference))
             chunk = FinetuneChunk(next(self._task_ids), "reference", pairs)
-        elif self._ready[0].num_tokens > max_tokens:  # too big for the room: cut in three parts
-            self._split, self._split_part = self._ready.popleft(), "score"
+        elif self._ready[0].num_tokens > max_tokens:  # too big for the room: cut in two parts
+            self._split, self._split_part = self._ready.popleft(), "chosen"
             self._accumulated.append(self._split)
             chunk = self._part_chunk(next(self._task_ids))
         else:
@@ -208,8 +199,7 @@ class Trainer:
             if chunk.part == "rejected":
                 self._split = None
             else:
-                self._split_part = "chosen" if chunk.part == "score" else "rejected"
-                self._split_value = result.part_value
+                self._split_part = "rejected"
         mean = self.mean_recent_loss
         for p in chunk.pairs:
             if p.pair_id not in result.losses:
