@@ -19,6 +19,7 @@ SIZES = {
     "tiny": (128, 352, 4, 4, 2, 1024),  # ~3M parameters: the tests
     "small": (256, 704, 6, 8, 4, 2048),  # ~9M
     "base": (768, 2048, 8, 12, 4, 2048),  # ~57M: benchmarks, where model compute dominates
+    "1b": (2048, 5632, 22, 32, 4, 2048),  # ~1.0B (TinyLlama's shape): the CUDA benchmark, bf16
 }
 VOCAB_SIZE = 8192
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo-model", help="build the built-in demo model (random weights, offline tokenizer)")
     p.add_argument("dir")
-    p.add_argument("--size", choices=["tiny", "small", "base"], default="tiny")
+    p.add_argument("--size", choices=["tiny", "small", "base", "1b"], default="tiny")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-steps", type=int, default=0,
                    help="pre-train on the shipped corpus for this many steps (0: random weights)")

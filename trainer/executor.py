@@ -142,11 +142,13 @@ class FinetuneExecutor:
         accumulated = [p.grad for p in self.params]
         for p in self.params:
             p.grad = None
-        logp = self._sequence_logprob(prompt, response)
-        logp.backward()
-        grads = [p.grad for p in self.params]
-        for p, g in zip(self.params, accumulated):
-            p.grad = g
+        try:
+            logp = self._sequence_logprob(prompt, response)
+            logp.backward()
+            grads = [p.grad for p in self.params]
+        finally:  # the accumulation is back in place, whatever happened
+            for p, g in zip(self.params, accumulated):
+                p.grad = g
         return logp.item(), grads
 
     def _part(self, chunk: FinetuneChunk, result: FinetuneResult) -> None:

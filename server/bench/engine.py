@@ -98,6 +98,8 @@ def run_mace(args, workload: Workload, budget: int | None = None) -> RunStats:
         max_num_seqs=args.max_num_seqs,
         kv_cache_bytes=args.kv_cache_bytes,
         decode_attention=args.decode_attention,
+        device=args.device,
+        dtype=args.dtype,
     )
 
     async def main() -> RunStats:
@@ -139,10 +141,24 @@ async def _consume(engine: AsyncEngine, prompt: list[int], params: SamplingParam
 # -- transformers peers ------------------------------------------------------------------------
 
 
-def _load_hf(model_dir: str):
+def _torch_dtype(args) -> torch.dtype:
+    """The dtype every system runs in: --dtype, else the engine's default (fp32 on CPU, bf16 on CUDA)."""
+    if args.dtype:
+        return getattr(torch, args.dtype)
+    return torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+
+
+def _load_hf(args):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, attn_implementation="sdpa",
+                                                 dtype=_torch_dtype(args))
+    return model.to(args.device).eval()
+
+
+def _sync(args) -> None:
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def run_hf_continuous(args, workload: Workload) -> RunStats:
@@ -151,7 +167,7 @@ def run_hf_continuous(args, workload: Workload) -> RunStats:
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-    model = _load_hf(args.model)
+    model = _load_hf(args)
     page = 256
     num_pages = sum(-(-(len(p) + n) // page) for p, n in zip(workload.prompts, workload.output_lens))
     cb_config = ContinuousBatchingConfig(
@@ -210,19 +226,19 @@ class _StepTimer:
 def run_static(args, workload: Workload) -> RunStats:
     """Static batches of ``model.generate`` in arrival order, left-padded, each batch running to
     its longest output; only the requested tokens count."""
-    model = _load_hf(args.model)
+    model = _load_hf(args)
     pad = model.generation_config.pad_token_id or 0
     bsz = args.static_batch_size
     with torch.inference_mode():
-        model.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=2, do_sample=False)  # warm-up
+        model.generate(torch.tensor([[3, 4, 5]], device=args.device), max_new_tokens=2, do_sample=False)  # warm-up
         start = time.perf_counter()
         token_times = []
         for b in range(0, len(workload.prompts), bsz):
             prompts = workload.prompts[b : b + bsz]
             lens = workload.output_lens[b : b + bsz]
             width = max(len(p) for p in prompts)
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=args.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=args.device)
             timer = _StepTimer()
             model.generate(
                 ids, attention_mask=mask, max_new_tokens=max(lens), min_new_tokens=max(lens),
@@ -250,6 +266,7 @@ def run_decode_overhead(args) -> dict:
     config = EngineConfig(
         model=args.model, max_num_batched_tokens=1024, max_num_seqs=batch,
         kv_cache_bytes=args.kv_cache_bytes, decode_attention=args.decode_attention,
+        device=args.device, dtype=args.dtype,
     )
     core, runner = build_engine(config)
     for i, p in enumerate(prompts):
@@ -264,16 +281,18 @@ def run_decode_overhead(args) -> dict:
             decode_tokens += sum(len(o.new_token_ids) for o in outs)
     del core, runner
 
-    model = _load_hf(args.model)
+    model = _load_hf(args)
     with torch.inference_mode():
-        ids = torch.tensor(prompts)
+        ids = torch.tensor(prompts, device=args.device)
         cache = DynamicCache(config=model.config)
         out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        _sync(args)
         t0 = time.perf_counter()
         for _ in range(steps):
             out = model(tok, cache=cache, use_cache=True)
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        _sync(args)
         bare_s = time.perf_counter() - t0
     engine_tok_s = decode_tokens / decode_s
     bare_tok_s = batch * steps / bare_s
@@ -327,6 +346,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--kv-cache-bytes", type=int, default=1 << 30)
     p.add_argument("--decode-attention", choices=["auto", "sdpa"], default="auto")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="every system's dtype (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--static-batch-size", type=int, default=8)
     p.add_argument("--decode-batch", type=int, default=32)
     p.add_argument("--decode-steps", type=int, default=32)
@@ -364,7 +386,8 @@ def main(args: argparse.Namespace) -> dict:
             "processor": cpu_name(),
             "cpus": torch.get_num_threads(),
             "torch": torch.__version__,
-            "device": "cpu",
+            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+            "dtype": str(_torch_dtype(args)).removeprefix("torch."),
         },
         "workload": {"requests": args.num_requests, "prompt_tokens": workload.num_prompt_tokens, "output_tokens": workload.num_output_tokens},
         "mixed": rows,

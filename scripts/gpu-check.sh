@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Issue 2's CUDA checks, as one prepared device run (the `device` tool's `run`, from the repo
+# root, no install: the device image has torch, transformers and peft; the engine bench needs
+# neither trl nor msgspec). Writes everything under $OUT:
+#   env.txt          torch / GPU versions
+#   smoke.json       the engine against model.generate on CUDA (fp32 exact, bf16 agreement)
+#   engine-cuda.*    `mace bench engine` on a ~1B random Llama in bf16, with both peers
+# Budget: about 5-8 minutes on an H200 (building the 1B model on the CPU is most of it).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" | tee "$OUT/env.txt"
+python3 scripts/cuda_smoke.py --device cuda --out "$OUT/smoke.json" 2>&1 | tail -8
+python3 -m server.cli demo-model /tmp/demo-1b --size 1b 2>&1 | tail -1
+python3 -m server.cli bench engine --model /tmp/demo-1b --device cuda --dtype bfloat16 --rounds 1 \
+    --kv-cache-bytes $((8 << 30)) --out "$OUT/engine-cuda.json" 2>&1 | tail -20
