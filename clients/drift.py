@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from clients.oracle import PreferenceOracle, PreferencePair
-from clients.sdk import AsyncClient
+from clients.sdk import APIError, AsyncClient
 
 
 def win_rate(serving_scores: Sequence[float], base_scores: Sequence[float]) -> float:
@@ -94,6 +94,9 @@ class DriftEvaluator:
         self.base_samples: list[str] | None = None
         self.base_clpd: dict[str, float] = {}  # per phase name
         self._pairs: dict[str, list[PreferencePair]] = {}  # per phase name: fixed for the run
+        # Evaluations ``run`` skipped because the server was full or draining (429 / 503 after
+        # the client's retries): (t_s, the error). An overloaded server is a result, not a crash.
+        self.skipped: list[tuple[float, str]] = []
 
     async def _samples(self) -> list[str]:
         """Every prompt's ``num_samples`` answers, flattened prompt-major."""
@@ -154,12 +157,19 @@ class DriftEvaluator:
     async def run(self, start: float, interval_s: float, until_s: float) -> list[EvalPoint]:
         """Evaluate at ``interval_s``, ``2 * interval_s``, ... seconds after ``start`` (a
         ``time.perf_counter()`` value, the load's start) up to ``until_s``; a slot missed while an
-        evaluation ran is skipped. Each point's ``t_s`` is when its evaluation began."""
+        evaluation ran is skipped. Each point's ``t_s`` is when its evaluation began. An
+        evaluation the server turned away (429 or 503) is left out and noted in ``skipped``."""
         points: list[EvalPoint] = []
         slot = 1
         while slot * interval_s <= until_s:
             await asyncio.sleep(max(0.0, start + slot * interval_s - time.perf_counter()))
-            points.append(await self.evaluate(time.perf_counter() - start))
+            t_s = time.perf_counter() - start
+            try:
+                points.append(await self.evaluate(t_s))
+            except APIError as exc:
+                if exc.status not in (429, 503):
+                    raise
+                self.skipped.append((round(t_s, 3), str(exc)))
             slot = max(slot + 1, int((time.perf_counter() - start) / interval_s) + 1)
         return points
 

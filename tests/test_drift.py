@@ -90,3 +90,30 @@ async def test_evaluator_against_a_tiny_server(start_server, tmp_path):
         series = await evaluator.run(start, interval_s=0.5, until_s=1.2)
         assert [round(p.t_s * 2) / 2 for p in series] == [0.5, 1.0] and time.perf_counter() - start < 5.0
         assert all(p.win_rate == 0.5 for p in series)
+
+
+async def test_a_turned_away_evaluation_is_skipped_and_noted_not_fatal():
+    """A full server (429) costs the series one point; any other error still ends the run."""
+    import time
+
+    from clients.drift import EvalPoint
+    from clients.sdk import APIError
+
+    class Flaky(DriftEvaluator):
+        def __init__(self, failures):
+            super().__init__(None, PreferenceOracle([(0.0, Phase("vowels", frozenset("aeiou")))]),
+                             EvalConfig(prompts=("x",), clpd_prompts=("y",)))
+            self.failures, self.calls = failures, 0
+
+        async def evaluate(self, t_s):
+            self.calls += 1
+            if self.calls in self.failures:
+                raise self.failures[self.calls]
+            return EvalPoint(t_s, 0, "vowels", 0.5, 0.0, 0.0, 1, 1, 0.0)
+
+    flaky = Flaky({2: APIError(429, "the queue is full")})
+    points = await flaky.run(time.perf_counter(), 0.02, 0.1)
+    assert flaky.calls == 5 and len(points) == 4
+    assert len(flaky.skipped) == 1 and "429" in flaky.skipped[0][1]
+    with pytest.raises(APIError, match="400"):
+        await Flaky({1: APIError(400, "bad field")}).run(time.perf_counter(), 0.02, 0.1)

@@ -172,7 +172,7 @@ async def _drift_run(url: str, settings: Settings, common: Common, config: EvalC
     arrivals = poisson_arrivals(settings.drift_rate_per_s, seed=common.seed, duration_s=settings.drift_duration_s)
     specs = synthetic_requests(arrivals, OutputLengths(settings.drift_max_tokens, settings.drift_max_tokens), seed=common.seed)
     load_config = _load_config(url, common, duration_s=settings.drift_duration_s, retrain_rate=settings.drift_retrain_rate)
-    async with AsyncClient(url, max_retries=0) as client:
+    async with AsyncClient(url) as client:  # the evaluator's own: retried on 429 (Retry-After)
         evaluator = DriftEvaluator(client, oracle, config)
         await evaluator.take_base()
         first = await evaluator.evaluate(0.0)
@@ -186,7 +186,7 @@ async def _drift_run(url: str, settings: Settings, common: Common, config: EvalC
     return {"series": [p.to_dict() for p in points], "recovery": dataclasses.asdict(rec),
             "final_clpd": points[-1].clpd, "final_clpd_gain": points[-1].clpd_gain, "base_clpd": evaluator.base_clpd,
             "pairs_posted": result.num_feedback_posted, "latency": summary.to_dict(), "errors": _errors(result.records),
-            **await _server_counts(url)}
+            "evaluations_skipped": evaluator.skipped, **await _server_counts(url)}
 
 
 def run_drift(settings: Settings, common: Common) -> dict[str, Any]:
