@@ -13,6 +13,16 @@ OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" | tee "$OUT/env.txt"
 python3 scripts/cuda_smoke.py --device cuda --out "$OUT/smoke.json" 2>&1 | tail -8
-python3 -m server.cli demo-model /tmp/demo-1b --size 1b 2>&1 | tail -1
-python3 -m server.cli bench engine --model /tmp/demo-1b --device cuda --dtype bfloat16 --rounds 1 \
-    --kv-cache-bytes $((8 << 30)) --out "$OUT/engine-cuda.json" 2>&1 | tail -20
+# Not through `python3 -m server.cli`: its parser imports every bench, and the HTTP one needs
+# msgspec, which the device image lacks.
+python3 -c "from engine.demo_model import build_demo_model; print(build_demo_model('/tmp/demo-1b', '1b'))" 2>&1 | tail -1
+python3 - "$OUT" <<'PY' 2>&1 | tail -20
+import argparse, sys
+from server.bench import engine
+out = sys.argv[1]
+sys.argv = ["mace", "bench", "engine", "--model", "/tmp/demo-1b", "--device", "cuda", "--dtype", "bfloat16",
+            "--rounds", "1", "--kv-cache-bytes", str(8 << 30), "--out", f"{out}/engine-cuda.json"]
+parser = argparse.ArgumentParser()
+engine.add_arguments(parser)
+engine.main(parser.parse_args(sys.argv[3:]))
+PY
