@@ -39,7 +39,8 @@ class PrefillSpan:
     # (context + length,) slots of every key the chunk sees; None when the chunk starts at
     # position 0 and can attend over its own fresh K/V with a plain causal mask.
     key_slots: torch.Tensor | None = None
-    # (length, context + length) bool: key j visible to query i (causal, offset by the context).
+    # (length, context + length) bool: key j visible to query i (causal, offset by the context);
+    # for a chunk at position 0 only when heavy-hitter scores are collected (else SDPA is_causal).
     mask: torch.Tensor | None = None
 
 
@@ -142,14 +143,13 @@ def paged_attention_forward(
         rows = slice(span.start, span.start + span.length)
         qp = q[None, :, rows]  # (1, H, c, D)
         if meta.prefill_scores is not None:
-            if span.key_slots is None:  # the chunk's own fresh keys, causal
+            if span.key_slots is None:  # the chunk's own fresh keys
                 kp, vp, key_slots = key[0, :, rows], value[0, :, rows], meta.slot_mapping[rows]
-                mask = torch.ones(span.length, span.length, dtype=torch.bool, device=q.device).tril()
             else:
                 kp = _gather(k_slots, span.key_slots, meta.k_scratch).transpose(0, 1)  # (Hkv, L, D)
                 vp = _gather(v_slots, span.key_slots, meta.v_scratch).transpose(0, 1)
-                key_slots, mask = span.key_slots, span.mask
-            op, received = _attention_with_column_sums(qp[0], kp, vp, mask, scaling or head_dim**-0.5)
+                key_slots = span.key_slots
+            op, received = _attention_with_column_sums(qp[0], kp, vp, span.mask, scaling or head_dim**-0.5)
             meta.prefill_scores[module.layer_idx].index_add_(0, key_slots, received)
             out[rows] = op.transpose(0, 1)  # (c, H, D)
             continue

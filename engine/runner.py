@@ -130,6 +130,8 @@ class ModelRunner:
             queries = torch.arange(start, start + n)
             span.key_slots = key_slots.to(self.device)
             span.mask = (torch.arange(start + n)[None, :] <= queries[:, None]).to(self.device)  # (c, L)
+        elif self.slot_scores is not None:  # heavy-hitter scores: the spelled-out attention needs the mask
+            span.mask = torch.ones(n, n, dtype=torch.bool).tril().to(self.device)
         return span, key_slots[start:].tolist()
 
     def _prune(self, op: KvPrune) -> None:
