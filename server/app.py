@@ -189,7 +189,7 @@ def serve(args: argparse.Namespace) -> None:
         attach_trainer(core, runner, feedback_store, TrainerConfig(
             lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
             target_modules=tuple(args.lora_target_modules.split(",")), lr=args.learning_rate,
-            grad_accum=args.grad_accum, dpo_beta=args.dpo_beta,
+            grad_accum=args.grad_accum, dpo_beta=args.dpo_beta, rpo_alpha=args.rpo_alpha,
         ), state_dir=str(state_dir), checkpoint_every=args.checkpoint_every)
     if args.policy == "mace" and not args.cost_profile:
         from scheduler.profiler import profile

@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--learning-rate", type=float, default=5e-4)
     t.add_argument("--grad-accum", type=int, default=4, help="pairs per optimizer step")
     t.add_argument("--dpo-beta", type=float, default=0.1)
+    t.add_argument("--rpo-alpha", type=float, default=0.0,
+                   help="weight of an NLL term on the chosen answer added to the DPO loss (trl's rpo_alpha; 0: plain DPO)")
     t.add_argument("--finetune-tokens-per-iteration", type=int, default=512)
     t.add_argument("--checkpoint-every", type=int, default=10, help="adapter checkpoint every N steps (and at shutdown)")
     t.add_argument("--policy", choices=["synchronous", "mace", "periodic", "inference-only"], default="mace",

@@ -177,9 +177,10 @@ def _grads(executor) -> list[torch.Tensor]:
     return [p.grad.detach().clone() for p in executor.params]
 
 
-def test_a_pair_cut_in_two_parts_gives_the_whole_pairs_gradient(tiny):
+@pytest.mark.parametrize("rpo_alpha", [0.0, 1.0])
+def test_a_pair_cut_in_two_parts_gives_the_whole_pairs_gradient(tiny, rpo_alpha):
     model, _ = tiny
-    config = TrainerConfig(lr=5e-3, grad_accum=2)
+    config = TrainerConfig(lr=5e-3, grad_accum=2, rpo_alpha=rpo_alpha)
     executor = FinetuneExecutor(attach_adapters(model, config), config, pad_id=0)
     pairs = _pairs(2, seed=4)
     refs = executor.run(FinetuneChunk(0, "reference", pairs)).ref_logprobs
@@ -209,3 +210,33 @@ def test_a_pair_cut_in_two_parts_gives_the_whole_pairs_gradient(tiny):
     # the chunk sizes the scheduler prices: one sequence each, with a backward
     assert FinetuneChunk(0, "gradient", [p], part="chosen").num_tokens == len(p.prompt_ids) + len(p.chosen_ids)
     assert FinetuneChunk(0, "gradient", [p], part="rejected").cost_tokens == len(p.prompt_ids) + len(p.rejected_ids)
+
+
+def test_rpo_alpha_adds_the_chosen_answers_mean_nll(tiny):
+    """The gradient with ``rpo_alpha`` is plain DPO's plus alpha x grad(-logp_c / len(chosen)) / accum."""
+    model, _ = tiny
+    config = TrainerConfig(lr=5e-3, grad_accum=2, rpo_alpha=0.5)
+    executor = FinetuneExecutor(attach_adapters(model, config), config, pad_id=0)
+    pairs = _pairs(2, seed=6)
+    refs = executor.run(FinetuneChunk(0, "reference", pairs)).ref_logprobs
+    pairs = [_with_refs(p, *refs[p.pair_id]) for p in pairs]
+    executor.run(FinetuneChunk(1, "gradient", pairs, step=True))  # LoRA B off zero: every grad counts
+    with_nll = executor.run(FinetuneChunk(2, "gradient", pairs))
+    got = _grads(executor)
+    executor.optimizer.zero_grad(set_to_none=True)
+
+    plain = FinetuneExecutor(executor.model, TrainerConfig(lr=5e-3, grad_accum=2), pad_id=0)
+    dpo_only = plain.run(FinetuneChunk(3, "gradient", pairs))
+    assert dpo_only.losses == with_nll.losses  # the reported loss is DPO's (the priority's input)
+    dpo_grads = _grads(plain)
+    executor.optimizer.zero_grad(set_to_none=True)
+    executor.model.set_adapter(TRAIN)
+    for prm in executor.params:
+        prm.requires_grad_(True)
+    nll = sum(-executor._sequence_logprob(p.prompt_ids, p.chosen_ids) / len(p.chosen_ids) for p in pairs)
+    (0.5 * nll / 2).backward()
+    executor.model.set_adapter(SERVING)
+    expected = [d + n.grad for d, n in zip(dpo_grads, executor.params, strict=True)]
+    for g, e, d in zip(got, expected, dpo_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-7)
+    assert max((g - d).abs().max().item() for g, d in zip(got, dpo_grads)) > 1e-5  # the NLL term counts

@@ -40,6 +40,11 @@ class TrainerConfig:
     max_grad_norm: float = 1.0
     grad_accum: int = 4  # pairs per optimizer step
     dpo_beta: float = 0.1
+    # Weight of an NLL term on the chosen response (mean over its tokens) added to each pair's
+    # DPO loss: trl's ``rpo_alpha`` (RPO, Pang et al., arXiv 2404.19733). DPO alone can lower the
+    # likelihood of chosen and rejected together and drift to degenerate text; the NLL keeps the
+    # chosen answers likely. 0 is plain DPO.
+    rpo_alpha: float = 0.0
 
 
 def attach_adapters(model: torch.nn.Module, config: TrainerConfig) -> PeftModel:
@@ -171,10 +176,11 @@ class FinetuneExecutor:
             self._bad_accumulation = True
             return
         w = scale * beta * torch.sigmoid(-margin[0]).item()
+        w_c = w + scale * self.config.rpo_alpha / len(p.chosen_ids)  # the NLL term pulls on logp_c too
         for param, g_c, g_r in zip(self.params, grads_c, grads_r):
             if g_c is None and g_r is None:
                 continue
-            delta = w * ((g_r if g_r is not None else 0) - (g_c if g_c is not None else 0))
+            delta = w * (g_r if g_r is not None else 0) - w_c * (g_c if g_c is not None else 0)
             param.grad = delta if param.grad is None else param.grad + delta
 
     def _whole(self, chunk: FinetuneChunk, result: FinetuneResult) -> None:
@@ -183,6 +189,9 @@ class FinetuneExecutor:
         ref_r = torch.tensor([p.ref_rejected for p in chunk.pairs], device=self._device)
         losses, _ = dpo_loss(chosen, rejected, ref_c, ref_r, self.config.dpo_beta)
         result.losses = {p.pair_id: v for p, v in zip(chunk.pairs, losses.tolist())}
+        if self.config.rpo_alpha:
+            num_chosen = torch.tensor([len(p.chosen_ids) for p in chunk.pairs], device=self._device)
+            losses = losses - self.config.rpo_alpha * chosen / num_chosen
         if torch.isfinite(losses).all():
             (losses.sum() / self.config.grad_accum).backward()
         else:
