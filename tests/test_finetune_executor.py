@@ -240,3 +240,26 @@ def test_rpo_alpha_adds_the_chosen_answers_mean_nll(tiny):
     for g, e, d in zip(got, expected, dpo_grads, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-7)
     assert max((g - d).abs().max().item() for g, d in zip(got, dpo_grads)) > 1e-5  # the NLL term counts
+
+
+def test_a_step_over_fewer_pairs_than_grad_accum_takes_that_share_of_the_learning_rate(demo_model_dir):
+    """One pair stepped alone under grad_accum=4 moves the adapter as a step of lr / 4 does with
+    grad_accum=1. (The first's gradient is 4x smaller; a tight clip gives both the same norm, so
+    that the learning rate is the only difference left.)"""
+    pair = _pairs(1, seed=8)
+    deltas = []
+    for lr, accum in ((4e-3, 4), (1e-3, 1), (4e-3, 1)):
+        torch.manual_seed(0)  # the same LoRA init each time
+        model, _ = load_model(demo_model_dir, torch.device("cpu"))
+        config = TrainerConfig(lr=lr, grad_accum=accum, max_grad_norm=1e-4)
+        executor = FinetuneExecutor(attach_adapters(model, config), config, pad_id=0)
+        refs = executor.run(FinetuneChunk(0, "reference", pair)).ref_logprobs
+        pairs = [_with_refs(p, *refs[p.pair_id]) for p in pair]
+        before = [p.detach().clone() for p in executor.params]
+        assert executor.run(FinetuneChunk(1, "gradient", pairs, step=True)).stepped
+        deltas.append([p.detach() - b for p, b in zip(executor.params, before)])
+    partial, quarter_lr, full = deltas
+    for got, want in zip(partial, quarter_lr, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-9)
+    moved = max(d.abs().max().item() for d in full)
+    assert moved > 1e-4 and max(d.abs().max().item() for d in partial) == pytest.approx(moved / 4, rel=1e-3)

@@ -85,6 +85,7 @@ class FinetuneExecutor:
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self._device = self.params[0].device
         self._bad_accumulation = False
+        self._num_accumulated = 0  # pairs whose gradients the next step takes
         # A pair cut in two: (pair id, logp_c, grad logp_c per parameter) until its rejected part.
         self._chosen_part: tuple[str, float, list[torch.Tensor | None]] | None = None
 
@@ -93,6 +94,7 @@ class FinetuneExecutor:
         if chunk.reset:
             self.optimizer.zero_grad(set_to_none=True)
             self._bad_accumulation = False
+            self._num_accumulated = 0
             self._chosen_part = None
         if chunk.kind == "reference":
             result = self._reference(chunk)
@@ -175,6 +177,7 @@ class FinetuneExecutor:
         if not torch.isfinite(loss).all():
             self._bad_accumulation = True
             return
+        self._num_accumulated += 1
         w = scale * beta * torch.sigmoid(-margin[0]).item()
         w_c = w + scale * self.config.rpo_alpha / len(p.chosen_ids)  # the NLL term pulls on logp_c too
         for param, g_c, g_r in zip(self.params, grads_c, grads_r):
@@ -194,6 +197,7 @@ class FinetuneExecutor:
             losses = losses - self.config.rpo_alpha * chosen / num_chosen
         if torch.isfinite(losses).all():
             (losses.sum() / self.config.grad_accum).backward()
+            self._num_accumulated += len(chunk.pairs)
         else:
             self._bad_accumulation = True
 
@@ -227,16 +231,28 @@ class FinetuneExecutor:
         save_checkpoint(self.model, self.state_dir, self.version)
 
     def _step(self) -> bool:
-        """Clip, step and publish, or (a non-finite value anywhere) drop it all; True if stepped."""
+        """Clip, step and publish, or (a non-finite value anywhere) drop it all; True if stepped.
+
+        A step over n < grad_accum pairs (the trainer steps early rather than sit on gradients
+        when no more feedback waits) takes n / grad_accum of the learning rate. Adam's update
+        hardly depends on the gradient's scale, so without this a one-pair step would move the
+        adapter as far as a full one, and how far the adapter moves per pair, and how noisily,
+        would depend on how the load happened to group pairs into steps: a policy that trains
+        each pair as it comes (synchronous, or any policy on a quiet server) would take
+        grad_accum times the steps of one that trains in batches (periodic)."""
         for p in self.params:
             p.requires_grad_(True)
         grads_ok = not self._bad_accumulation and all(p.grad is None or torch.isfinite(p.grad).all() for p in self.params)
         if grads_ok:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+            share = min(1.0, self._num_accumulated / self.config.grad_accum) if self._num_accumulated else 1.0
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.config.lr * share
             self.optimizer.step()
             grads_ok = all(torch.isfinite(p).all() for p in self.params)
         self.optimizer.zero_grad(set_to_none=True)
         self._bad_accumulation = False
+        self._num_accumulated = 0
         if grads_ok:
             copy_adapter(self.model, TRAIN, SERVING)
             self.version += 1

@@ -16,7 +16,8 @@ Every configuration gets its own ``mace serve`` subprocess (a free 127.0.0.1 por
 The model: the tiny demo model pre-trained 400 steps (built once into ``models/``): DPO cannot
 move the random-weight demo model's near-flat logits at all (``clients/oracle.py``), and the tiny
 one is what 2 cores can train fast enough to show recovery within minutes. Served with
-``--learning-rate 5e-3`` for the same reason (at the default 5e-4 nothing moves within minutes).
+``--learning-rate 5e-3`` for the same reason (at the default 5e-4 nothing moves within minutes),
+``--grad-accum 16`` and ``--rpo-alpha 1`` (``Settings``: plain DPO, 4 pairs a step, was unstable).
 """
 
 from __future__ import annotations
@@ -56,7 +57,11 @@ class Settings:
     # machine; fixed rather than taken from this run's profile, which a busy machine inflates
     slo_ttft_ms: float = 200.0
     slo_tbt_ms: float = 20.0
-    grad_accum: int = 4  # pairs per optimizer step
+    # DPO on the model's own 16-token samples, 4 pairs a step, swung the tiny model between
+    # degenerate texts (newlines, "a a a") and back; 16 pairs a step and an NLL term on the chosen
+    # answer (RPO) learn each taste steadily (offline sweep in BENCHMARKS.md)
+    grad_accum: int = 16  # pairs per optimizer step
+    rpo_alpha: float = 1.0
     # 1. drift
     drift_rate_per_s: float = 8.0
     drift_retrain_rate: float = 0.5
@@ -125,6 +130,7 @@ class Common:
     def flags(self, settings: Settings, *extra: str) -> list[str]:
         return ["--profile", self.profile, "--slo-ttft-ms", f"{self.slo_ttft_ms:g}", "--slo-tbt-ms", f"{self.slo_tbt_ms:g}",
                 "--learning-rate", f"{settings.learning_rate:g}", "--grad-accum", str(settings.grad_accum),
+                "--rpo-alpha", f"{settings.rpo_alpha:g}",
                 "--seed", str(self.seed), "--shutdown-grace", "2", *extra]
 
     def server(self, name: str, settings: Settings, *extra: str, kv_cache_bytes: int = 64 << 20):

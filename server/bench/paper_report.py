@@ -202,7 +202,8 @@ def section(results: dict[str, Any], verdicts: list[dict[str, Any]], meta: dict[
     lines = [BEGIN, "## `mace bench paper`: MACE's evaluation on this machine", "",
              f"Command: `{meta['command']}` ({meta['mode']} mode; `make bench-paper` runs the full one). "
              f"Machine: {meta['processor']}. Took {meta['run_s']:.0f} s. Model `{meta['model']}`, served by `mace serve` "
-             f"with `--learning-rate {meta['settings']['learning_rate']:g}`; SLOs TTFT {meta['slo_ttft_ms']:g} ms and "
+             f"with `--learning-rate {meta['settings']['learning_rate']:g} --grad-accum {meta['settings']['grad_accum']} "
+             f"--rpo-alpha {meta['settings']['rpo_alpha']:g}`; SLOs TTFT {meta['slo_ttft_ms']:g} ms and "
              f"TPOT {meta['slo_tbt_ms']:g} ms, `mace serve`'s floor defaults (this run's `mace profile --quick` suggested "
              f"{meta['profile_suggested_slos_ms'][0]:g} and {meta['profile_suggested_slos_ms'][1]:g} ms). "
              "JSON per experiment, plots and "
