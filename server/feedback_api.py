@@ -116,6 +116,7 @@ async def adapters(request: web.Request) -> web.Response:
         "training": True,
         "serving": {"name": "serving", "version": trainer.adapter_version},
         "steps": trainer.num_steps,
+        "pairs_stepped": trainer.num_pairs_stepped,
         "skipped_steps": trainer.num_skipped_steps,
         "tokens": trainer.num_tokens,
         "dpo_loss": trainer.mean_recent_loss,

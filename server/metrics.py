@@ -87,6 +87,8 @@ class _EngineCounters(Collector):
             return
         yield CounterMetricFamily("mace_train_steps", "Optimizer steps taken (published to the serving adapter).",
                                   value=trainer.num_steps)
+        yield CounterMetricFamily("mace_train_pairs", "Feedback pairs in the optimizer steps taken (this process).",
+                                  value=trainer.num_pairs_stepped)
         yield CounterMetricFamily("mace_train_tokens", "Tokens run through fine-tune chunks (reference and gradient).",
                                   value=trainer.num_tokens)
         yield GaugeMetricFamily("mace_adapter_version", "Version of the adapter inference reads.",

@@ -53,7 +53,7 @@ async def test_pairs_are_trained_while_serving(make_engine, tmp_path):
                 break
         assert store.stats() == {"received": 8, "trained": 8, "pending": 0, "set_aside": 0}
         assert len(served) == 40
-        assert trainer.num_steps == 2 and trainer.adapter_version == 2
+        assert trainer.num_steps == 2 and trainer.adapter_version == 2 and trainer.num_pairs_stepped == 8
         assert all(store.get(f"p{i}").ref_chosen is not None for i in range(8))  # computed once, stored
     finally:
         await engine.stop()
@@ -80,12 +80,13 @@ async def test_feedback_over_http_trains_the_serving_adapter(start_server, tmp_p
             if info["serving"]["version"] == 2:
                 break
             await asyncio.sleep(0.02)
-        assert info["serving"]["version"] == 2 and info["steps"] == 2
+        assert info["serving"]["version"] == 2 and info["steps"] == 2 and info["pairs_stepped"] == 4
         async with http.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}) as r:
             assert r.status == 200 and r.headers["x-adapter-version"] == "2"
         async with http.get(f"{url}/metrics") as r:
             metrics = await r.text()
         assert "mace_train_steps_total 2.0" in metrics and "mace_adapter_version 2.0" in metrics
+        assert "mace_train_pairs_total 4.0" in metrics
         assert 'mace_feedback_pairs{state="trained"} 4.0' in metrics
         await engine.core.trainer.flush()
         assert store.stats()["trained"] == 4
@@ -262,5 +263,5 @@ async def test_a_pair_with_its_reference_trains_before_the_next_reference(make_e
                      ("gradient", "rejected", ["p0"], False), ("reference", None, ["p1"], False),
                      ("gradient", "chosen", ["p1"], False), ("gradient", "rejected", ["p1"], True)]
     await trainer.flush()
-    assert store.stats()["trained"] == 2 and trainer.num_steps == 1
+    assert store.stats()["trained"] == 2 and trainer.num_steps == 1 and trainer.num_pairs_stepped == 2
     store.close()

@@ -73,6 +73,9 @@ class Trainer:
         self.adapter_version = 0
         self.num_steps = 0
         self.num_skipped_steps = 0
+        # pairs in the steps taken by this process (the store's "trained" count lags it until a
+        # checkpoint holds the step)
+        self.num_pairs_stepped = 0
         self.num_tokens = 0
 
     # -- feeding ----------------------------------------------------------------------------------
@@ -226,6 +229,7 @@ class Trainer:
         kept = [p for p in accumulated if p.pair_id not in self._set_aside]
         if result.stepped:
             self.num_steps += 1
+            self.num_pairs_stepped += len(kept)
             self._known.difference_update(p.pair_id for p in accumulated)
             self._unsaved += [p.pair_id for p in kept]
             if not self.checkpointing or result.checkpoint_version is not None:

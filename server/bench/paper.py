@@ -153,8 +153,11 @@ async def _server_counts(url: str) -> dict[str, Any]:
     async with AsyncClient(url) as client:
         adapters = await client.adapters()
         stats = await client.feedback_stats()
+    # pairs_trained: in the optimizer steps taken; the store's "trained" (pairs_checkpointed) lags
+    # it by the steps since the last adapter checkpoint (every 10 steps while feedback keeps coming)
     return {"adapter_version": (adapters.get("serving") or {}).get("version"), "train_steps": adapters.get("steps"),
-            "pairs_received": stats.received, "pairs_trained": stats.trained}
+            "pairs_received": stats.received, "pairs_trained": adapters.get("pairs_stepped", 0),
+            "pairs_checkpointed": stats.trained}
 
 
 # -- 1. recovery after drift ----------------------------------------------------------------------
