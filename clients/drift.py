@@ -75,6 +75,7 @@ class EvalConfig:
     num_samples: int = 2  # samples per prompt (``n``), each compared with the base's
     max_tokens: int = 16
     temperature: float = 1.0
+    top_k: int = 0  # 0: off (not sent)
     seed: int = 1234
     num_pair_words: int = 8  # words per held-out response
 
@@ -105,6 +106,7 @@ class DriftEvaluator:
         async def one(i: int, prompt: str) -> list[str]:
             answer = await self.client.chat([{"role": "user", "content": prompt}], n=c.num_samples,
                                             max_tokens=c.max_tokens, temperature=c.temperature,
+                                            **({"top_k": c.top_k} if c.top_k else {}),
                                             seed=c.seed + 100 * i, ignore_eos=True)
             return [choice.message.content or "" for choice in sorted(answer.choices, key=lambda ch: ch.index)]
 

@@ -55,6 +55,7 @@ class LoadConfig:
     concurrency: int | None = None  # requests in flight at most (None: no cap)
     retrain_rate: float = 0.0  # share of requests that produce a feedback pair
     temperature: float = 1.0
+    top_k: int = 0  # an extension of our server's (and vLLM's) OpenAI API; 0: off, and not sent
     ignore_eos: bool = True  # generate exactly max_tokens, as load tests usually do
     seed: int = 0
     request_timeout_s: float = 600.0
@@ -186,7 +187,8 @@ class _Run:
     async def _stream(self, record: RequestRecord, spec: RequestSpec, n: int) -> list[str] | None:
         """Stream one request, stamping each event of answer 0; the answers' texts, or None on an error."""
         params = {"max_tokens": spec.max_tokens, "temperature": self.config.temperature, "n": n,
-                  "seed": self.seeds[record.index], "ignore_eos": self.config.ignore_eos}
+                  "seed": self.seeds[record.index], "ignore_eos": self.config.ignore_eos,
+                  **({"top_k": self.config.top_k} if self.config.top_k else {})}
         texts: list[list[str]] = [[] for _ in range(n)]
         try:
             stream = (self.client.stream_chat(list(spec.messages), **params) if spec.is_chat
@@ -243,8 +245,8 @@ def main(args: Any) -> dict[str, Any]:
             specs = synthetic_requests(arrivals, OutputLengths.parse(args.max_tokens), seed=args.seed)
         config = LoadConfig(url=args.url, model=args.model, api_key=args.api_key, num_requests=args.num_requests,
                             duration_s=args.duration, drain_timeout_s=args.drain_timeout, concurrency=args.concurrency,
-                            retrain_rate=args.retrain_rate, temperature=args.temperature, seed=args.seed,
-                            show_progress=not args.no_progress)
+                            retrain_rate=args.retrain_rate, temperature=args.temperature, top_k=args.top_k,
+                            seed=args.seed, show_progress=not args.no_progress)
     except ValueError as exc:
         raise SystemExit(f"mace load: {exc}") from None
     result = asyncio.run(run_load(specs, config, drift_oracle(args.drift_at)))

@@ -46,6 +46,8 @@ def main() -> None:
     p.add_argument("--grad-accum", type=int, default=16)
     p.add_argument("--dpo-beta", type=float, default=0.1)
     p.add_argument("--rpo-alpha", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="sampling of the pairs' and the evaluation's answers (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--every", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the curve as JSON here")
@@ -69,7 +71,7 @@ def main() -> None:
         torch.manual_seed(seed)
         with torch.no_grad():
             out = peft_model.generate(ids.repeat(n, 1), attention_mask=torch.ones_like(ids).repeat(n, 1), do_sample=True,
-                                      temperature=1.0, top_k=0, max_new_tokens=16, pad_token_id=pad)
+                                      temperature=1.0, top_k=args.top_k, top_p=args.top_p, max_new_tokens=16, pad_token_id=pad)
         return [tokenizer.decode(o[ids.shape[1]:], skip_special_tokens=True) for o in out], ids[0].tolist()
 
     def evaluation() -> list[str]:

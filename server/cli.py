@@ -186,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=None, help="requests in flight at most (default: no cap)")
     p.add_argument("--max-tokens", default="32", help="output tokens: N, or MIN:MAX drawn uniformly (not for traces)")
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0: all; not sent)")
     p.add_argument("--retrain-rate", type=float, default=0.0,
                    help="share of requests that sample two answers and post the oracle's pick to /v1/feedback")
     p.add_argument("--drift-at", type=float, default=None,

@@ -3,6 +3,7 @@ one bounded run of the evaluator against a real tiny server."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -117,3 +118,17 @@ async def test_a_turned_away_evaluation_is_skipped_and_noted_not_fatal():
     assert len(flaky.skipped) == 1 and "429" in flaky.skipped[0][1]
     with pytest.raises(APIError, match="400"):
         await Flaky({1: APIError(400, "bad field")}).run(time.perf_counter(), 0.02, 0.1)
+
+
+async def test_evaluation_samples_honour_top_k(start_server):
+    """top_k=1 is greedy: every sample of a prompt is the same text."""
+    from clients import AsyncClient
+
+    oracle = PreferenceOracle([(0.0, Phase("vowels", frozenset("aeiou")))])
+    config = EvalConfig(prompts=("Hello there.", "What is a queue?"), clpd_prompts=("Q: hi\nA:",), num_samples=3,
+                        max_tokens=6, top_k=1)
+    async with start_server() as (url, _), AsyncClient(url) as client:
+        samples = await DriftEvaluator(client, oracle, config)._samples()
+        free = await DriftEvaluator(client, oracle, dataclasses.replace(config, top_k=0))._samples()
+    assert len(samples) == 6 and len(set(samples[:3])) == 1 and len(set(samples[3:])) == 1
+    assert len(set(free[:3])) > 1  # without top_k, the three seeds differ

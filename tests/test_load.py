@@ -266,3 +266,18 @@ async def test_mace_load_cli_prints_the_table_and_writes_json(start_server, tmp_
         main(["load", "--url", "http://127.0.0.1:9"])
     with pytest.raises(SystemExit, match="needs --trace"):
         main(["load", "--url", "http://127.0.0.1:9", "--arrival", "trace"])
+
+
+async def test_top_k_reaches_the_server(start_server, tmp_path):
+    """top_k=1 is greedy: both answers of every rated request are the same text, so the oracle
+    ties on each and nothing is posted (at top_k 0, 8-token random answers almost never tie)."""
+    from trainer.feedback import FeedbackStore
+
+    async with start_server(feedback_store=FeedbackStore(tmp_path / "f.sqlite3")) as (url, _):
+        specs = mixed_specs([0.0] * 4, max_tokens=8)
+        result = await run_load(specs, LoadConfig(url, retrain_rate=1.0, top_k=1, **FAST), drift_oracle(None))
+        async with AsyncClient(url) as client:
+            greedy = await client.chat(list(specs[0].messages), max_tokens=8, temperature=0.0, ignore_eos=True)
+    assert all(r.is_ok for r in result.records) and result.rated == [0, 1, 2, 3]
+    assert (result.num_feedback_posted, result.num_feedback_skipped) == (0, 4)
+    assert greedy.choices[0].message.content  # not blank: the skips were ties, not empty answers

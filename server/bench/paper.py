@@ -62,6 +62,11 @@ class Settings:
     # answer (RPO) learn each taste steadily (offline sweep in BENCHMARKS.md)
     grad_accum: int = 16  # pairs per optimizer step
     rpo_alpha: float = 1.0
+    # every answer (the load's, the feedback's, the evaluation's) is sampled at temperature 1 from
+    # the 50 likeliest tokens, transformers' `generate` default: from the whole vocabulary this
+    # model's long flat tail makes the two answers of a pair differ in noise only, and DPO learns
+    # nothing from them (offline runs in BENCHMARKS.md)
+    top_k: int = 50
     # 1. drift
     drift_rate_per_s: float = 8.0
     drift_retrain_rate: float = 0.5
@@ -138,8 +143,8 @@ class Common:
                               log_path=self.logs / f"{name}.log")
 
 
-def _load_config(url: str, common: Common, **kw: Any) -> LoadConfig:
-    return LoadConfig(url=url, seed=common.seed, show_progress=False, drain_timeout_s=10.0, **kw)
+def _load_config(url: str, common: Common, settings: Settings, **kw: Any) -> LoadConfig:
+    return LoadConfig(url=url, seed=common.seed, show_progress=False, drain_timeout_s=10.0, top_k=settings.top_k, **kw)
 
 
 def _errors(records) -> dict[str, int]:
@@ -173,14 +178,14 @@ def eval_config(settings: Settings, model: str, seed: int) -> EvalConfig:
     rendered = tuple(tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                    add_generation_prompt=True) for p in prompts)
     return EvalConfig(prompts=prompts, clpd_prompts=rendered, num_samples=settings.num_eval_samples,
-                      max_tokens=settings.eval_max_tokens, seed=1000 + seed)
+                      max_tokens=settings.eval_max_tokens, top_k=settings.top_k, seed=1000 + seed)
 
 
 async def _drift_run(url: str, settings: Settings, common: Common, config: EvalConfig) -> dict[str, Any]:
     oracle = drift_oracle(settings.switch_s)
     arrivals = poisson_arrivals(settings.drift_rate_per_s, seed=common.seed, duration_s=settings.drift_duration_s)
     specs = synthetic_requests(arrivals, OutputLengths(settings.drift_max_tokens, settings.drift_max_tokens), seed=common.seed)
-    load_config = _load_config(url, common, duration_s=settings.drift_duration_s, retrain_rate=settings.drift_retrain_rate)
+    load_config = _load_config(url, common, settings, duration_s=settings.drift_duration_s, retrain_rate=settings.drift_retrain_rate)
     async with AsyncClient(url) as client:  # the evaluator's own: retried on 429 (Retry-After)
         evaluator = DriftEvaluator(client, oracle, config)
         await evaluator.take_base()
@@ -220,7 +225,7 @@ async def _latency_run(url: str, settings: Settings, common: Common, retrain_rat
     arrivals = poisson_arrivals(settings.latency_rate_per_s, seed=common.seed, duration_s=settings.latency_duration_s)
     specs = synthetic_requests(arrivals, OutputLengths(settings.latency_max_tokens, settings.latency_max_tokens),
                                seed=common.seed)
-    config = _load_config(url, common, duration_s=settings.latency_duration_s, retrain_rate=retrain_rate)
+    config = _load_config(url, common, settings, duration_s=settings.latency_duration_s, retrain_rate=retrain_rate)
     result = await run_load(specs, config, drift_oracle(None))
     summary = summarize(result.records, common.slo_ttft_ms, common.slo_tbt_ms)
     return {"latency": summary.to_dict(), "pairs_posted": result.num_feedback_posted, "errors": _errors(result.records),
@@ -265,7 +270,7 @@ def shared_prefix_requests(settings: Settings, seed: int) -> list[RequestSpec]:
 
 async def _ablation_run(url: str, settings: Settings, common: Common) -> dict[str, Any]:
     specs = shared_prefix_requests(settings, common.seed)
-    config = _load_config(url, common, duration_s=settings.ablation_duration_s, retrain_rate=settings.ablation_retrain_rate)
+    config = _load_config(url, common, settings, duration_s=settings.ablation_duration_s, retrain_rate=settings.ablation_retrain_rate)
     result = await run_load(specs, config, drift_oracle(None))
     summary = summarize(result.records, common.slo_ttft_ms, common.slo_tbt_ms)
     async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as r:  # the server's own view
