@@ -265,3 +265,27 @@ async def test_a_pair_with_its_reference_trains_before_the_next_reference(make_e
     await trainer.flush()
     assert store.stats()["trained"] == 2 and trainer.num_steps == 1 and trainer.num_pairs_stepped == 2
     store.close()
+
+
+async def test_a_pair_stepped_but_not_yet_checkpointed_is_not_loaded_again(make_engine, tmp_path):
+    """Between its step and the checkpoint that marks it trained a pair is still pending in the
+    store; a refill then must not load it again (it would be trained twice, or more)."""
+    core, runner = make_engine()
+    store = FeedbackStore(tmp_path / "f.sqlite3")
+    trainer = attach_trainer(core, runner, store, TrainerConfig(grad_accum=2), state_dir=str(tmp_path / "state"),
+                             checkpoint_every=100)
+    store.add([NewPair(f"Question {i}?", CHOSEN, REJECTED, id=f"p{i}") for i in range(4)])
+    assert await trainer.refill() == 4
+    ex = runner.finetune_executor
+    while trainer.num_steps == 0:  # the first step (p0, p1) is not the last one: no checkpoint
+        chunk = trainer.next_chunk(1024)
+        trainer.on_result(ex.run(chunk))
+    await trainer.flush()
+    assert trainer.num_pairs_stepped == 2 and store.stats()["pending"] == 4  # not checkpointed yet
+    assert await trainer.refill() == 0
+    while trainer.has_work:  # the last step checkpoints: every pair is trained, each once
+        trainer.on_result(ex.run(trainer.next_chunk(1024)))
+    await trainer.flush()
+    assert trainer.num_pairs_stepped == 4 and store.stats()["trained"] == 4
+    assert await trainer.refill() == 0 and not trainer._known  # forgotten once stored as trained
+    store.close()

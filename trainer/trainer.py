@@ -53,7 +53,10 @@ class Trainer:
         self.refill_batch = refill_batch
         self._needs_reference: deque[PreferencePair] = deque()
         self._ready: deque[PreferencePair] = deque()
-        self._known: set[str] = set()  # ids loaded and not yet trained or set aside
+        # ids loaded and not yet stored as trained or set aside: refill skips them. A pair stepped
+        # but not yet checkpointed is still "pending" in the store, so it stays known until the
+        # store says "trained" (else every refill in between would train it again).
+        self._known: set[str] = set()
         self._accumulated: list[PreferencePair] = []  # in the optimizer's gradients now
         # A pair cut in two parts (FinetuneChunk): the pair and its next part.
         self._split: PreferencePair | None = None
@@ -230,7 +233,7 @@ class Trainer:
         if result.stepped:
             self.num_steps += 1
             self.num_pairs_stepped += len(kept)
-            self._known.difference_update(p.pair_id for p in accumulated)
+            self._known.difference_update(p.pair_id for p in accumulated if p.pair_id in self._set_aside)
             self._unsaved += [p.pair_id for p in kept]
             if not self.checkpointing or result.checkpoint_version is not None:
                 self.on_checkpoint()
@@ -245,7 +248,8 @@ class Trainer:
         (Marked only now, so a crash between a step and its checkpoint retrains them.)"""
         if self._unsaved:
             ids, self._unsaved = self._unsaved, []
-            self._io(self.store.mark_trained, ids)
+            # forgotten only once the store holds "trained": a refill in between must not reload them
+            self._io(self.store.mark_trained, ids).add_done_callback(lambda _: self._known.difference_update(ids))
 
     def on_failure(self, task_id: int) -> None:
         """The iteration carrying this chunk failed. A reference chunk's pairs go back; for a
@@ -260,11 +264,12 @@ class Trainer:
         self._ready.extendleft(reversed(self._accumulated))
         self._accumulated, self._split, self._reset = [], None, True
 
-    def _io(self, fn, *args) -> None:
+    def _io(self, fn, *args) -> asyncio.Task:
         """Store writes off the loop, in order of submission per call site."""
         task = asyncio.get_running_loop().create_task(asyncio.to_thread(fn, *args))
         self._pending_io.add(task)
         task.add_done_callback(self._pending_io.discard)
+        return task
 
     async def flush(self) -> None:
         """Wait for the store writes in flight (shutdown, tests)."""
