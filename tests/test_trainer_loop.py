@@ -289,3 +289,16 @@ async def test_a_pair_stepped_but_not_yet_checkpointed_is_not_loaded_again(make_
     assert trainer.num_pairs_stepped == 4 and store.stats()["trained"] == 4
     assert await trainer.refill() == 0 and not trainer._known  # forgotten once stored as trained
     store.close()
+
+
+async def test_overlapping_refills_load_each_pair_once(make_engine, tmp_path):
+    """The feedback route refills on every post; refills that overlap load a pair only once."""
+    core, runner = make_engine()
+    store = FeedbackStore(tmp_path / "f.sqlite3")
+    trainer = attach_trainer(core, runner, store, TrainerConfig(grad_accum=4))
+    store.add([NewPair(f"Question {i}?", CHOSEN, REJECTED, id=f"p{i}") for i in range(5)])
+    loaded = await asyncio.gather(*(trainer.refill() for _ in range(3)))
+    assert sum(loaded) == 5
+    queued = [p.pair_id for p in (*trainer._needs_reference, *trainer._ready)]
+    assert sorted(queued) == [f"p{i}" for i in range(5)]
+    store.close()

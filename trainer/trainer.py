@@ -86,6 +86,9 @@ class Trainer:
     async def refill(self) -> int:
         """Load stored pairs not yet known (pending, oldest first); returns how many."""
         pairs = await asyncio.to_thread(self.store.pending, self.refill_batch, tuple(self._known))
+        # refills overlap (one per feedback post): one that started before this one's loads took
+        # the same snapshot of _known, so a pair may come back twice
+        pairs = [p for p in pairs if p.id not in self._known]
         for p in pairs:
             self._known.add(p.id)
             pair = self._tokenize(p)
