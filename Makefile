@@ -59,7 +59,7 @@ bench-policies: .venv/.installed
 
 # Builds models/demo-tiny-pretrained once (about a minute); `mace bench paper --quick` for the short run.
 bench-paper: .venv/.installed
-	.venv/bin/mace bench paper --out-dir bench-results/paper
+	.venv/bin/mace bench paper --out-dir bench-results/paper-full
 
 clean:
 	rm -rf .venv models bench-results

@@ -27,18 +27,27 @@ def _noise_seed(seed: int, output_index: int) -> int:
 
 
 def _apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
-    """Mask logits outside each row's top-k / nucleus with -inf. logits: (N, V)."""
+    """Mask logits outside each row's top-k / nucleus with -inf. logits: (N, V).
+
+    When every row has a top-k, only the ``max(top_k)`` best of each row can survive, so the
+    nucleus is found among those (``topk``) instead of by sorting the whole vocabulary: a full
+    sort of 64 rows of 8192 logits took 24 ms on this machine, 15x a top-50, and ran in every
+    iteration that samples with top-k, outside what the cost model times."""
     vocab = logits.shape[-1]
-    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)  # (N, V)
-    ranks = torch.arange(vocab, device=logits.device)
-    k = torch.tensor([kk if 0 < kk < vocab else vocab for kk in top_k], device=logits.device)
-    remove = ranks[None, :] >= k[:, None]
+    ks = [kk if 0 < kk < vocab else vocab for kk in top_k]
+    width = max(ks)
+    if width < vocab:
+        kept_logits, kept_idx = logits.topk(width, dim=-1)  # (N, width), descending
+    else:
+        kept_logits, kept_idx = logits.sort(dim=-1, descending=True)  # (N, V)
+    ranks = torch.arange(width, device=logits.device)
+    remove = ranks[None, :] >= torch.tensor(ks, device=logits.device)[:, None]
     p = torch.tensor(top_p, device=logits.device, dtype=logits.dtype)
-    probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
+    probs = kept_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
     # Drop a token once the mass before it already reaches top_p; the first token always stays.
     remove |= (probs.cumsum(dim=-1) - probs) >= p[:, None]
-    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, sorted_idx, sorted_logits)
+    kept_logits = kept_logits.masked_fill(remove, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter_(-1, kept_idx, kept_logits)
 
 
 def top_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: list[int]) -> list[TokenLogprob]:
@@ -72,10 +81,13 @@ def sample(
         rows = torch.tensor(random_rows, device=logits.device)
         temps = torch.tensor([params[i].temperature for i in random_rows], device=logits.device)
         scaled = logits.index_select(0, rows) / temps[:, None]  # (R, V)
-        if any(params[i].top_k > 0 or params[i].top_p < 1.0 for i in random_rows):
-            scaled = _apply_top_k_top_p(
-                scaled, [params[i].top_k for i in random_rows], [params[i].top_p for i in random_rows]
-            )
+        # only the rows that filter: one without would make the mask sort its whole vocabulary
+        filtered = [j for j, i in enumerate(random_rows) if params[i].top_k > 0 or params[i].top_p < 1.0]
+        if filtered:
+            sub = torch.tensor(filtered, device=logits.device)
+            masked = _apply_top_k_top_p(scaled.index_select(0, sub), [params[random_rows[j]].top_k for j in filtered],
+                                        [params[random_rows[j]].top_p for j in filtered])
+            scaled = scaled.index_copy(0, sub, masked)
         probs = scaled.softmax(dim=-1)
         generator = torch.Generator()
         noise = torch.empty(len(random_rows), logits.shape[-1])

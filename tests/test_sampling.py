@@ -22,6 +22,21 @@ def test_top_k_top_p_mask_exact_tokens():
     assert torch.equal(masked[1, 1:3], logits[1, 1:3])
 
 
+def test_top_k_rows_mask_as_a_full_sort_does():
+    """Rows that all have a top-k are masked from their top max(k) (no full sort); the result is
+    the same as when another row (k = 0) makes the whole vocabulary sorted."""
+    torch.manual_seed(0)
+    logits = torch.randn(32, 1000)
+    ks = torch.randint(1, 200, (32,)).tolist()
+    ps = (torch.rand(32) * 0.5 + 0.5).tolist()
+    fast = _apply_top_k_top_p(logits, ks, ps)
+    sorted_path = _apply_top_k_top_p(torch.cat([logits, logits[:1]]), ks + [0], ps + [0.9])[:32]
+    assert torch.equal(torch.isfinite(fast), torch.isfinite(sorted_path))
+    assert torch.equal(fast[torch.isfinite(fast)], logits[torch.isfinite(fast)])  # kept logits untouched
+    assert [int(n) for n in torch.isfinite(fast).sum(-1)] != ks  # top_p cut some rows further
+    assert all(int(n) <= k for n, k in zip(torch.isfinite(fast).sum(-1), ks))
+
+
 def test_sample_draws_match_probabilities():
     probs = torch.tensor([0.7, 0.2, 0.1])
     logits = probs.log().expand(1, 3)
