@@ -57,9 +57,9 @@ class Settings:
     # machine; fixed rather than taken from this run's profile, which a busy machine inflates
     slo_ttft_ms: float = 200.0
     slo_tbt_ms: float = 20.0
-    # DPO on the model's own 16-token samples, 4 pairs a step, swung the tiny model between
-    # degenerate texts (newlines, "a a a") and back; 16 pairs a step and an NLL term on the chosen
-    # answer (RPO) learn each taste steadily (offline sweep in BENCHMARKS.md)
+    # plain DPO on the model's own 16-token samples, 4 pairs a step, degenerated into answers of
+    # a few letters; 16 pairs a step and an NLL term on the chosen answer (RPO) learn each taste
+    # with normal-length answers (offline runs in BENCHMARKS.md)
     grad_accum: int = 16  # pairs per optimizer step
     rpo_alpha: float = 1.0
     # every answer (the load's, the feedback's, the evaluation's) is sampled at temperature 1 from
