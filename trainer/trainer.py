@@ -53,9 +53,10 @@ class Trainer:
         self.refill_batch = refill_batch
         self._needs_reference: deque[PreferencePair] = deque()
         self._ready: deque[PreferencePair] = deque()
-        # ids loaded and not yet stored as trained or set aside: refill skips them. A pair stepped
-        # but not yet checkpointed is still "pending" in the store, so it stays known until the
-        # store says "trained" (else every refill in between would train it again).
+        # ids loaded and not yet stored as trained: refill skips them. A pair stepped but not yet
+        # checkpointed is still "pending" in the store, so it stays known until the store says
+        # "trained" (else every refill in between would train it again); a pair set aside stays
+        # known, as it stays in _set_aside, so that a refill racing its store write cannot reload it.
         self._known: set[str] = set()
         self._accumulated: list[PreferencePair] = []  # in the optimizer's gradients now
         # A pair cut in two parts (FinetuneChunk): the pair and its next part.
@@ -236,7 +237,6 @@ class Trainer:
         if result.stepped:
             self.num_steps += 1
             self.num_pairs_stepped += len(kept)
-            self._known.difference_update(p.pair_id for p in accumulated if p.pair_id in self._set_aside)
             self._unsaved += [p.pair_id for p in kept]
             if not self.checkpointing or result.checkpoint_version is not None:
                 self.on_checkpoint()
