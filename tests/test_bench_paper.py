@@ -75,3 +75,26 @@ def test_shared_prefix_workload():
     systems = {s.messages[0]["content"] for s in specs}
     assert len(systems) == 1 and len(next(iter(systems)).split()) > QUICK.system_prompt_words
     assert all(s.messages[0]["role"] == "system" and s.messages[1]["role"] == "user" for s in specs)
+
+
+def test_set_overrides_parse_each_fields_type_and_name_bad_input():
+    import pytest
+
+    from server.bench.paper import apply_overrides
+
+    s = apply_overrides(QUICK, ["rpo_alpha=0", "grad_accum=4", "retrain_rates=0.5", "policies=mace,inference-only"])
+    assert (s.rpo_alpha, s.grad_accum, s.retrain_rates, s.policies) == (0.0, 4, (0.5,), ("mace", "inference-only"))
+    assert s.top_k == QUICK.top_k and apply_overrides(QUICK, []) == QUICK
+    with pytest.raises(SystemExit, match="no_such_field"):
+        apply_overrides(QUICK, ["no_such_field=1"])
+    with pytest.raises(SystemExit, match="'four' is not a valid int"):
+        apply_overrides(QUICK, ["grad_accum=four"])
+    with pytest.raises(SystemExit, match="unknown fastest"):
+        apply_overrides(QUICK, ["policies=mace,fastest"])
+
+
+def test_targets_need_the_policies_they_compare():
+    r = results(10.0, 30.0, 1.5, 1.0)
+    r["drift"]["policies"].pop("periodic")
+    r["latency"]["rows"] = [row for row in r["latency"]["rows"] if row["policy"] == "mace"]
+    assert targets(r) == []

@@ -92,6 +92,7 @@ class Settings:
     system_prompt_words: int = 160
     ablation_kv_cache_bytes: int = 2 << 20
     kv_budget: float = 0.5
+    policies: tuple[str, ...] = POLICIES  # the drift and latency experiments' policies
 
 
 QUICK = Settings()
@@ -109,6 +110,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="bench-results/paper")
     p.add_argument("--report", default="BENCHMARKS.md", help="the Markdown report (its paper section is replaced)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
+                   help="change one of the mode's settings (server/bench/paper.py Settings), e.g. "
+                        "--set rpo_alpha=0 --set retrain_rates=0.5 --set policies=mace,inference-only; repeatable")
+
+
+def apply_overrides(settings: Settings, overrides: list[str]) -> Settings:
+    """``settings`` with ``FIELD=VALUE`` items applied, each value parsed as the field's type (a
+    tuple: comma-separated). Raises SystemExit naming a bad field or value."""
+    fields = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+    changes: dict[str, Any] = {}
+    for item in overrides:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or name not in fields:
+            raise SystemExit(f"mace bench paper: --set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
+        current = fields[name]
+        try:
+            if isinstance(current, tuple):
+                kind = type(current[0]) if current else str
+                value: Any = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+            else:
+                value = type(current)(text)
+        except ValueError:
+            raise SystemExit(f"mace bench paper: --set {item!r}: {text!r} is not a valid {type(current).__name__}") from None
+        changes[name] = value
+    if unknown := sorted(set(changes.get("policies", ())) - set(POLICIES)):
+        raise SystemExit(f"mace bench paper: --set policies: unknown {', '.join(unknown)}; choose from {', '.join(POLICIES)}")
+    return dataclasses.replace(settings, **changes)
 
 
 def pretrained_model(path: str = PRETRAINED_MODEL) -> str:
@@ -207,7 +236,7 @@ async def _drift_run(url: str, settings: Settings, common: Common, config: EvalC
 def run_drift(settings: Settings, common: Common) -> dict[str, Any]:
     config = eval_config(settings, common.model, common.seed)
     runs = {}
-    for policy in POLICIES:
+    for policy in settings.policies:
         print(f"[drift] {policy}: {settings.drift_duration_s:g} s, switch at {settings.switch_s:g} s", flush=True)
         with common.server(f"drift-{policy}", settings, "--policy", policy,
                            "--retrain-period", f"{settings.retrain_period_s:g}") as url:
@@ -236,7 +265,7 @@ async def _latency_run(url: str, settings: Settings, common: Common, retrain_rat
 def run_latency(settings: Settings, common: Common) -> dict[str, Any]:
     rows = []
     for rate in settings.retrain_rates:  # policies interleaved, so a slow moment of the machine hits all
-        for policy in POLICIES:
+        for policy in settings.policies:
             with common.server(f"latency-{policy}-{rate:g}", settings, "--policy", policy,
                                "--retrain-period", f"{settings.latency_retrain_period_s:g}") as url:
                 row = {"policy": policy, "retrain_rate": rate, **asyncio.run(_latency_run(url, settings, common, rate))}
@@ -326,7 +355,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from server.bench.paper_report import targets, write_report
 
     started = time.perf_counter()
-    settings = QUICK if args.quick else FULL
+    settings = apply_overrides(QUICK if args.quick else FULL, args.overrides)
     names = [n.strip() for n in args.experiments.split(",") if n.strip()]
     if unknown := sorted(set(names) - EXPERIMENTS.keys()):
         raise SystemExit(f"mace bench paper: unknown experiment(s) {', '.join(unknown)}; choose from {', '.join(EXPERIMENTS)}")
