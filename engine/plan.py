@@ -195,7 +195,8 @@ class FinetuneResult:
     # gradient was not finite, the step was skipped and the last good weights restored).
     stepped: bool | None = None
     adapter_version: int = 0
-    # The version a checkpoint was written for in this chunk, if one was.
+    # The version of a checkpoint this chunk queued, if any: it is on disk once the writer says
+    # so (trainer/checkpoint.py CheckpointWriter), not when this result arrives.
     checkpoint_version: int | None = None
     elapsed_s: float = 0.0
 

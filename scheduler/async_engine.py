@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -18,6 +19,7 @@ from engine.runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.worker import Worker
 from scheduler.core import EngineCore, RequestOutput
+from scheduler.cost_model import IterationShape
 from scheduler.request import RequestOptions
 
 
@@ -40,6 +42,8 @@ class AsyncEngine:
         self.worker_busy_s = 0.0  # summed iteration time on the worker: busy / wall = utilization
         # Called with (planning seconds, iteration seconds) after each iteration (the server's metrics).
         self.iteration_observer: Callable[[float, float], None] | None = None
+        # A text file that gets one JSON line per iteration (``mace serve --trace-iterations``).
+        self.trace = None
 
     async def start(self) -> None:
         if self.core.trainer is not None:
@@ -59,11 +63,17 @@ class AsyncEngine:
                 pass
         await asyncio.to_thread(self.worker.stop)
         executor = self.worker.runner.finetune_executor
-        if executor is not None and executor.state_dir is not None and executor.version > 0:
-            await asyncio.to_thread(executor.save)  # the worker is stopped: nothing changes now
+        saved = True
+        if executor is not None and executor.checkpoints is not None and executor.version > 0:
+            saved = await asyncio.to_thread(executor.save)  # the worker is stopped: nothing changes now
         if self.core.trainer is not None:
-            self.core.trainer.on_checkpoint()
+            if saved:  # else the pairs stay pending and train again after a restart
+                self.core.trainer.on_checkpoint()
             await self.core.trainer.flush()
+        if executor is not None:
+            await asyncio.to_thread(executor.close)
+        if self.trace is not None:
+            self.trace.close()
 
     def add_request(
         self,
@@ -140,16 +150,37 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[IterationResult | BaseException] = loop.create_future()
         self.worker.submit(plan, lambda r: loop.call_soon_threadsafe(_resolve, done, r))
+        traced = self._trace_plan(plan, plan_s) if self.trace is not None else None
         result = await done
         self.num_iterations += 1
         if isinstance(result, IterationResult):
             self.worker_busy_s += result.total_s
             if self.iteration_observer is not None:
                 self.iteration_observer(plan_s, result.total_s)
+            if traced is not None:
+                traced["measured_s"] = result.total_s
+                if result.finetune is not None:
+                    traced["finetune_s"] = result.finetune.elapsed_s
+                    traced["step"] = result.finetune.stepped
+                self.trace.write(json.dumps(traced) + "\n")
         for out in self.core.process_result(result, plan.iteration):
             queue = self._streams.get(out.request_id)
             if queue is not None:
                 queue.put_nowait(out)
+
+    def _trace_plan(self, plan, plan_s: float) -> dict:
+        """What the planner decided for ``plan`` and what it expected the iteration to cost."""
+        shape = self.core._shapes.get(plan.iteration, IterationShape())
+        traced = {"iteration": plan.iteration, "t": time.monotonic(), "plan_s": plan_s, "decodes": shape.num_decodes,
+                  "prefill_tokens": shape.num_prefill_tokens, "predicted_s": self.core.cost_model.predict(shape)}
+        capacity = getattr(self.core.scheduler, "latency_capacity_s", None)
+        if capacity is not None:  # the mace planner's latency bin
+            traced["capacity_s"] = capacity
+        if plan.finetune is not None:
+            ft = plan.finetune
+            traced["finetune"] = {"kind": ft.kind, "part": ft.part, "tokens": ft.num_tokens, "pairs": len(ft.pairs),
+                                  "step": ft.step}
+        return traced
 
     def _fail_all(self, exc: Exception) -> None:
         for rid, queue in list(self._streams.items()):

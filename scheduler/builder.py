@@ -98,4 +98,6 @@ def attach_trainer(core: EngineCore, runner: ModelRunner, store, config=None, st
     runner.finetune_executor = FinetuneExecutor(peft_model, config, pad_id, version, state_dir, checkpoint_every)
     core.trainer = Trainer(store, tokenizer, config, tokenizer.eos_token_id, checkpointing=state_dir is not None)
     core.trainer.adapter_version = version
+    if runner.finetune_executor.checkpoints is not None:
+        core.trainer.attach_checkpoints(runner.finetune_executor.checkpoints)
     return core.trainer

@@ -205,6 +205,8 @@ def serve(args: argparse.Namespace) -> None:
             core.config.slo_tbt_ms = args.slo_tbt_ms or tbt
     log.info("default SLOs: TTFT %.0f ms, TBT %.0f ms", core.config.slo_ttft_ms, core.config.slo_tbt_ms)
     engine = AsyncEngine(core, runner)
+    if args.trace_iterations:
+        engine.trace = open(args.trace_iterations, "a", buffering=1 << 16)  # noqa: SIM115 (open while serving)
     app = build_app(
         engine, model_name=args.served_model_name, api_key=api_key or None,
         max_waiting_requests=args.max_waiting_requests, max_request_bytes=args.max_request_bytes,

@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a `mace profile` file (default with --policy mace: a brief profile at start)")
     t.add_argument("--tau-mem", type=float, default=0.9, help="mace: share of free KV blocks one iteration may claim")
     t.add_argument("--pack-top-k", type=int, default=4, help="mace: best fit among this many top-priority candidates")
+    t.add_argument("--trace-iterations", default=None, metavar="FILE",
+                   help="write one JSON line per iteration: the plan, its predicted and measured time (diagnosis)")
     t.add_argument("--slo-bank-max", type=float, default=6.0,
                    help="mace: longest iteration, in TBT budgets, that requests ahead of their pace may absorb")
     t.add_argument("--finetune-memory-bytes", type=int, default=None,

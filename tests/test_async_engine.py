@@ -95,3 +95,24 @@ async def test_a_failed_forward_fails_its_requests_and_the_engine_goes_on(make_e
         assert len(tokens) == 3
     finally:
         await engine.stop()
+
+
+async def test_the_iteration_trace_has_one_line_per_iteration(make_engine):
+    import io
+    import json
+
+    engine = AsyncEngine(*make_engine(policy="mace"))
+    engine.trace = io.StringIO()
+    engine.trace.close = lambda: None  # stop() closes it; keep the text readable
+    await engine.start()
+    try:
+        prompt = random_prompts([100], seed=3)[0]
+        await asyncio.wait_for(collect(engine, prompt, SamplingParams(max_tokens=5, **GREEDY)), timeout=60)
+    finally:
+        await engine.stop()
+    lines = [json.loads(line) for line in engine.trace.getvalue().splitlines()]
+    assert len(lines) == engine.num_iterations
+    # 100 prompt tokens in chunks of at most 64, then a decode per token after the first
+    assert sum(t["prefill_tokens"] for t in lines) == 100 and sum(t["decodes"] for t in lines) == 4
+    assert all(t["measured_s"] > 0 and t["predicted_s"] > 0 and t["capacity_s"] > 0 for t in lines)
+    assert [t["iteration"] for t in lines] == sorted(t["iteration"] for t in lines)

@@ -85,6 +85,10 @@ def test_set_overrides_parse_each_fields_type_and_name_bad_input():
     s = apply_overrides(QUICK, ["rpo_alpha=0", "grad_accum=4", "retrain_rates=0.5", "policies=mace,inference-only"])
     assert (s.rpo_alpha, s.grad_accum, s.retrain_rates, s.policies) == (0.0, 4, (0.5,), ("mace", "inference-only"))
     assert s.top_k == QUICK.top_k and apply_overrides(QUICK, []) == QUICK
+    assert apply_overrides(QUICK, ["trace_iterations=true"]).trace_iterations
+    assert not apply_overrides(QUICK, ["trace_iterations=0"]).trace_iterations
+    with pytest.raises(SystemExit, match="'yes' is not a valid bool"):
+        apply_overrides(QUICK, ["trace_iterations=yes"])
     with pytest.raises(SystemExit, match="no_such_field"):
         apply_overrides(QUICK, ["no_such_field=1"])
     with pytest.raises(SystemExit, match="'four' is not a valid int"):

@@ -153,6 +153,7 @@ def test_checkpoints_load_with_plain_peft_and_resume(tiny, demo_model_dir, tmp_p
     pairs = [_with_refs(p, *refs[p.pair_id]) for p in pairs]
     for step in range(1, 4):
         executor.run(FinetuneChunk(step, "gradient", pairs, step=True))
+    executor.checkpoints.flush()  # written on the writer's thread
     path, version = latest_checkpoint(tmp_path)
     assert version == 2 and path.name == "v000002"  # every 2 steps; version 3 not yet written
     executor.save()

@@ -302,3 +302,79 @@ async def test_overlapping_refills_load_each_pair_once(make_engine, tmp_path):
     queued = [p.pair_id for p in (*trainer._needs_reference, *trainer._ready)]
     assert sorted(queued) == [f"p{i}" for i in range(5)]
     store.close()
+
+
+async def test_checkpoints_are_written_off_the_worker_and_mark_pairs_trained_when_on_disk(make_engine, tmp_path,
+                                                                                          monkeypatch):
+    """A step's checkpoint is queued, not written, on the worker: the chunk returns while the
+    disk write is still blocked, and its pairs stay pending in the store until the write lands."""
+    import threading
+
+    import trainer.checkpoint as ckpt
+
+    gate, writes = threading.Event(), []
+    real_write = ckpt.write_checkpoint
+
+    def blocked_write(state, config_json, state_dir, version, keep=3):
+        gate.wait(30)
+        writes.append(version)
+        return real_write(state, config_json, state_dir, version, keep)
+
+    monkeypatch.setattr(ckpt, "write_checkpoint", blocked_write)
+    core, runner = make_engine()
+    store = FeedbackStore(tmp_path / "f.sqlite3")
+    trainer = attach_trainer(core, runner, store, TrainerConfig(grad_accum=1), state_dir=str(tmp_path / "state"),
+                             checkpoint_every=1)
+    store.add([NewPair(f"Question {i}?", CHOSEN, REJECTED, id=f"p{i}") for i in range(3)])
+    assert await trainer.refill() == 3
+    ex = runner.finetune_executor
+    while trainer.num_steps < 1:
+        trainer.on_result(ex.run(trainer.next_chunk(1024)))
+    for _ in range(500):  # until the writer has taken v1 (and blocks on the disk)
+        if ex.checkpoints._writing:
+            break
+        await asyncio.sleep(0.01)
+    while trainer.has_work:  # two more one-pair steps, each with its checkpoint due; none written yet
+        trainer.on_result(ex.run(trainer.next_chunk(1024)))
+    await asyncio.sleep(0.05)
+    assert trainer.num_pairs_stepped == 3 and writes == [] and ckpt.latest_checkpoint(tmp_path / "state") is None
+    assert store.stats()["pending"] == 3
+    gate.set()
+    await trainer.flush()
+    # v1 was being written when v2 and v3 came: v2 is superseded, v3 holds every step
+    assert writes == [1, 3] and ckpt.latest_checkpoint(tmp_path / "state")[1] == 3
+    assert store.stats()["trained"] == 3 and not trainer._known
+    ex.close()
+    store.close()
+
+
+async def test_a_failed_checkpoint_keeps_its_pairs_pending_until_a_later_one_lands(make_engine, tmp_path,
+                                                                                   monkeypatch):
+    import trainer.checkpoint as ckpt
+
+    real_write, fail = ckpt.write_checkpoint, [True]
+
+    def flaky_write(state, config_json, state_dir, version, keep=3):
+        if fail[0]:
+            raise OSError(28, "No space left on device")
+        return real_write(state, config_json, state_dir, version, keep)
+
+    monkeypatch.setattr(ckpt, "write_checkpoint", flaky_write)
+    core, runner = make_engine()
+    store = FeedbackStore(tmp_path / "f.sqlite3")
+    trainer = attach_trainer(core, runner, store, TrainerConfig(grad_accum=1), state_dir=str(tmp_path / "state"),
+                             checkpoint_every=1)
+    store.add([NewPair(f"Question {i}?", CHOSEN, REJECTED, id=f"p{i}") for i in range(2)])
+    assert await trainer.refill() == 2
+    ex = runner.finetune_executor
+    while trainer.num_steps < 1:
+        trainer.on_result(ex.run(trainer.next_chunk(1024)))
+    await trainer.flush()
+    assert ex.checkpoints.failed_version == 1 and store.stats()["pending"] == 2
+    fail[0] = False
+    while trainer.has_work:
+        trainer.on_result(ex.run(trainer.next_chunk(1024)))
+    await trainer.flush()
+    assert ckpt.latest_checkpoint(tmp_path / "state")[1] == 2 and store.stats()["trained"] == 2
+    ex.close()
+    store.close()

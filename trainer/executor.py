@@ -81,6 +81,11 @@ class FinetuneExecutor:
         # shutdown, by the engine's owner); None: no checkpoints.
         self.state_dir = state_dir
         self.checkpoint_every = checkpoint_every
+        self.checkpoints = None  # the CheckpointWriter: checkpoints are written off the worker
+        if state_dir is not None:
+            from trainer.checkpoint import CheckpointWriter
+
+            self.checkpoints = CheckpointWriter(peft_model, state_dir)
         self.params = adapter_parameters(peft_model, TRAIN)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self._device = self.params[0].device
@@ -219,16 +224,26 @@ class FinetuneExecutor:
         if chunk.step:
             result.stepped = self._step()
             due = self.version % self.checkpoint_every == 0 or chunk.checkpoint
-            if result.stepped and self.state_dir is not None and due:
-                self.save()
+            if result.stepped and self.checkpoints is not None and due:
+                from trainer.checkpoint import adapter_snapshot
+
+                # a copy of the weights now; the writer's thread does the disk work
+                self.checkpoints.submit(self.version, adapter_snapshot(self.model))
                 result.checkpoint_version = self.version
         return result
 
-    def save(self) -> None:
-        """Checkpoint the serving adapter (worker thread, or after the worker stopped)."""
-        from trainer.checkpoint import save_checkpoint
+    def save(self) -> bool:
+        """Checkpoint the serving adapter and wait until it is on disk (after the worker
+        stopped, or on the worker thread); True if it was written."""
+        from trainer.checkpoint import adapter_snapshot
 
-        save_checkpoint(self.model, self.state_dir, self.version)
+        self.checkpoints.submit(self.version, adapter_snapshot(self.model))
+        return self.checkpoints.wait(self.version)
+
+    def close(self) -> None:
+        """End the checkpoint writer's thread, after what it has queued."""
+        if self.checkpoints is not None:
+            self.checkpoints.close()
 
     def _step(self) -> bool:
         """Clip, step and publish, or (a non-finite value anywhere) drop it all; True if stepped.

@@ -69,9 +69,14 @@ class Trainer:
         self._recent_losses: deque[float] = deque(maxlen=64)
         self._attempts: dict[str, int] = {}  # bad tries per pair, this process
         self._set_aside: set[str] = set()
-        # With checkpoints, pairs are marked trained when a checkpoint holds their step.
+        # With checkpoints, pairs are marked trained when a checkpoint holds their step: the
+        # pairs of each step taken, by adapter version, until a checkpoint of that version or a
+        # newer one is on disk (the writer reports it from its thread: attach_checkpoints).
         self.checkpointing = checkpointing
-        self._unsaved: list[str] = []
+        self._unsaved: list[tuple[int, list[str]]] = []
+        self._saved_version = 0
+        self._checkpoints = None  # the CheckpointWriter
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._pending_io: set[asyncio.Task] = set()
         self.on_new_work: Callable[[], None] = lambda: None  # the engine wakes its loop
         self.adapter_version = 0
@@ -84,8 +89,18 @@ class Trainer:
 
     # -- feeding ----------------------------------------------------------------------------------
 
+    def attach_checkpoints(self, writer) -> None:
+        """Mark pairs trained as ``writer`` (a CheckpointWriter) lands the checkpoints that hold them."""
+        self._checkpoints = writer
+        writer.on_saved = self._saved_threadsafe
+
+    def _saved_threadsafe(self, version: int) -> None:  # on the writer's thread
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.on_checkpoint, version)
+
     async def refill(self) -> int:
         """Load stored pairs not yet known (pending, oldest first); returns how many."""
+        self._loop = asyncio.get_running_loop()
         pairs = await asyncio.to_thread(self.store.pending, self.refill_batch, tuple(self._known))
         # refills overlap (one per feedback post): one that started before this one's loads took
         # the same snapshot of _known, so a pair may come back twice
@@ -237,22 +252,30 @@ class Trainer:
         if result.stepped:
             self.num_steps += 1
             self.num_pairs_stepped += len(kept)
-            self._unsaved += [p.pair_id for p in kept]
-            if not self.checkpointing or result.checkpoint_version is not None:
-                self.on_checkpoint()
+            self._unsaved.append((result.adapter_version, [p.pair_id for p in kept]))
+            # without checkpoints a step is final; with them the writer's report may have come first
+            saved = self._checkpoints.saved_version if self._checkpoints is not None else self._saved_version
+            self.on_checkpoint(None if not self.checkpointing else saved)
         else:  # skipped: the pairs go round again (those set aside excepted)
             self.num_skipped_steps += 1
             self._ready.extendleft(reversed(kept))
         if self._ready or self._needs_reference:
             self.on_new_work()
 
-    def on_checkpoint(self) -> None:
-        """The serving adapter is on disk: the pairs it was trained on are trained for good.
-        (Marked only now, so a crash between a step and its checkpoint retrains them.)"""
-        if self._unsaved:
-            ids, self._unsaved = self._unsaved, []
-            # forgotten only once the store holds "trained": a refill in between must not reload them
-            self._io(self.store.mark_trained, ids).add_done_callback(lambda _: self._known.difference_update(ids))
+    def on_checkpoint(self, version: int | None = None) -> None:
+        """A checkpoint of adapter ``version`` is on disk (None: every step taken is): the pairs
+        of the steps up to it are trained for good. (Marked only now, so a crash between a step
+        and its checkpoint retrains them.)"""
+        if version is not None:
+            self._saved_version = max(self._saved_version, version)
+        limit = version if version is None else self._saved_version
+        done = [entry for entry in self._unsaved if limit is None or entry[0] <= limit]
+        if not done:
+            return
+        self._unsaved = [entry for entry in self._unsaved if not (limit is None or entry[0] <= limit)]
+        ids = [pair_id for _, pair_ids in done for pair_id in pair_ids]
+        # forgotten only once the store holds "trained": a refill in between must not reload them
+        self._io(self.store.mark_trained, ids).add_done_callback(lambda _: self._known.difference_update(ids))
 
     def on_failure(self, task_id: int) -> None:
         """The iteration carrying this chunk failed. A reference chunk's pairs go back; for a
@@ -275,6 +298,10 @@ class Trainer:
         return task
 
     async def flush(self) -> None:
-        """Wait for the store writes in flight (shutdown, tests)."""
+        """Wait for the checkpoints and the store writes in flight (shutdown, tests)."""
+        if self._checkpoints is not None:
+            # the writer reports each checkpoint before flush returns, so its marks are queued by now
+            await asyncio.to_thread(self._checkpoints.flush)
+            await asyncio.sleep(0)
         while self._pending_io:
             await asyncio.gather(*list(self._pending_io), return_exceptions=True)

@@ -93,6 +93,7 @@ class Settings:
     ablation_kv_cache_bytes: int = 2 << 20
     kv_budget: float = 0.5
     policies: tuple[str, ...] = POLICIES  # the drift and latency experiments' policies
+    trace_iterations: bool = False  # each server writes logs/NAME.trace.jsonl (mace serve --trace-iterations)
 
 
 QUICK = Settings()
@@ -127,9 +128,13 @@ def apply_overrides(settings: Settings, overrides: list[str]) -> Settings:
             raise SystemExit(f"mace bench paper: --set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
         current = fields[name]
         try:
-            if isinstance(current, tuple):
+            if isinstance(current, bool):
+                if text.strip().lower() not in ("1", "0", "true", "false"):
+                    raise ValueError(text)
+                value: Any = text.strip().lower() in ("1", "true")
+            elif isinstance(current, tuple):
                 kind = type(current[0]) if current else str
-                value: Any = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+                value = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
             else:
                 value = type(current)(text)
         except ValueError:
@@ -169,6 +174,8 @@ class Common:
                 "--seed", str(self.seed), "--shutdown-grace", "2", *extra]
 
     def server(self, name: str, settings: Settings, *extra: str, kv_cache_bytes: int = 64 << 20):
+        if settings.trace_iterations:
+            extra = (*extra, "--trace-iterations", str(self.logs / f"{name}.trace.jsonl"))
         return spawned_server(self.model, *self.flags(settings, "--kv-cache-bytes", str(kv_cache_bytes), *extra),
                               log_path=self.logs / f"{name}.log")
 
