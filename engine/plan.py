@@ -145,6 +145,12 @@ class FinetuneChunk:
         of a forward with one."""
         return self.num_tokens if self.has_grad else math.ceil(self.num_tokens * NO_GRAD_COST)
 
+    @property
+    def cost_chunks(self) -> float:
+        """The chunk's fixed cost in units of a gradient chunk's (a third without backward too:
+        the profile here measured about 14 ms for a gradient chunk and 4.5 ms for a reference pass)."""
+        return 1.0 if self.has_grad else NO_GRAD_COST
+
 
 @dataclass(slots=True)
 class IterationPlan:

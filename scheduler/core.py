@@ -197,7 +197,8 @@ class EngineCore:
             self._finetune_in_flight[iteration] = finetune.task_id
             self._iterations_without_finetune = 0
             self._finetune_waiting_since = None  # the wait starts again when work is offered
-            shape = dataclasses.replace(shape, num_finetune_tokens=finetune.cost_tokens)
+            shape = dataclasses.replace(shape, num_finetune_tokens=finetune.cost_tokens,
+                                        num_finetune_chunks=finetune.cost_chunks)
         else:
             self._iterations_without_finetune += 1
         self._shapes[iteration] = shape
@@ -376,7 +377,7 @@ class EngineCore:
 _LN2 = 0.6931471805599453  # the DPO loss of a pair the adapter has not moved yet
 
 # Seconds: a CPU-sized guess (a ~60M model) that the first measured iterations correct.
-PRIOR_COSTS = [5e-3, 1e-3, 1e-5, 1e-3, 2e-5, 3e-3]
+PRIOR_COSTS = [5e-3, 1e-3, 1e-5, 1e-3, 2e-5, 3e-3, 2e-2]
 
 
 def _shape(chunks: list[SequenceChunk]) -> IterationShape:

@@ -2,6 +2,13 @@
 
     t = c0 + c1 * prefill tokens + c2 * prefill attention (tokens x context, in thousands)
           + c3 * decodes + c4 * decode context tokens (thousands) + c5 * fine-tune tokens
+          + c6 * fine-tune chunks
+
+A fine-tune chunk runs its own forward (and backward) apart from the inference forward, with an
+adapter switch and train/eval mode changes around it: a fixed cost per chunk that the tokens do
+not explain (on the tiny demo model here, 15-20 ms of a 37-token one-sequence part's 28 ms).
+Without ``c6`` the fit folds it into the per-token price, which then under-prices small pieces
+(the ones the planner fits into thin slack) by 2-4x and over-prices big ones.
 
 The coefficients start from a profile (``mace profile``) or a prior. While serving, every
 measured iteration goes into a window of the last ``window`` iterations, and the coefficients are
@@ -11,7 +18,7 @@ drifts, which the paper's offline profile does not). The ridge keeps a feature t
 exercise (no fine-tune work for an hour) at its profiled cost, and keeps features the load moves
 together (decodes and their context at one prompt length) from trading off into large opposite
 values; the fit is projected onto c >= 0 (nothing makes an iteration faster). Weights are
-1 / measured time, so small iterations count as much as big ones, relatively. The solve is 6x6:
+1 / measured time, so small iterations count as much as big ones, relatively. The solve is 7x7:
 microseconds per iteration. ``error_ratio`` is a running mean of |predicted - measured| / measured.
 """
 
@@ -24,7 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-FEATURES = ("intercept", "prefill_tokens", "prefill_attention_k", "decodes", "decode_context_k", "finetune_tokens")
+FEATURES = ("intercept", "prefill_tokens", "prefill_attention_k", "decodes", "decode_context_k", "finetune_tokens",
+            "finetune_chunks")
+# Profiles written before the per-chunk cost existed have the first six; their c6 is 0.
+_LEGACY_FEATURES = FEATURES[:6]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,20 +43,23 @@ class IterationShape:
     prefill_attention: int = 0  # sum over prefill chunks of chunk tokens x tokens attended
     num_decodes: int = 0
     decode_context: int = 0  # sum of decode context lengths
-    num_finetune_tokens: int = 0
+    num_finetune_tokens: int = 0  # priced tokens: a no-grad chunk's count at NO_GRAD_COST each
+    num_finetune_chunks: float = 0.0  # priced chunks: a no-grad one counts NO_GRAD_COST
 
     def features(self) -> np.ndarray:
         return np.array([1.0, self.num_prefill_tokens, self.prefill_attention / 1e3, self.num_decodes,
-                         self.decode_context / 1e3, self.num_finetune_tokens])
+                         self.decode_context / 1e3, self.num_finetune_tokens, self.num_finetune_chunks])
 
 
 # A typical magnitude of each feature in one iteration: scales the ridge toward the prior.
-_SCALE = np.array([1.0, 64.0, 8.0, 16.0, 4.0, 256.0])
+_SCALE = np.array([1.0, 64.0, 8.0, 16.0, 4.0, 256.0, 1.0])
 
 
 class CostModel:
     def __init__(self, coefficients: list[float] | np.ndarray, window: int = 512, prior_weight: float = 10.0) -> None:
         self.coefficients = np.asarray(coefficients, dtype=float)
+        if self.coefficients.shape == (len(_LEGACY_FEATURES),):  # no per-chunk fine-tune cost
+            self.coefficients = np.append(self.coefficients, 0.0)
         if self.coefficients.shape != (len(FEATURES),):
             raise ValueError(f"a cost model has {len(FEATURES)} coefficients, got {self.coefficients.shape}")
         self.prior = self.coefficients.copy()
@@ -71,6 +84,10 @@ class CostModel:
 
     def cost_per_finetune_token(self) -> float:
         return max(self.coefficients[5], 1e-9)
+
+    def finetune_chunk_overhead(self) -> float:
+        """Seconds a fine-tune chunk costs whatever its size."""
+        return max(self.coefficients[6], 0.0)
 
     def observe(self, shape: IterationShape, measured_s: float) -> None:
         """One measured iteration: update the error ratio, then refit over the window."""
@@ -109,7 +126,7 @@ class CostModel:
     @classmethod
     def load(cls, path: str | Path) -> CostModel:
         data = json.loads(Path(path).read_text())
-        if data.get("features") != list(FEATURES):
+        if data.get("features") not in (list(FEATURES), list(_LEGACY_FEATURES)):
             raise ValueError(f"{path}: not a cost profile of this version (features {data.get('features')})")
         model = cls(data["coefficients"], prior_weight=10.0)
         model.finetune_bytes_per_token = data.get("finetune_bytes_per_token")

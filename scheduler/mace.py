@@ -29,7 +29,8 @@ repeatedly: among the ``pack_top_k`` highest-priority candidates that fit, take 
 smallest ``f = lambda_mem * |M_rem - m_i| / M + lambda_lat * |L_rem - l_i| / L`` (best fit; a
 task that does not use KV blocks is scored on latency alone), cut to what remains when it is
 divisible (prefill chunks at block boundaries, fine-tune pieces by the trainer), until nothing
-fits. Ties go to the higher priority. Costs ``l_i`` are the cost model's marginal prices.
+fits. Ties go to the higher priority. Costs ``l_i`` are the cost model's marginal prices; a
+fine-tune piece's includes the fixed cost of a fine-tune chunk.
 
 Starvation guards: a fine-tune piece is forced into an iteration after ``finetune_min_every``
 iterations without one; a prefill's priority grows with its wait until it wins; and when the
@@ -174,6 +175,12 @@ class MaceScheduler(FcfsScheduler):
         lat_n, mem_n = self._prefill_cost_blocks(cand, n)
         return n, lat_n, mem_n
 
+    def _finetune_cost(self, offer: FinetuneOffer) -> float:
+        """Seconds of the offer's smallest piece: the chunk's fixed cost plus its tokens (both at
+        a third without backward)."""
+        return offer.min_cost_factor * (self.cost_model.finetune_chunk_overhead()
+                                        + offer.min_tokens * self.cost_model.cost_per_finetune_token())
+
     def _finetune_token_cap(self) -> int:
         """Fine-tune tokens the activation memory allows in one iteration."""
         per_token, budget = self.cost_model.finetune_bytes_per_token, self.config.finetune_memory_bytes
@@ -240,7 +247,7 @@ class MaceScheduler(FcfsScheduler):
                 candidates.pop()
             elif force_finetune:  # the starvation guard: the smallest piece, SLO or not
                 self.finetune_tokens = offer.min_tokens
-                lat -= offer.min_tokens * offer.min_cost_factor * self.cost_model.cost_per_finetune_token()
+                lat -= self._finetune_cost(offer)
                 candidates.pop()
         candidates.sort(key=lambda cand: -cand.priority)
 
@@ -255,7 +262,7 @@ class MaceScheduler(FcfsScheduler):
                 if considered == c.pack_top_k:
                     break
                 if cand.seq is None:
-                    whole_s = offer.min_tokens * per_token * offer.min_cost_factor  # one unit: a pair or a part
+                    whole_s = self._finetune_cost(offer)  # one unit: a pair or a part
                     if lat < whole_s or ft_mem < offer.min_tokens:
                         continue
                     size = min(offer.max_tokens, offer.min_tokens + int((lat - whole_s) / per_token), ft_mem)
@@ -301,7 +308,7 @@ class MaceScheduler(FcfsScheduler):
             for cand in candidates:
                 if cand.seq is None:
                     self.finetune_tokens = offer.min_tokens
-                    lat -= offer.min_tokens * per_token * offer.min_cost_factor
+                    lat -= self._finetune_cost(offer)
                     break
                 size, seconds, _ = self._prefill_fit(cand, lat, mem_total, tokens, force=True)
                 if size and self._commit(cand, size, scheduled):

@@ -2,7 +2,8 @@
 
 Synthetic plans go straight to the runner (no scheduler, no requests): prefill chunks of several
 sizes at several context offsets, decode batches of several sizes and context lengths, and (when
-a fine-tune executor is attached) DPO gradient chunks of several token counts, each timed a few
+a fine-tune executor is attached) DPO gradient chunks, one-sequence parts and reference passes
+of several token counts, each timed a few
 times (the median counts). For the gradient chunks it also measures memory: the bytes of the
 tensors autograd saves for the backward (``saved_tensors_hooks``, each storage counted once),
 which is what a fine-tune token holds beyond the weights while its chunk runs; their ratio to
@@ -33,11 +34,14 @@ GREEDY = SamplingParams(max_tokens=1, temperature=0.0)
 def _grid(quick: bool) -> tuple[list[tuple[int, int]], list[tuple[int, int]], list[int]]:
     prefill = [(16, 0), (64, 0), (64, 256), (128, 0), (128, 512)]  # (chunk tokens, context before it)
     decode = [(1, 64), (8, 256), (16, 64), (16, 512), (32, 256)]  # (batch, context)
-    finetune = [64, 128, 256]
+    # (kind, tokens): whole DPO pairs, one-sequence parts (the planner's smallest gradient piece)
+    # and reference passes, small and large, so the fit can tell a chunk's fixed cost from its tokens
+    finetune = [("gradient", 64), ("gradient", 128), ("gradient", 256), ("chosen", 24), ("chosen", 48),
+                ("reference", 64), ("reference", 256)]
     if not quick:
         prefill += [(32, 0), (256, 0), (256, 768), (512, 0)]
         decode += [(1, 1024), (4, 128), (32, 64), (32, 1024), (64, 512)]
-        finetune += [512]
+        finetune += [("gradient", 512), ("chosen", 96)]
     return prefill, decode, finetune
 
 
@@ -63,12 +67,15 @@ def profile(runner: ModelRunner, max_model_len: int, quick: bool = False, repeat
                       for i in range(batch)]
             plans.append(IterationPlan(0, chunks))
     if runner.finetune_executor is not None:
-        for tokens in finetune:
-            n = max(4, tokens // 6)  # prompt n, chosen 2n, rejected 2n: 2n + 2n + 2n tokens
+        for kind, tokens in finetune:
+            # a pair: prompt n, chosen 2n, rejected 2n (2n + 2n + 2n tokens); a part: prompt n, chosen 2n
+            n = max(4, tokens // (3 if kind == "chosen" else 6))
             pair = PreferencePair("profile", [rng.randrange(vocab) for _ in range(n)],
                                   [rng.randrange(vocab) for _ in range(2 * n)], [rng.randrange(vocab) for _ in range(2 * n)],
                                   0.0, 0.0)
-            plans.append(IterationPlan(0, [], finetune=FinetuneChunk(0, "gradient", [pair])))
+            chunk = (FinetuneChunk(0, "gradient", [pair], part="chosen") if kind == "chosen"
+                     else FinetuneChunk(0, kind, [pair]))
+            plans.append(IterationPlan(0, [], finetune=chunk))
     bar = None
     if progress:
         from tqdm import tqdm
@@ -78,7 +85,7 @@ def profile(runner: ModelRunner, max_model_len: int, quick: bool = False, repeat
     bytes_per_token = 0.0
     for plan in plans:
         measured = []
-        if plan.finetune is not None:
+        if plan.finetune is not None and plan.finetune.has_grad:
             saved = saved_bytes(runner.execute, plan)
             bytes_per_token = max(bytes_per_token, saved / plan.finetune.num_tokens)
         for r in range(repeats + 1):  # the first run warms up and is not counted
@@ -90,7 +97,8 @@ def profile(runner: ModelRunner, max_model_len: int, quick: bool = False, repeat
                 bar.update()
         shape = _shape(plan.chunks)
         if plan.finetune is not None:
-            shape = IterationShape(num_finetune_tokens=plan.finetune.num_tokens)
+            shape = IterationShape(num_finetune_tokens=plan.finetune.cost_tokens,
+                                   num_finetune_chunks=plan.finetune.cost_chunks)
         shapes.append(shape)
         times.append(statistics.median(measured))
         rows.append({"shape": dataclasses.asdict(shape), "seconds": times[-1]})
@@ -99,6 +107,7 @@ def profile(runner: ModelRunner, max_model_len: int, quick: bool = False, repeat
     model = CostModel.fit(shapes, times)
     if runner.finetune_executor is not None:
         runner.finetune_executor.optimizer.zero_grad(set_to_none=True)
+        runner.finetune_executor._chosen_part = None  # the profiled parts' halves
         model.finetune_bytes_per_token = bytes_per_token
     return model, rows
 

@@ -6,13 +6,17 @@ import pytest
 from scheduler.core import PRIOR_COSTS
 from scheduler.cost_model import CostModel, IterationShape
 
-TRUE = np.array([0.004, 0.0009, 0.00002, 0.0011, 0.00003, 0.0025])
+TRUE = np.array([0.004, 0.0009, 0.00002, 0.0011, 0.00003, 0.0025, 0.015])
 
 
 def _shapes(n: int, seed: int = 0) -> list[IterationShape]:
     rng = np.random.default_rng(seed)
-    return [IterationShape(int(rng.integers(0, 64)), int(rng.integers(0, 40_000)), int(rng.integers(0, 32)),
-                           int(rng.integers(0, 20_000)), int(rng.choice([0, 0, 128, 256]))) for _ in range(n)]
+    out = []
+    for _ in range(n):
+        ft = int(rng.choice([0, 0, 24, 48, 128, 256]))
+        out.append(IterationShape(int(rng.integers(0, 64)), int(rng.integers(0, 40_000)), int(rng.integers(0, 32)),
+                                  int(rng.integers(0, 20_000)), ft, int(ft > 0)))
+    return out
 
 
 def test_fit_recovers_the_coefficients():
@@ -28,7 +32,7 @@ def test_online_correction_converges_from_a_wrong_prior():
     for s in shapes:
         model.observe(s, float(TRUE @ s.features()) * (1 + 0.02 * rng.standard_normal()))
     assert model.error_ratio < 0.05
-    test = IterationShape(32, 20_000, 16, 8_000, 256)
+    test = IterationShape(32, 20_000, 16, 8_000, 256, 1)
     assert model.predict(test) == pytest.approx(float(TRUE @ test.features()), rel=0.05)
 
 
@@ -36,6 +40,31 @@ def test_a_profile_file_round_trips(tmp_path):
     model = CostModel(TRUE)
     model.save(tmp_path / "p.json", {"model": "x"})
     assert CostModel.load(tmp_path / "p.json").coefficients == pytest.approx(TRUE)
+
+
+def test_a_profile_without_the_per_chunk_cost_loads_with_none(tmp_path):
+    import json
+
+    from scheduler.cost_model import FEATURES
+
+    (tmp_path / "old.json").write_text(json.dumps({"features": list(FEATURES[:6]), "coefficients": TRUE[:6].tolist()}))
+    model = CostModel.load(tmp_path / "old.json")
+    assert model.coefficients == pytest.approx([*TRUE[:6], 0.0]) and model.finetune_chunk_overhead() == 0.0
+    (tmp_path / "bad.json").write_text(json.dumps({"features": ["intercept"], "coefficients": [0.1]}))
+    with pytest.raises(ValueError, match="not a cost profile of this version"):
+        CostModel.load(tmp_path / "bad.json")
+
+
+def test_a_fine_tune_chunks_fixed_cost_is_told_from_its_tokens():
+    """Small and large pieces measured: the fit prices a 24-token part at its fixed cost plus 24
+    tokens, where a per-token price alone (through the origin) would give a third of it."""
+    sizes = [24, 48, 128, 256]
+    shapes = [IterationShape(num_finetune_tokens=n, num_finetune_chunks=1) for n in sizes]
+    shapes += [IterationShape(num_decodes=d, decode_context=100 * d) for d in (1, 8, 16)]
+    model = CostModel.fit(shapes, [float(TRUE @ s.features()) for s in shapes])
+    part = IterationShape(num_finetune_tokens=24, num_finetune_chunks=1)
+    assert model.predict(part) == pytest.approx(0.004 + 0.015 + 24 * 0.0025, rel=1e-6)
+    assert model.finetune_chunk_overhead() == pytest.approx(0.015)
 
 
 class _Trainer:
@@ -77,7 +106,10 @@ def test_profile_measures_every_kind_and_round_trips(make_engine, tmp_path):
     model, rows = profile(runner, core.config.max_model_len, quick=True, repeats=1, progress=False)
     kinds = {("prefill" if r["shape"]["num_prefill_tokens"] else "decode" if r["shape"]["num_decodes"] else "finetune")
              for r in rows}
-    assert kinds == {"prefill", "decode", "finetune"} and len(rows) == 13
+    assert kinds == {"prefill", "decode", "finetune"} and len(rows) == 17
+    ft = [r["shape"] for r in rows if r["shape"]["num_finetune_chunks"]]
+    # whole pairs, one-sequence parts and reference passes (priced at a third a token), small and large
+    assert [s["num_finetune_tokens"] for s in ft] == [60, 126, 252, 24, 48, 20, 84]
     assert all(np.isfinite(model.coefficients)) and (model.coefficients >= 0).all()
     assert all(r["seconds"] > 0 for r in rows)
     model.save(tmp_path / "p.json", {"measurements": rows})
@@ -122,7 +154,7 @@ def test_no_windup_when_a_feature_goes_unused_for_long():
         model.observe(shape, float(TRUE @ shape.features()))
     assert np.isfinite(model.coefficients).all()
     assert model.predict(shape) == pytest.approx(float(TRUE @ shape.features()), rel=1e-3)
-    busy = IterationShape(num_decodes=16, decode_context=4000, num_finetune_tokens=256)
+    busy = IterationShape(num_decodes=16, decode_context=4000, num_finetune_tokens=256, num_finetune_chunks=1)
     for _ in range(200):  # fine-tune work comes back: the model picks its cost up again
         model.observe(busy, float(TRUE @ busy.features()))
     assert model.predict(busy) == pytest.approx(float(TRUE @ busy.features()), rel=0.05)
@@ -134,7 +166,7 @@ def test_default_slos_come_from_the_profile():
     # TBT: 2 x (4 + 16 x 1.1 + 8.192 x 0.03) ms = 43.7 -> 45 ms (5 ms steps);
     # TTFT: 2 x (4 + 1024 x 0.9 + 524.288 x 0.02) ms = 1872.2 -> 1900 ms (50 ms steps)
     assert suggest_slos(CostModel(TRUE), max_num_seqs=64) == (1900.0, 45.0)
-    assert suggest_slos(CostModel(np.zeros(6)), max_num_seqs=64) == (200.0, 20.0)  # the floors
+    assert suggest_slos(CostModel(np.zeros(7)), max_num_seqs=64) == (200.0, 20.0)  # the floors
 
 
 def test_nnls_matches_a_brute_force_search_over_active_sets():

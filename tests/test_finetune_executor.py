@@ -264,3 +264,51 @@ def test_a_step_over_fewer_pairs_than_grad_accum_takes_that_share_of_the_learnin
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-9)
     moved = max(d.abs().max().item() for d in full)
     assert moved > 1e-4 and max(d.abs().max().item() for d in partial) == pytest.approx(moved / 4, rel=1e-3)
+
+
+def test_the_cached_serving_weights_snapshot_equals_pefts_state_dict(tiny):
+    from peft import get_peft_model_state_dict
+
+    from trainer.checkpoint import adapter_snapshot, serving_weights
+
+    model, _ = tiny
+    config = TrainerConfig(lr=5e-3, grad_accum=1)
+    executor = FinetuneExecutor(attach_adapters(model, config), config, pad_id=0)
+    pairs = _pairs(1)
+    refs = executor.run(FinetuneChunk(0, "reference", pairs)).ref_logprobs
+    pairs = [_with_refs(p, *refs[p.pair_id]) for p in pairs]
+    weights = serving_weights(executor.model)
+    assert weights is not None
+    for step in range(1, 3):  # published in place: the kept tensors follow every step
+        executor.run(FinetuneChunk(step, "gradient", pairs, step=True))
+        fast, peft = adapter_snapshot(executor.model, weights), get_peft_model_state_dict(executor.model, adapter_name="serving")
+        assert fast.keys() == peft.keys() and all(torch.equal(fast[k], peft[k]) for k in peft)
+        assert any(not torch.equal(fast[k], weights[k].new_zeros(weights[k].shape)) for k in fast)
+
+
+@pytest.mark.parametrize("lora_dropout", [0.0, 0.1])
+def test_the_fast_adapter_switch_leaves_what_pefts_set_adapter_leaves(tiny, lora_dropout):
+    from trainer.executor import SERVING, TRAIN
+
+    model, _ = tiny
+    config = TrainerConfig(lr=5e-3, grad_accum=1, lora_dropout=lora_dropout)
+    executor = FinetuneExecutor(attach_adapters(model, config), config, pad_id=0)
+    peft_model = executor.model
+    assert executor._needs_train_mode == (lora_dropout > 0)  # the demo model has no dropout of its own
+
+    def state():
+        return (peft_model.active_adapter, [tuple(m.active_adapters) for m in executor._lora_layers],
+                {n: p.requires_grad for n, p in peft_model.named_parameters()})
+
+    for name in (TRAIN, SERVING, TRAIN):
+        peft_model.set_adapter(name)
+        expected = state()
+        peft_model.set_adapter(SERVING if name == TRAIN else TRAIN)
+        executor._use(name)
+        assert state() == expected
+    executor._use(SERVING)
+    pairs = _pairs(1)
+    refs = executor.run(FinetuneChunk(0, "reference", pairs)).ref_logprobs
+    executor.run(FinetuneChunk(1, "gradient", [_with_refs(p, *refs[p.pair_id]) for p in pairs]))
+    assert peft_model.active_adapter == SERVING and not peft_model.training  # back for inference
+    assert all(p.grad is not None for p in executor.params)

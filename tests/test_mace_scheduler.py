@@ -250,3 +250,19 @@ def test_a_no_grad_unit_is_priced_at_a_third(core_factory):
     now[0] += 0.09
     plan = core.schedule()  # 90 - 12 = 78 ms left: the unit (25 ms) fits, plus 212 tokens at full price
     assert core.trainer.asked == [300 + 212]
+
+
+def test_a_fine_tune_chunks_fixed_cost_is_part_of_its_price(core_factory):
+    """Two decodes leave 90 - (10 + 2 x 2) = 76 ms. With 55 ms a chunk on top of its tokens a
+    100-token unit (25 ms of tokens) no longer fits; at 20 ms it does (45 ms), and the 31 ms left
+    go to 124 more tokens. Priced by its tokens alone it would take 304."""
+    params = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+    for overhead, asked in ((0.055, []), (0.020, [100 + 124])):
+        core, now = core_factory()
+        core.cost_model = CostModel([*COSTS, overhead])
+        for i, p in enumerate(random_prompts([8, 8], seed=15)):
+            core.add_request(f"r{i}", p, params)
+        _finish_iteration(core, core.schedule())  # both prompts: decoding from here, on pace
+        core.trainer = FakeTrainer(smallest=100)
+        plan = core.schedule()
+        assert core.trainer.asked == asked and (plan.finetune is None) == (not asked)

@@ -20,8 +20,8 @@ from trainer.executor import TrainerConfig
 from trainer.feedback import FeedbackStore, NewPair
 from trainer.trainer import Trainer
 
-# The "machine": seconds per iteration feature (like the base model on this CPU)
-TRUE_COSTS = np.array([0.005, 0.0004, 0.00001, 0.0008, 0.00002, 0.0018])
+# The "machine": seconds per iteration feature (like the base model on this CPU), 10 ms per fine-tune chunk
+TRUE_COSTS = np.array([0.005, 0.0004, 0.00001, 0.0008, 0.00002, 0.0018, 0.010])
 SIM_S = 3600.0
 RATE = 0.5  # requests per second
 SLO_TTFT_S, SLO_TBT_S = 2.0, 0.050

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from engine.plan import FinetuneChunk, FinetuneResult, PreferencePair
 from trainer.dpo import dpo_loss, response_logprobs
@@ -70,6 +71,31 @@ def adapter_parameters(peft_model: PeftModel, name: str) -> list[torch.nn.Parame
     return [p for n, p in peft_model.named_parameters() if f".{name}." in n and "lora_" in n]
 
 
+def _adapter_pairs(peft_model: PeftModel, a: str, b: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(adapter a's tensor, adapter b's) for every LoRA weight, matched by name: what
+    ``copy_adapter`` copies, found once instead of walking the modules at every step."""
+    params = dict(peft_model.named_parameters())
+    return [(p, params[n.replace(f".{a}.", f".{b}.")]) for n, p in params.items() if f".{a}." in n and "lora_" in n]
+
+
+def _has_dropout(model: torch.nn.Module) -> bool:
+    """Whether train mode changes what ``model`` computes: any dropout with p > 0 (LoRA's
+    included), or an attention dropout in the config (applied inside the attention function)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "attention_dropout", 0.0):
+        return True
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+def _make_adamw(params: list[torch.nn.Parameter], config: TrainerConfig) -> torch.optim.Optimizer:
+    """AdamW, fused where the device has the kernel: one op over all the LoRA tensors instead of
+    a loop over them (0.4 against 1.8 ms a step for the tiny demo model's 32 tensors here)."""
+    try:
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
 class FinetuneExecutor:
     def __init__(self, peft_model: PeftModel, config: TrainerConfig, pad_id: int, version: int = 0,
                  state_dir: str | None = None, checkpoint_every: int = 10) -> None:
@@ -83,11 +109,20 @@ class FinetuneExecutor:
         self.checkpoint_every = checkpoint_every
         self.checkpoints = None  # the CheckpointWriter: checkpoints are written off the worker
         if state_dir is not None:
-            from trainer.checkpoint import CheckpointWriter
+            from trainer.checkpoint import CheckpointWriter, serving_weights
 
             self.checkpoints = CheckpointWriter(peft_model, state_dir)
+            self._serving_weights = serving_weights(peft_model)
         self.params = adapter_parameters(peft_model, TRAIN)
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = _make_adamw(self.params, config)
+        self._publish = _adapter_pairs(peft_model, SERVING, TRAIN)  # (serving, trainable) per weight
+        # Fixed costs of every gradient chunk, kept small (they are most of a small chunk's time
+        # on a small model): the adapter switch walks only the LoRA layers, found once (1.4
+        # against 3.7 ms there and back for the tiny demo model here), and train mode, which only
+        # dropout reads, is set only for a model that has dropout (2.8 ms there and back).
+        self._lora_layers = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
+        self._needs_train_mode = _has_dropout(peft_model)
+        peft_model.eval()  # inference's mode, between gradient chunks
         self._device = self.params[0].device
         self._bad_accumulation = False
         self._num_accumulated = 0  # pairs whose gradients the next step takes
@@ -208,17 +243,25 @@ class FinetuneExecutor:
 
     def _gradient(self, chunk: FinetuneChunk) -> FinetuneResult:
         result = FinetuneResult(chunk.task_id, "gradient")
-        self.model.set_adapter(TRAIN)
-        self.model.train()
+        self._use(TRAIN)
+        if self._needs_train_mode:
+            self.model.train()
         try:
             if chunk.part is not None:
                 self._part(chunk, result)
             else:
                 self._whole(chunk, result)
         finally:
-            self.model.set_adapter(SERVING)  # also leaves only `serving` marked trainable
-            self.model.eval()
+            self._use(SERVING)  # also leaves only `serving` marked trainable
+            if self._needs_train_mode:
+                self.model.eval()
         return self._maybe_step(chunk, result)
+
+    def _use(self, name: str) -> None:
+        """``PeftModel.set_adapter(name)`` over the LoRA layers found at start."""
+        for layer in self._lora_layers:
+            layer.set_adapter(name)
+        self.model.active_adapter = self.model.base_model.active_adapter = name
 
     def _maybe_step(self, chunk: FinetuneChunk, result: FinetuneResult) -> FinetuneResult:
         if chunk.step:
@@ -228,7 +271,7 @@ class FinetuneExecutor:
                 from trainer.checkpoint import adapter_snapshot
 
                 # a copy of the weights now; the writer's thread does the disk work
-                self.checkpoints.submit(self.version, adapter_snapshot(self.model))
+                self.checkpoints.submit(self.version, adapter_snapshot(self.model, self._serving_weights))
                 result.checkpoint_version = self.version
         return result
 
@@ -237,7 +280,7 @@ class FinetuneExecutor:
         stopped, or on the worker thread); True if it was written."""
         from trainer.checkpoint import adapter_snapshot
 
-        self.checkpoints.submit(self.version, adapter_snapshot(self.model))
+        self.checkpoints.submit(self.version, adapter_snapshot(self.model, self._serving_weights))
         return self.checkpoints.wait(self.version)
 
     def close(self) -> None:
@@ -257,21 +300,26 @@ class FinetuneExecutor:
         grad_accum times the steps of one that trains in batches (periodic)."""
         for p in self.params:
             p.requires_grad_(True)
-        grads_ok = not self._bad_accumulation and all(p.grad is None or torch.isfinite(p.grad).all() for p in self.params)
+        grads_ok = not self._bad_accumulation
         if grads_ok:
-            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+            # the total norm is finite iff every gradient is (one fused reduction, not one per tensor)
+            grads_ok = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)))
+        if grads_ok:
             share = min(1.0, self._num_accumulated / self.config.grad_accum) if self._num_accumulated else 1.0
             for group in self.optimizer.param_groups:
                 group["lr"] = self.config.lr * share
             self.optimizer.step()
-            grads_ok = all(torch.isfinite(p).all() for p in self.params)
+            grads_ok = bool(torch.isfinite(torch.nn.utils.get_total_norm(self.params)))
         self.optimizer.zero_grad(set_to_none=True)
         self._bad_accumulation = False
         self._num_accumulated = 0
-        if grads_ok:
-            copy_adapter(self.model, TRAIN, SERVING)
-            self.version += 1
-        else:  # back to the last good weights; the serving adapter never saw the bad ones
-            copy_adapter(self.model, SERVING, TRAIN)
-            self.optimizer.state.clear()
+        with torch.no_grad():
+            if grads_ok:  # publish: serving takes the new weights
+                for serving, trainable in self._publish:
+                    serving.copy_(trainable)
+                self.version += 1
+            else:  # back to the last good weights; the serving adapter never saw the bad ones
+                for serving, trainable in self._publish:
+                    trainable.copy_(serving)
+                self.optimizer.state.clear()
         return grads_ok
