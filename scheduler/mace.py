@@ -32,6 +32,9 @@ divisible (prefill chunks at block boundaries, fine-tune pieces by the trainer),
 fits. Ties go to the higher priority. Costs ``l_i`` are the cost model's marginal prices; a
 fine-tune piece's includes the fixed cost of a fine-tune chunk.
 
+With nothing running and nothing waiting, the fine-tune piece may take ``slo_bank_max`` TBT
+budgets (the longest iteration planned at all), as memory allows: an arrival waits behind it.
+
 Starvation guards: a fine-tune piece is forced into an iteration after ``finetune_min_every``
 iterations without one; a prefill's priority grows with its wait until it wins; and when the
 cost model says nothing fits while nothing is running, the top candidate runs anyway (an idle
@@ -242,8 +245,12 @@ class MaceScheduler(FcfsScheduler):
         idle = not decoding and not candidates
         if offer is not None:
             candidates.append(_Candidate(self.finetune_priority(offer), None))
-            if idle:  # nothing to protect: a full piece (as memory allows)
-                self.finetune_tokens = max(offer.min_tokens, min(offer.max_tokens, self._finetune_token_cap()))
+            if idle:  # nothing running: a piece as long as the longest iteration the planner ever
+                # plans (slo_bank_max TBT budgets), so that a request arriving meanwhile waits no
+                # longer behind fine-tune work than behind a banked iteration (and memory allows)
+                longest = c.slo_bank_max * base - self._finetune_cost(offer)
+                fits = offer.min_tokens + int(max(0.0, longest) / self.cost_model.cost_per_finetune_token())
+                self.finetune_tokens = max(offer.min_tokens, min(offer.max_tokens, fits, self._finetune_token_cap()))
                 candidates.pop()
             elif force_finetune:  # the starvation guard: the smallest piece, SLO or not
                 self.finetune_tokens = offer.min_tokens

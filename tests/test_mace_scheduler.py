@@ -266,3 +266,12 @@ def test_a_fine_tune_chunks_fixed_cost_is_part_of_its_price(core_factory):
         core.trainer = FakeTrainer(smallest=100)
         plan = core.schedule()
         assert core.trainer.asked == asked and (plan.finetune is None) == (not asked)
+
+
+@pytest.mark.parametrize("bank, asked", [(1.0, 100 + 260), (3.0, 512)])
+def test_an_idle_engines_piece_is_as_long_as_the_longest_iteration(core_factory, bank, asked):
+    """Nothing running or waiting: the piece may take slo_bank_max TBT budgets (90 ms each):
+    at 1, 90 ms = 25 ms for the 100-token unit + 260 tokens at 0.25 ms; at 3, the 512 cap."""
+    core, now = core_factory(slo_bank_max=bank)
+    core.trainer = FakeTrainer(smallest=100)
+    assert core.schedule().finetune is not None and core.trainer.asked == [asked]

@@ -132,6 +132,11 @@ class CheckpointWriter:
                 ok = True
             except Exception:  # the pairs stay "pending" and go into a later checkpoint
                 log.exception("checkpoint v%d failed", version)
+            if ok:
+                try:
+                    self.on_saved(version)  # before flush() or wait() can return
+                except Exception:  # a listener's bug must not stop the checkpoints
+                    log.exception("checkpoint v%d: on_saved failed", version)
             with self._cond:
                 self._writing = False
                 if ok:
@@ -139,8 +144,6 @@ class CheckpointWriter:
                 else:
                     self.failed_version = max(self.failed_version, version)
                 self._cond.notify_all()
-            if ok:
-                self.on_saved(version)
 
 
 def write_checkpoint(state: dict[str, torch.Tensor], config_json: str, state_dir: str | Path, version: int,

@@ -266,14 +266,15 @@ class Trainer:
         """A checkpoint of adapter ``version`` is on disk (None: every step taken is): the pairs
         of the steps up to it are trained for good. (Marked only now, so a crash between a step
         and its checkpoint retrains them.)"""
-        if version is not None:
+        if version is None:
+            done, self._unsaved = self._unsaved, []
+        else:
             self._saved_version = max(self._saved_version, version)
-        limit = version if version is None else self._saved_version
-        done = [entry for entry in self._unsaved if limit is None or entry[0] <= limit]
-        if not done:
-            return
-        self._unsaved = [entry for entry in self._unsaved if not (limit is None or entry[0] <= limit)]
+            done = [entry for entry in self._unsaved if entry[0] <= self._saved_version]
+            self._unsaved = [entry for entry in self._unsaved if entry[0] > self._saved_version]
         ids = [pair_id for _, pair_ids in done for pair_id in pair_ids]
+        if not ids:
+            return
         # forgotten only once the store holds "trained": a refill in between must not reload them
         self._io(self.store.mark_trained, ids).add_done_callback(lambda _: self._known.difference_update(ids))
 

@@ -44,6 +44,11 @@ from clients.workload import OutputLengths, RequestSpec, default_prompts, poisso
 from server.bench.common import cpu_name, spawned_server
 
 POLICIES = ("mace", "periodic", "synchronous", "inference-only")
+# mace serve flags per configuration name: the four policies, and mace with every iteration held
+# to one TBT budget (no slack banked by fast iterations: --slo-bank-max 1), to show what banking
+# trades (the latency experiment runs it too)
+POLICY_FLAGS = {**{p: ("--policy", p) for p in POLICIES},
+                "mace-strict-tbt": ("--policy", "mace", "--slo-bank-max", "1")}
 PRETRAINED_MODEL = "models/demo-tiny-pretrained"
 PRETRAIN_STEPS = 400
 
@@ -92,7 +97,8 @@ class Settings:
     system_prompt_words: int = 160
     ablation_kv_cache_bytes: int = 2 << 20
     kv_budget: float = 0.5
-    policies: tuple[str, ...] = POLICIES  # the drift and latency experiments' policies
+    policies: tuple[str, ...] = POLICIES  # the drift experiment's configurations (POLICY_FLAGS)
+    latency_policies: tuple[str, ...] = (*POLICIES, "mace-strict-tbt")
     trace_iterations: bool = False  # each server writes logs/NAME.trace.jsonl (mace serve --trace-iterations)
 
 
@@ -140,8 +146,10 @@ def apply_overrides(settings: Settings, overrides: list[str]) -> Settings:
         except ValueError:
             raise SystemExit(f"mace bench paper: --set {item!r}: {text!r} is not a valid {type(current).__name__}") from None
         changes[name] = value
-    if unknown := sorted(set(changes.get("policies", ())) - set(POLICIES)):
-        raise SystemExit(f"mace bench paper: --set policies: unknown {', '.join(unknown)}; choose from {', '.join(POLICIES)}")
+    for name in ("policies", "latency_policies"):
+        if unknown := sorted(set(changes.get(name, ())) - POLICY_FLAGS.keys()):
+            raise SystemExit(f"mace bench paper: --set {name}: unknown {', '.join(unknown)}; "
+                             f"choose from {', '.join(POLICY_FLAGS)}")
     return dataclasses.replace(settings, **changes)
 
 
@@ -245,7 +253,7 @@ def run_drift(settings: Settings, common: Common) -> dict[str, Any]:
     runs = {}
     for policy in settings.policies:
         print(f"[drift] {policy}: {settings.drift_duration_s:g} s, switch at {settings.switch_s:g} s", flush=True)
-        with common.server(f"drift-{policy}", settings, "--policy", policy,
+        with common.server(f"drift-{policy}", settings, *POLICY_FLAGS[policy],
                            "--retrain-period", f"{settings.retrain_period_s:g}") as url:
             runs[policy] = asyncio.run(_drift_run(url, settings, common, config))
         r = runs[policy]
@@ -272,8 +280,8 @@ async def _latency_run(url: str, settings: Settings, common: Common, retrain_rat
 def run_latency(settings: Settings, common: Common) -> dict[str, Any]:
     rows = []
     for rate in settings.retrain_rates:  # policies interleaved, so a slow moment of the machine hits all
-        for policy in settings.policies:
-            with common.server(f"latency-{policy}-{rate:g}", settings, "--policy", policy,
+        for policy in settings.latency_policies:
+            with common.server(f"latency-{policy}-{rate:g}", settings, *POLICY_FLAGS[policy],
                                "--retrain-period", f"{settings.latency_retrain_period_s:g}") as url:
                 row = {"policy": policy, "retrain_rate": rate, **asyncio.run(_latency_run(url, settings, common, rate))}
             rows.append(row)

@@ -9,7 +9,8 @@ from typing import Any
 
 BEGIN = "<!-- mace bench paper: begin (generated; edit outside these markers) -->"
 END = "<!-- mace bench paper: end -->"
-COLORS = {"mace": "tab:red", "periodic": "tab:blue", "synchronous": "tab:green", "inference-only": "tab:gray"}
+COLORS = {"mace": "tab:red", "periodic": "tab:blue", "synchronous": "tab:green", "inference-only": "tab:gray",
+          "mace-strict-tbt": "tab:pink"}
 
 
 def _ms(v: float | None) -> str:
@@ -101,6 +102,8 @@ def _plots(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
         for ax, (key, pct, title) in zip(axes.flat, panels):
             for policy in COLORS:
                 mine = sorted((r["retrain_rate"], r["latency"][key][pct]) for r in rows if r["policy"] == policy)
+                if not mine:
+                    continue
                 ax.plot([100 * x for x, _ in mine], [y for _, y in mine], marker="o", label=policy, color=COLORS[policy])
             ax.set_title(title + " (ms)")
             ax.grid(alpha=0.3)
@@ -166,7 +169,10 @@ def _latency_md(d: dict[str, Any]) -> list[str]:
              + (" (quick mode: three of the paper's five)" if d["mode"] == "quick" else "")
              + f"; `periodic` retrains every {s['latency_retrain_period_s']:g} s here (so it does within a cell); a fresh "
              f"server per cell. TBT is the gap between streamed tokens (ITL), pooled over requests; p99 of TTFT is over "
-             f"about {s['latency_rate_per_s'] * s['latency_duration_s']:.0f} requests.", "",
+             f"about {s['latency_rate_per_s'] * s['latency_duration_s']:.0f} requests."
+             + (" `mace-strict-tbt` is `--policy mace --slo-bank-max 1`: it plans no iteration longer than one TBT "
+                "budget, where `mace` (`--slo-bank-max 6`, the default) spends slack that fast iterations banked, up to "
+                "6 budgets, on fine-tune work." if any(r["policy"] == "mace-strict-tbt" for r in d["rows"]) else ""), "",
              "| retrain rate | policy | TTFT p50 (ms) | TTFT p99 | TBT p50 (ms) | TBT p99 | TPOT p99 (ms) | SLO attainment "
              "| pairs trained / posted |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
