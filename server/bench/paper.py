@@ -102,7 +102,7 @@ class Settings:
     trace_iterations: bool = False  # each server writes logs/NAME.trace.jsonl (mace serve --trace-iterations)
 
 
-QUICK = Settings()
+QUICK = Settings(latency_policies=POLICIES)  # mace-strict-tbt in the full mode only: quick stays under 10 minutes
 FULL = Settings(switch_s=90.0, drift_duration_s=300.0, eval_interval_s=10.0, retrain_period_s=40.0,
                 num_eval_prompts=24, retrain_rates=(0.1, 0.2, 0.3, 0.4, 0.5), latency_duration_s=30.0,
                 latency_retrain_period_s=10.0,
