@@ -31,12 +31,6 @@ from trainer.executor import SERVING, TRAIN, copy_adapter
 
 _PREFIX = "v"
 
-
-def save_checkpoint(peft_model: PeftModel, state_dir: str | Path, version: int, keep: int = 3) -> Path:
-    """Write the serving adapter as checkpoint ``version`` now, on this thread; returns its directory."""
-    return write_checkpoint(adapter_snapshot(peft_model), _config_json(peft_model), state_dir, version, keep)
-
-
 log = logging.getLogger(__name__)
 
 
