@@ -258,7 +258,7 @@ def test_a_fine_tune_chunks_fixed_cost_is_part_of_its_price(core_factory):
     go to 124 more tokens. Priced by its tokens alone it would take 304."""
     params = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
     for overhead, asked in ((0.055, []), (0.020, [100 + 124])):
-        core, now = core_factory()
+        core, _ = core_factory()
         core.cost_model = CostModel([*COSTS, overhead])
         for i, p in enumerate(random_prompts([8, 8], seed=15)):
             core.add_request(f"r{i}", p, params)
@@ -272,6 +272,6 @@ def test_a_fine_tune_chunks_fixed_cost_is_part_of_its_price(core_factory):
 def test_an_idle_engines_piece_is_as_long_as_the_longest_iteration(core_factory, bank, asked):
     """Nothing running or waiting: the piece may take slo_bank_max TBT budgets (90 ms each):
     at 1, 90 ms = 25 ms for the 100-token unit + 260 tokens at 0.25 ms; at 3, the 512 cap."""
-    core, now = core_factory(slo_bank_max=bank)
+    core, _ = core_factory(slo_bank_max=bank)
     core.trainer = FakeTrainer(smallest=100)
     assert core.schedule().finetune is not None and core.trainer.asked == [asked]
