@@ -76,13 +76,18 @@ def _with_refs(p: PreferencePair, c: float, r: float) -> PreferencePair:
     return PreferencePair(p.pair_id, p.prompt_ids, p.chosen_ids, p.rejected_ids, c, r)
 
 
+def _referenced(executor: FinetuneExecutor, pairs: list[PreferencePair]) -> list[PreferencePair]:
+    """``pairs`` with their reference log-probs, from the executor's reference pass (task 0)."""
+    refs = executor.run(FinetuneChunk(0, "reference", pairs)).ref_logprobs
+    return [_with_refs(p, *refs[p.pair_id]) for p in pairs]
+
+
 def test_dpo_steps_raise_the_margin_and_publish_at_the_step(tiny):
     model, _ = tiny
     config = TrainerConfig(lr=5e-3, grad_accum=4)
     executor = FinetuneExecutor(attach_adapters(model, config), config, pad_id=0)
     pairs = _pairs(4)
-    refs = executor.run(FinetuneChunk(0, "reference", pairs)).ref_logprobs
-    pairs = [_with_refs(p, *refs[p.pair_id]) for p in pairs]
+    pairs = _referenced(executor, pairs)
     start = _margins(executor, pairs)
     serving = [p.detach().clone() for p in adapter_parameters(executor.model, SERVING)]
     # half an accumulation: gradients only, serving untouched, version unchanged
@@ -106,8 +111,7 @@ def test_a_nan_changes_nothing_the_server_reads(tiny):
     config = TrainerConfig(lr=5e-3, grad_accum=2)
     executor = FinetuneExecutor(attach_adapters(model, config), config, pad_id=0)
     pairs = _pairs(2)
-    refs = executor.run(FinetuneChunk(0, "reference", pairs)).ref_logprobs
-    good = [_with_refs(p, *refs[p.pair_id]) for p in pairs]
+    good = _referenced(executor, pairs)
     executor.run(FinetuneChunk(1, "gradient", good, step=True))
     serving = [p.detach().clone() for p in adapter_parameters(executor.model, SERVING)]
     poisoned = [good[0], _with_refs(good[1], float("nan"), 0.0)]
@@ -125,8 +129,7 @@ def test_fine_tune_work_rides_in_the_same_iteration(tiny, demo_model_dir):
     core, runner = build_from_model(model, tokenizer, EngineConfig(model=demo_model_dir, kv_cache_bytes=8 << 20))
     runner.finetune_executor = executor
     pairs = _pairs(2)
-    refs = executor.run(FinetuneChunk(0, "reference", pairs)).ref_logprobs
-    pairs = [_with_refs(p, *refs[p.pair_id]) for p in pairs]
+    pairs = _referenced(executor, pairs)
     prompt = random_prompts([10], seed=9)[0]
     reference_tokens = generate(core, runner, [prompt], GREEDY)[0]
     chunk = SequenceChunk(seq_id=0, token_ids=prompt, start_pos=0, block_table=[0], sampling=GREEDY)
@@ -149,8 +152,7 @@ def test_checkpoints_load_with_plain_peft_and_resume(tiny, demo_model_dir, tmp_p
     executor = FinetuneExecutor(attach_adapters(model, config), config, pad_id=0, state_dir=str(tmp_path),
                                 checkpoint_every=2)
     pairs = _pairs(2)
-    refs = executor.run(FinetuneChunk(0, "reference", pairs)).ref_logprobs
-    pairs = [_with_refs(p, *refs[p.pair_id]) for p in pairs]
+    pairs = _referenced(executor, pairs)
     for step in range(1, 4):
         executor.run(FinetuneChunk(step, "gradient", pairs, step=True))
     executor.checkpoints.flush()  # written on the writer's thread
@@ -184,8 +186,7 @@ def test_a_pair_cut_in_two_parts_gives_the_whole_pairs_gradient(tiny, rpo_alpha)
     config = TrainerConfig(lr=5e-3, grad_accum=2, rpo_alpha=rpo_alpha)
     executor = FinetuneExecutor(attach_adapters(model, config), config, pad_id=0)
     pairs = _pairs(2, seed=4)
-    refs = executor.run(FinetuneChunk(0, "reference", pairs)).ref_logprobs
-    pairs = [_with_refs(p, *refs[p.pair_id]) for p in pairs]
+    pairs = _referenced(executor, pairs)
     executor.run(FinetuneChunk(1, "gradient", pairs, step=True))  # LoRA B off zero: every grad counts
     p, other = pairs
     # another pair already in the accumulation: the parts must add to it, not replace it
@@ -219,8 +220,7 @@ def test_rpo_alpha_adds_the_chosen_answers_mean_nll(tiny):
     config = TrainerConfig(lr=5e-3, grad_accum=2, rpo_alpha=0.5)
     executor = FinetuneExecutor(attach_adapters(model, config), config, pad_id=0)
     pairs = _pairs(2, seed=6)
-    refs = executor.run(FinetuneChunk(0, "reference", pairs)).ref_logprobs
-    pairs = [_with_refs(p, *refs[p.pair_id]) for p in pairs]
+    pairs = _referenced(executor, pairs)
     executor.run(FinetuneChunk(1, "gradient", pairs, step=True))  # LoRA B off zero: every grad counts
     with_nll = executor.run(FinetuneChunk(2, "gradient", pairs))
     got = _grads(executor)
@@ -254,8 +254,7 @@ def test_a_step_over_fewer_pairs_than_grad_accum_takes_that_share_of_the_learnin
         model, _ = load_model(demo_model_dir, torch.device("cpu"))
         config = TrainerConfig(lr=lr, grad_accum=accum, max_grad_norm=1e-4)
         executor = FinetuneExecutor(attach_adapters(model, config), config, pad_id=0)
-        refs = executor.run(FinetuneChunk(0, "reference", pair)).ref_logprobs
-        pairs = [_with_refs(p, *refs[p.pair_id]) for p in pair]
+        pairs = _referenced(executor, pair)
         before = [p.detach().clone() for p in executor.params]
         assert executor.run(FinetuneChunk(1, "gradient", pairs, step=True)).stepped
         deltas.append([p.detach() - b for p, b in zip(executor.params, before)])
@@ -275,8 +274,7 @@ def test_the_cached_serving_weights_snapshot_equals_pefts_state_dict(tiny):
     config = TrainerConfig(lr=5e-3, grad_accum=1)
     executor = FinetuneExecutor(attach_adapters(model, config), config, pad_id=0)
     pairs = _pairs(1)
-    refs = executor.run(FinetuneChunk(0, "reference", pairs)).ref_logprobs
-    pairs = [_with_refs(p, *refs[p.pair_id]) for p in pairs]
+    pairs = _referenced(executor, pairs)
     weights = serving_weights(executor.model)
     assert weights is not None
     for step in range(1, 3):  # published in place: the kept tensors follow every step
@@ -308,7 +306,6 @@ def test_the_fast_adapter_switch_leaves_what_pefts_set_adapter_leaves(tiny, lora
         assert state() == expected
     executor._use(SERVING)
     pairs = _pairs(1)
-    refs = executor.run(FinetuneChunk(0, "reference", pairs)).ref_logprobs
-    executor.run(FinetuneChunk(1, "gradient", [_with_refs(p, *refs[p.pair_id]) for p in pairs]))
+    executor.run(FinetuneChunk(1, "gradient", _referenced(executor, pairs)))
     assert peft_model.active_adapter == SERVING and not peft_model.training  # back for inference
     assert all(p.grad is not None for p in executor.params)

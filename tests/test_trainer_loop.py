@@ -304,6 +304,18 @@ async def test_overlapping_refills_load_each_pair_once(make_engine, tmp_path):
     store.close()
 
 
+async def _checkpointing_trainer(make_engine, tmp_path, num_pairs: int):
+    """A trainer that steps every pair and checkpoints every step, ``num_pairs`` pairs loaded:
+    (trainer, store, executor)."""
+    core, runner = make_engine()
+    store = FeedbackStore(tmp_path / "f.sqlite3")
+    trainer = attach_trainer(core, runner, store, TrainerConfig(grad_accum=1), state_dir=str(tmp_path / "state"),
+                             checkpoint_every=1)
+    store.add([NewPair(f"Question {i}?", CHOSEN, REJECTED, id=f"p{i}") for i in range(num_pairs)])
+    assert await trainer.refill() == num_pairs
+    return trainer, store, runner.finetune_executor
+
+
 async def test_checkpoints_are_written_off_the_worker_and_mark_pairs_trained_when_on_disk(make_engine, tmp_path,
                                                                                           monkeypatch):
     """A step's checkpoint is queued, not written, on the worker: the chunk returns while the
@@ -321,13 +333,7 @@ async def test_checkpoints_are_written_off_the_worker_and_mark_pairs_trained_whe
         return real_write(state, config_json, state_dir, version, keep)
 
     monkeypatch.setattr(ckpt, "write_checkpoint", blocked_write)
-    core, runner = make_engine()
-    store = FeedbackStore(tmp_path / "f.sqlite3")
-    trainer = attach_trainer(core, runner, store, TrainerConfig(grad_accum=1), state_dir=str(tmp_path / "state"),
-                             checkpoint_every=1)
-    store.add([NewPair(f"Question {i}?", CHOSEN, REJECTED, id=f"p{i}") for i in range(3)])
-    assert await trainer.refill() == 3
-    ex = runner.finetune_executor
+    trainer, store, ex = await _checkpointing_trainer(make_engine, tmp_path, 3)
     while trainer.num_steps < 1:
         trainer.on_result(ex.run(trainer.next_chunk(1024)))
     for _ in range(500):  # until the writer has taken v1 (and blocks on the disk)
@@ -360,13 +366,7 @@ async def test_a_failed_checkpoint_keeps_its_pairs_pending_until_a_later_one_lan
         return real_write(state, config_json, state_dir, version, keep)
 
     monkeypatch.setattr(ckpt, "write_checkpoint", flaky_write)
-    core, runner = make_engine()
-    store = FeedbackStore(tmp_path / "f.sqlite3")
-    trainer = attach_trainer(core, runner, store, TrainerConfig(grad_accum=1), state_dir=str(tmp_path / "state"),
-                             checkpoint_every=1)
-    store.add([NewPair(f"Question {i}?", CHOSEN, REJECTED, id=f"p{i}") for i in range(2)])
-    assert await trainer.refill() == 2
-    ex = runner.finetune_executor
+    trainer, store, ex = await _checkpointing_trainer(make_engine, tmp_path, 2)
     while trainer.num_steps < 1:
         trainer.on_result(ex.run(trainer.next_chunk(1024)))
     await trainer.flush()
