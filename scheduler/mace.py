@@ -184,6 +184,12 @@ class MaceScheduler(FcfsScheduler):
         return offer.min_cost_factor * (self.cost_model.finetune_chunk_overhead()
                                         + offer.min_tokens * self.cost_model.cost_per_finetune_token())
 
+    def _finetune_size(self, offer: FinetuneOffer, seconds: float) -> int:
+        """Tokens of the largest piece whose price fits ``seconds`` (at least the smallest unit;
+        tokens past it at full price), before the offer's and memory's caps."""
+        spare = max(0.0, seconds - self._finetune_cost(offer))
+        return offer.min_tokens + int(spare / self.cost_model.cost_per_finetune_token())
+
     def _finetune_token_cap(self) -> int:
         """Fine-tune tokens the activation memory allows in one iteration."""
         per_token, budget = self.cost_model.finetune_bytes_per_token, self.config.finetune_memory_bytes
@@ -248,8 +254,7 @@ class MaceScheduler(FcfsScheduler):
             if idle:  # nothing running: a piece as long as the longest iteration the planner ever
                 # plans (slo_bank_max TBT budgets), so that a request arriving meanwhile waits no
                 # longer behind fine-tune work than behind a banked iteration (and memory allows)
-                longest = c.slo_bank_max * base - self._finetune_cost(offer)
-                fits = offer.min_tokens + int(max(0.0, longest) / self.cost_model.cost_per_finetune_token())
+                fits = self._finetune_size(offer, c.slo_bank_max * base)
                 self.finetune_tokens = max(offer.min_tokens, min(offer.max_tokens, fits, self._finetune_token_cap()))
                 candidates.pop()
             elif force_finetune:  # the starvation guard: the smallest piece, SLO or not
@@ -272,7 +277,7 @@ class MaceScheduler(FcfsScheduler):
                     whole_s = self._finetune_cost(offer)  # one unit: a pair or a part
                     if lat < whole_s or ft_mem < offer.min_tokens:
                         continue
-                    size = min(offer.max_tokens, offer.min_tokens + int((lat - whole_s) / per_token), ft_mem)
+                    size = min(offer.max_tokens, self._finetune_size(offer, lat), ft_mem)
                     seconds, blocks = whole_s + (size - offer.min_tokens) * per_token, 0
                 else:
                     if cand.waiting and slots <= 0:
