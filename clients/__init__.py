@@ -1,4 +1,5 @@
-"""Async SDK, load generator and benchmarks that talk to the server over HTTP (issues 3 and 7)."""
+"""What talks to the server over HTTP: the async SDK, the load generator and its workloads, the
+preference oracle and the drift evaluator. Imports ``protocol`` for the wire types, never ``server``."""
 
 from clients.sdk import (
     APIConnectionError,

@@ -1,7 +1,7 @@
 """The async client SDK: one ``AsyncClient`` over aiohttp for the OpenAI and TGI routes.
 
-Responses decode into the server's own wire structs (``server.protocol``), streams are read with
-the server's SSE decoder (``server.sse``), so client and server cannot drift apart. Retries, with
+Responses decode into the server's own wire structs (``protocol``), streams are read with
+the server's SSE decoder (``protocol.sse``), so client and server cannot drift apart. Retries, with
 exponential backoff (or the server's ``Retry-After``), happen only where a request certainly did
 not run: 429 (queue full), 503 (shutting down) and connection failures before any response byte;
 a stream is retried only before its first event, never in the middle.
@@ -18,10 +18,10 @@ from typing import Any, Generic, Self, TypeVar
 import aiohttp
 import msgspec
 
-from server.protocol import feedback as fb
-from server.protocol import openai as oa
-from server.protocol import tgi
-from server.sse import DONE, iter_events
+from protocol import feedback as fb
+from protocol import openai as oa
+from protocol import tgi
+from protocol.sse import DONE, iter_events
 
 T = TypeVar("T")
 _RETRY_STATUSES = frozenset({429, 503})

@@ -159,7 +159,7 @@ class IterationPlan:
     iteration: int
     # Inference work: at most one chunk per sequence.
     chunks: list[SequenceChunk]
-    # Optional fine-tune work, run after the inference forward (trainer issue).
+    # Optional fine-tune work, run after the inference forward.
     finetune: FinetuneChunk | None = None
     # KV pruning, run before the forward.
     kv_prunes: list[KvPrune] = field(default_factory=list)

@@ -1,1 +1,3 @@
-"""Requests, sequences and planning: the FCFS planner now, the MACE scheduler later (issue 6)."""
+"""Planning: requests and sequences, the policies that build each iteration's plan (FCFS and
+MACE), the cost model that prices a plan, and the engine around them (``EngineCore`` on plain data,
+``AsyncEngine`` on the event loop)."""

@@ -81,8 +81,9 @@ def attach_trainer(core: EngineCore, runner: ModelRunner, store, config=None, st
     """Put LoRA adapters on the served model and wire the DPO trainer: the executor runs on the
     worker (``runner.finetune_executor``), the trainer feeds the scheduler (``core.trainer``).
     With ``state_dir``, resume from its latest adapter checkpoint and write new ones there."""
-    from trainer.checkpoint import latest_checkpoint, load_checkpoint
-    from trainer.executor import FinetuneExecutor, TrainerConfig, attach_adapters
+    from trainer.adapters import attach_adapters
+    from trainer.checkpoint import CheckpointWriter, latest_checkpoint, load_checkpoint
+    from trainer.executor import FinetuneExecutor, TrainerConfig
     from trainer.trainer import Trainer
 
     config = config or TrainerConfig()
@@ -95,7 +96,8 @@ def attach_trainer(core: EngineCore, runner: ModelRunner, store, config=None, st
         load_checkpoint(peft_model, latest[0])
         version = latest[1]
         log.info("resumed the adapter from %s (version %d)", latest[0], version)
-    runner.finetune_executor = FinetuneExecutor(peft_model, config, pad_id, version, state_dir, checkpoint_every)
+    checkpoints = CheckpointWriter(peft_model, state_dir) if state_dir is not None else None
+    runner.finetune_executor = FinetuneExecutor(peft_model, config, pad_id, version, checkpoints, checkpoint_every)
     core.trainer = Trainer(store, tokenizer, config, tokenizer.eos_token_id, checkpointing=state_dir is not None)
     core.trainer.adapter_version = version
     if runner.finetune_executor.checkpoints is not None:

@@ -1,6 +1,6 @@
 """DPO on the drift oracle's pairs without a server: how fast, and how steadily, the LoRA adapter
 learns a taste, and unlearns it after the switch, per pair trained. It isolates the learning from
-the serving policies, and is how the paper bench's trainer settings (``server/bench/paper.py``,
+the serving policies, and is how the paper bench's trainer settings (``bench/paper.py``,
 ``Settings``) were chosen; BENCHMARKS.md has the runs.
 
 Each pair: a random shipped prompt in the chat template, two answers sampled from the current
@@ -33,8 +33,9 @@ from clients.oracle import drift_oracle  # noqa: E402
 from clients.workload import default_prompts  # noqa: E402
 from engine.model_loader import load_model  # noqa: E402
 from engine.plan import FinetuneChunk, PreferencePair  # noqa: E402
-from server.bench.paper import PRETRAINED_MODEL, pretrained_model  # noqa: E402
-from trainer.executor import FinetuneExecutor, TrainerConfig, attach_adapters  # noqa: E402
+from bench.paper import PRETRAINED_MODEL, pretrained_model  # noqa: E402
+from trainer.adapters import attach_adapters  # noqa: E402
+from trainer.executor import FinetuneExecutor, TrainerConfig  # noqa: E402
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 2's CUDA checks, as one prepared device run (the `device` tool's `run`, from the repo
+# The CUDA checks, as one prepared device run (the `device` tool's `run`, from the repo
 # root, no install: the device image has torch, transformers and peft; the engine bench needs
 # neither trl nor msgspec). Writes everything under $OUT:
 #   env.txt          torch / GPU versions
@@ -13,12 +13,11 @@ OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" | tee "$OUT/env.txt"
 python3 scripts/cuda_smoke.py --device cuda --out "$OUT/smoke.json" 2>&1 | tail -8
-# Not through `python3 -m server.cli`: its parser imports every bench, and the HTTP one needs
-# msgspec, which the device image lacks.
+# The engine bench is driven through its own parser, so nothing but its module is imported.
 python3 -c "from engine.demo_model import build_demo_model; print(build_demo_model('/tmp/demo-1b', '1b'))" 2>&1 | tail -1
 python3 - "$OUT" <<'PY' 2>&1 | tail -20
 import argparse, sys
-from server.bench import engine
+from bench import engine
 out = sys.argv[1]
 sys.argv = ["mace", "bench", "engine", "--model", "/tmp/demo-1b", "--device", "cuda", "--dtype", "bfloat16",
             "--rounds", "1", "--kv-cache-bytes", str(8 << 30), "--out", f"{out}/engine-cuda.json"]

@@ -1,1 +1,2 @@
-"""HTTP routes, the `mace` CLI and benchmarks."""
+"""The HTTP server (aiohttp on uvloop): the OpenAI, TGI and feedback routes, admission, metrics,
+and the ``mace`` command line."""

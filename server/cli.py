@@ -73,13 +73,13 @@ def _load(args: argparse.Namespace) -> None:
 
 # `mace bench NAME`: the module (with add_arguments(parser) and main(args)) and its help.
 BENCHES = {
-    "engine": ("server.bench.engine", "engine throughput/latency vs transformers (no HTTP)"),
-    "http": ("server.bench.http_layer", "tokens/s streamed over HTTP vs the engine alone, same workload, same run"),
-    "cache": ("server.bench.cache", "KV cache: prefix sharing on vs off, pruning memory and quality"),
-    "train": ("server.bench.train", "DPO pairs/s alone and while serving, and the serving TPOT with and without"),
-    "plan": ("server.bench.plan", "the scheduler's planning time per iteration at 16, 256 and 1024 queued requests"),
-    "policies": ("server.bench.policies", "the fine-tune policies under a chat load with 10/30/50%% feedback"),
-    "paper": ("server.bench.paper", "MACE's evaluation over HTTP: recovery after drift, latency vs retrain rate, ablation"),
+    "engine": ("bench.engine", "engine throughput/latency vs transformers (no HTTP)"),
+    "http": ("bench.http_layer", "tokens/s streamed over HTTP vs the engine alone, same workload, same run"),
+    "cache": ("bench.cache", "KV cache: prefix sharing on vs off, pruning memory and quality"),
+    "train": ("bench.train", "DPO pairs/s alone and while serving, and the serving TPOT with and without"),
+    "plan": ("bench.plan", "the scheduler's planning time per iteration at 16, 256 and 1024 queued requests"),
+    "policies": ("bench.policies", "the fine-tune policies under a chat load with 10/30/50%% feedback"),
+    "paper": ("bench.paper", "MACE's evaluation over HTTP: recovery after drift, latency vs retrain rate, ablation"),
 }
 
 
@@ -87,7 +87,9 @@ def _run_bench(args: argparse.Namespace) -> None:
     importlib.import_module(args.bench_module).main(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(bench_name: str | None = None) -> argparse.ArgumentParser:
+    """The ``mace`` parser, with the flags of benchmark ``bench_name`` (None: no benchmark's).
+    Only that benchmark's module is imported: ``mace serve`` never imports one."""
     parser = argparse.ArgumentParser(prog="mace", description="MACE-serve: an LLM server that keeps aligning while it serves")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -204,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = p.add_subparsers(dest="bench", required=True)
     for name, (module, help_) in BENCHES.items():
         b = bench.add_parser(name, help=help_)
-        importlib.import_module(module).add_arguments(b)
+        if name == bench_name:  # a benchmark's own flags: its module is imported only here
+            importlib.import_module(module).add_arguments(b)
         b.set_defaults(func=_run_bench, bench_module=module)
     return parser
 
@@ -220,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(bench_name=argv[1] if argv[:1] == ["bench"] and len(argv) > 1 else None).parse_args(argv)
     args.func(args)
 
 

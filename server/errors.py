@@ -13,7 +13,7 @@ from aiohttp import web
 
 from engine.sampling_params import InvalidRequestError
 from scheduler.async_engine import EngineError
-from server.protocol import openai, tgi
+from protocol import openai, tgi
 from server.serving import Overloaded, ShuttingDown
 
 _encode = msgspec.json.Encoder().encode

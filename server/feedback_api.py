@@ -16,7 +16,7 @@ from aiohttp import web
 from engine.sampling_params import InvalidRequestError
 from server.errors import ApiError, read_json
 from server.openai_api import render_chat_text
-from server.protocol import feedback as fb
+from protocol import feedback as fb
 from server.state import STATE, ServerState
 from trainer.feedback import FeedbackStore, NewPair
 

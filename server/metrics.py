@@ -2,7 +2,7 @@
 
 Latencies follow DESIGN.md: TTFT from arrival to the first token, inter-token latency between
 streamed tokens, end-to-end from arrival to the last. Gauges read the engine when scraped, so they
-are never stale. Later issues (cache, trainer, scheduler) register their metrics on ``registry``.
+are never stale.
 """
 
 from __future__ import annotations

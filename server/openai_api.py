@@ -24,9 +24,9 @@ from scheduler.async_engine import EngineError
 from scheduler.core import RequestOutput
 from scheduler.request import RequestOptions
 from server.errors import ApiError, error_body, read_json
-from server.protocol import openai as oa
+from protocol import openai as oa
 from server.serving import SequenceSpec, Serving
-from server.sse import DONE, encode_event
+from protocol.sse import DONE, encode_event
 from server.state import REQUEST_ID, STATE, ServerState, response_headers
 
 MAX_N = 16

@@ -18,9 +18,9 @@ from scheduler.async_engine import EngineError
 from scheduler.core import RequestOutput
 from scheduler.request import RequestOptions
 from server.errors import read_json
-from server.protocol import tgi
+from protocol import tgi
 from server.serving import SequenceSpec, Serving
-from server.sse import encode_event
+from protocol.sse import encode_event
 from server.state import STATE, response_headers
 
 _encode = msgspec.json.Encoder().encode

@@ -3,8 +3,8 @@ benchmark itself runs servers for minutes: `make bench-paper`)."""
 
 from __future__ import annotations
 
-from server.bench.paper import QUICK, shared_prefix_requests
-from server.bench.paper_report import BEGIN, END, targets, write_report
+from bench.paper import QUICK, shared_prefix_requests
+from bench.paper_report import BEGIN, END, targets, write_report
 
 
 def _latency(ttft_p99: float, itl_p99: float) -> dict:
@@ -80,7 +80,7 @@ def test_shared_prefix_workload():
 def test_set_overrides_parse_each_fields_type_and_name_bad_input():
     import pytest
 
-    from server.bench.paper import apply_overrides
+    from bench.paper import apply_overrides
 
     s = apply_overrides(QUICK, ["rpo_alpha=0", "grad_accum=4", "retrain_rates=0.5", "policies=mace,inference-only"])
     assert (s.rpo_alpha, s.grad_accum, s.retrain_rates, s.policies) == (0.0, 4, (0.5,), ("mace", "inference-only"))

@@ -1,6 +1,6 @@
-"""The policies bench's verdict on issue 6's targets, per rate, from hand-made rows."""
+"""The policies bench's verdict on its targets, per rate, from hand-made rows."""
 
-from server.bench.policies import _verdicts
+from bench.policies import _verdicts
 
 
 def _row(rate, share, policy, slo, pairs_per_s):

@@ -14,14 +14,8 @@ from engine.sampling_params import SamplingParams
 from scheduler.builder import build_from_model, generate
 from tests.conftest import random_prompts
 from trainer.dpo import response_logprobs
-from trainer.executor import (
-    SERVING,
-    TRAIN,
-    FinetuneExecutor,
-    TrainerConfig,
-    adapter_parameters,
-    attach_adapters,
-)
+from trainer.adapters import SERVING, TRAIN, adapter_parameters, attach_adapters
+from trainer.executor import FinetuneExecutor, TrainerConfig
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
@@ -144,12 +138,13 @@ def test_checkpoints_load_with_plain_peft_and_resume(tiny, demo_model_dir, tmp_p
     from peft import PeftModel
 
     from scheduler.builder import attach_trainer
-    from trainer.checkpoint import latest_checkpoint
+    from trainer.checkpoint import CheckpointWriter, latest_checkpoint
     from trainer.feedback import FeedbackStore
 
     model, tokenizer = tiny
     config = TrainerConfig(lr=5e-3, grad_accum=1)
-    executor = FinetuneExecutor(attach_adapters(model, config), config, pad_id=0, state_dir=str(tmp_path),
+    peft_model = attach_adapters(model, config)
+    executor = FinetuneExecutor(peft_model, config, pad_id=0, checkpoints=CheckpointWriter(peft_model, tmp_path),
                                 checkpoint_every=2)
     pairs = _pairs(2)
     pairs = _referenced(executor, pairs)
@@ -268,7 +263,7 @@ def test_a_step_over_fewer_pairs_than_grad_accum_takes_that_share_of_the_learnin
 def test_the_cached_serving_weights_snapshot_equals_pefts_state_dict(tiny):
     from peft import get_peft_model_state_dict
 
-    from trainer.checkpoint import adapter_snapshot, serving_weights
+    from trainer.adapters import adapter_snapshot, serving_weights
 
     model, _ = tiny
     config = TrainerConfig(lr=5e-3, grad_accum=1)
@@ -286,8 +281,6 @@ def test_the_cached_serving_weights_snapshot_equals_pefts_state_dict(tiny):
 
 @pytest.mark.parametrize("lora_dropout", [0.0, 0.1])
 def test_the_fast_adapter_switch_leaves_what_pefts_set_adapter_leaves(tiny, lora_dropout):
-    from trainer.executor import SERVING, TRAIN
-
     model, _ = tiny
     config = TrainerConfig(lr=5e-3, grad_accum=1, lora_dropout=lora_dropout)
     executor = FinetuneExecutor(attach_adapters(model, config), config, pad_id=0)

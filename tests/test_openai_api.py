@@ -9,7 +9,7 @@ import openai
 import pytest
 import torch
 
-from server.sse import DONE, Decoder
+from protocol.sse import DONE, Decoder
 
 TIMEOUT = aiohttp.ClientTimeout(total=120)
 REQUIRED_METRICS = [

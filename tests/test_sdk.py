@@ -22,9 +22,9 @@ from clients import (
 from engine.sampling_params import SamplingParams
 from scheduler.async_engine import AsyncEngine
 from server.app import build_app, make_runner
-from server.protocol import openai as oa
-from server.protocol import tgi
-from server.sse import encode_event
+from protocol import openai as oa
+from protocol import tgi
+from protocol.sse import encode_event
 
 MESSAGES = [{"role": "user", "content": "Write a haiku about paging."}]
 
@@ -229,7 +229,7 @@ async def test_bad_requests_raise_the_server_error(server):
 async def test_feedback_and_its_stats(start_server, tmp_path, demo_model_dir):
     from transformers import AutoTokenizer
 
-    from server.protocol import feedback as fb
+    from protocol import feedback as fb
     from trainer.feedback import FeedbackStore
 
     store = FeedbackStore(tmp_path / "f.sqlite3")

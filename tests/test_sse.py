@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from server.sse import DONE, Decoder, Event, encode_event, iter_events
+from protocol.sse import DONE, Decoder, Event, encode_event, iter_events
 
 EVENTS = [
     Event(b'{"a": 1}'),

@@ -1,1 +1,3 @@
-"""DPO alignment loop: feedback store, loss, gradient chunks, adapter publish (issue 5)."""
+"""The alignment loop: the feedback store, the DPO loss, fine-tune chunks on the worker
+(``executor``), their planning on the event loop (``trainer``), the two LoRA adapters
+(``adapters``) and their checkpoints."""

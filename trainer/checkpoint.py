@@ -24,34 +24,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from trainer.executor import SERVING, TRAIN, copy_adapter
+from trainer.adapters import SERVING, TRAIN, copy_adapter
 
 _PREFIX = "v"
 
 log = logging.getLogger(__name__)
-
-
-def adapter_snapshot(peft_model: PeftModel, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """A copy of the serving adapter's weights, keyed as PEFT saves them, on the CPU; from
-    ``weights`` (``serving_weights``) when given."""
-    if weights is None:
-        weights = get_peft_model_state_dict(peft_model, adapter_name=SERVING)
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in weights.items()}
-
-
-def serving_weights(peft_model: PeftModel) -> dict[str, torch.Tensor] | None:
-    """The serving adapter's live tensors under the keys PEFT saves them by, to be found once
-    and kept: ``get_peft_model_state_dict`` walks the whole model's state (7 ms for the tiny
-    demo model here), and a step's publish updates these tensors in place. None when the names
-    do not line up with PEFT's (a layout this shortcut does not know: use PEFT's view each time)."""
-    keys = get_peft_model_state_dict(peft_model, adapter_name=SERVING).keys()
-    params = {n.replace(f".{SERVING}.", "."): p for n, p in peft_model.named_parameters() if f".{SERVING}." in n}
-    if set(keys) != params.keys():
-        return None
-    return {k: params[k] for k in keys}
 
 
 def _config_json(peft_model: PeftModel) -> str:

@@ -18,17 +18,12 @@ import time
 from dataclasses import dataclass
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from peft.tuners.lora import LoraLayer
+from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from engine.plan import FinetuneChunk, FinetuneResult, PreferencePair
+from trainer.adapters import SERVING, TRAIN, adapter_pairs, adapter_parameters, adapter_snapshot, serving_weights
 from trainer.dpo import dpo_loss, response_logprobs
-
-# The issue's `train` adapter is named "trainable": PEFT registers adapters as submodule names,
-# and "train" would shadow nn.Module.train.
-TRAIN, SERVING = "trainable", "serving"
-
 
 @dataclass(frozen=True)
 class TrainerConfig:
@@ -46,36 +41,6 @@ class TrainerConfig:
     # likelihood of chosen and rejected together and drift to degenerate text; the NLL keeps the
     # chosen answers likely. 0 is plain DPO.
     rpo_alpha: float = 0.0
-
-
-def attach_adapters(model: torch.nn.Module, config: TrainerConfig) -> PeftModel:
-    """Wrap ``model`` (in place) with the ``serving`` and ``train`` adapters, equal at start."""
-    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, lora, adapter_name=SERVING)
-    peft_model.add_adapter(TRAIN, lora)
-    copy_adapter(peft_model, TRAIN, SERVING)
-    peft_model.set_adapter(SERVING)
-    return peft_model
-
-
-@torch.no_grad()
-def copy_adapter(peft_model: PeftModel, src: str, dst: str) -> None:
-    for module in peft_model.modules():
-        if isinstance(module, LoraLayer) and src in module.lora_A:
-            module.lora_A[dst].weight.copy_(module.lora_A[src].weight)
-            module.lora_B[dst].weight.copy_(module.lora_B[src].weight)
-
-
-def adapter_parameters(peft_model: PeftModel, name: str) -> list[torch.nn.Parameter]:
-    return [p for n, p in peft_model.named_parameters() if f".{name}." in n and "lora_" in n]
-
-
-def _adapter_pairs(peft_model: PeftModel, a: str, b: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(adapter a's tensor, adapter b's) for every LoRA weight, matched by name: what
-    ``copy_adapter`` copies, found once instead of walking the modules at every step."""
-    params = dict(peft_model.named_parameters())
-    return [(p, params[n.replace(f".{a}.", f".{b}.")]) for n, p in params.items() if f".{a}." in n and "lora_" in n]
 
 
 def _has_dropout(model: torch.nn.Module) -> bool:
@@ -98,24 +63,19 @@ def _make_adamw(params: list[torch.nn.Parameter], config: TrainerConfig) -> torc
 
 class FinetuneExecutor:
     def __init__(self, peft_model: PeftModel, config: TrainerConfig, pad_id: int, version: int = 0,
-                 state_dir: str | None = None, checkpoint_every: int = 10) -> None:
+                 checkpoints=None, checkpoint_every: int = 10) -> None:
         self.model = peft_model
         self.config = config
         self.pad_id = pad_id
         self.version = version
-        # Checkpoints of the serving adapter every ``checkpoint_every`` published steps (and at
-        # shutdown, by the engine's owner); None: no checkpoints.
-        self.state_dir = state_dir
+        # A snapshot of the serving adapter goes to ``checkpoints`` (a CheckpointWriter, which
+        # writes off the worker) every ``checkpoint_every`` published steps; None: no checkpoints.
+        self.checkpoints = checkpoints
         self.checkpoint_every = checkpoint_every
-        self.checkpoints = None  # the CheckpointWriter: checkpoints are written off the worker
-        if state_dir is not None:
-            from trainer.checkpoint import CheckpointWriter, serving_weights
-
-            self.checkpoints = CheckpointWriter(peft_model, state_dir)
-            self._serving_weights = serving_weights(peft_model)
+        self._serving_weights = serving_weights(peft_model) if checkpoints is not None else None
         self.params = adapter_parameters(peft_model, TRAIN)
         self.optimizer = _make_adamw(self.params, config)
-        self._publish = _adapter_pairs(peft_model, SERVING, TRAIN)  # (serving, trainable) per weight
+        self._publish = adapter_pairs(peft_model, SERVING, TRAIN)  # (serving, trainable) per weight
         # Fixed costs of every gradient chunk, kept small (they are most of a small chunk's time
         # on a small model): the adapter switch walks only the LoRA layers, found once (1.4
         # against 3.7 ms there and back for the tiny demo model here), and train mode, which only
@@ -268,8 +228,6 @@ class FinetuneExecutor:
             result.stepped = self._step()
             due = self.version % self.checkpoint_every == 0 or chunk.checkpoint
             if result.stepped and self.checkpoints is not None and due:
-                from trainer.checkpoint import adapter_snapshot
-
                 # a copy of the weights now; the writer's thread does the disk work
                 self.checkpoints.submit(self.version, adapter_snapshot(self.model, self._serving_weights))
                 result.checkpoint_version = self.version
@@ -278,8 +236,6 @@ class FinetuneExecutor:
     def save(self) -> bool:
         """Checkpoint the serving adapter and wait until it is on disk (after the worker
         stopped, or on the worker thread); True if it was written."""
-        from trainer.checkpoint import adapter_snapshot
-
         self.checkpoints.submit(self.version, adapter_snapshot(self.model, self._serving_weights))
         return self.checkpoints.wait(self.version)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from server.bench.common import cpu_name, save_results
+from bench.common import cpu_name, save_results
 
 POLICIES = ("inference-only", "synchronous", "periodic", "mace")
 
@@ -98,7 +98,7 @@ async def _run(core, runner, args, prompts, arrivals, share: float) -> dict:
 
 
 def _verdicts(rows: list[dict]) -> list[dict]:
-    """Issue 6's targets per rate, at the 50% feedback share: mace keeps >= 99% SLO attainment
+    """The policies' targets per rate, at the 50% feedback share: mace keeps >= 99% SLO attainment
     while synchronous does not, and trains >= 0.76x synchronous's pairs per second."""
     out = []
     for rate in sorted({r["rate"] for r in rows}):

@@ -31,7 +31,7 @@ from engine.config import EngineConfig
 from engine.sampling_params import SamplingParams
 from scheduler.async_engine import AsyncEngine
 from scheduler.builder import build_engine
-from server.bench.common import cpu_name, save_results
+from bench.common import cpu_name, save_results
 
 
 @dataclass

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from server.bench.common import DEFAULT_MODEL, cpu_name, resolve_model, save_results
+from bench.common import DEFAULT_MODEL, cpu_name, resolve_model, save_results
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from server.bench.common import cpu_name, save_results
+from bench.common import cpu_name, save_results
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,5 +1,5 @@
 """`mace bench http`: what the HTTP layer costs. Output tokens/s streamed over HTTP against the
-engine alone, on the same workload, in the same run (the issue's bar: under 10% overhead).
+engine alone, on the same workload, in the same run (the bar: under 10% overhead).
 
 One process loads the model once; every run gets a fresh core and KV pool over it (nothing
 carries from run to run) and a few warm-up requests before the clock starts. The workload is
@@ -37,8 +37,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import msgspec
 
-from server.bench.common import DEFAULT_MODEL, cpu_name, resolve_model, save_results
-from server.sse import DONE, Decoder
+from bench.common import DEFAULT_MODEL, cpu_name, resolve_model, save_results
+from protocol.sse import DONE, Decoder
 
 NUM_WARMUP = 4
 
@@ -101,7 +101,7 @@ def stream_all_blocking(*args):
 
 
 def _stats(system: str, start: float, times: list[list[float]], num_tokens: list[int]):
-    from server.bench.engine import RunStats
+    from bench.engine import RunStats
 
     ttft = [t[0] - start for t in times]
     tpot = [(t[-1] - t[0]) / (n - 1) for t, n in zip(times, num_tokens) if n > 1]
@@ -129,7 +129,7 @@ async def run_engine(ctx: dict, workload, max_concurrency: int):
     """(stats, counters) of one run of the engine alone."""
     from engine.sampling_params import SamplingParams
     from scheduler.async_engine import AsyncEngine
-    from server.bench.engine import _consume
+    from bench.engine import _consume
 
     engine = AsyncEngine(*ctx["build"]())
     await engine.start()
@@ -216,7 +216,7 @@ def main(args: argparse.Namespace) -> dict:
     from engine.config import EngineConfig
     from engine.model_loader import load_model, max_context_len
     from scheduler.builder import build_from_model
-    from server.bench.engine import mixed_workload, pool
+    from bench.engine import mixed_workload, pool
 
     args.model = resolve_model(args.model)
     torch.manual_seed(args.seed)

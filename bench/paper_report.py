@@ -25,7 +25,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each target of issue 7 that the run measured: ``{target, measured, met}`` (none for an
+    """Each target of the paper's evaluation that the run measured: ``{target, measured, met}`` (none for an
     experiment run without the policies a target compares)."""
     out = []
     if "drift" in results and {"mace", "periodic"} <= results["drift"]["policies"].keys():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import msgspec
 
-from server.protocol.openai import ChatMessage
+from protocol.openai import ChatMessage
 
 
 class FeedbackItem(msgspec.Struct, kw_only=True):

@@ -19,11 +19,11 @@ Parts (``--parts``), each a function that adds one key to the same JSON report:
   for none), KV blocks in use (``pool.num_used_blocks``, and running sequences, sampled every
   ``--sample-ms`` on the loop: mean and peak; blocks per running sequence separates sharing from
   how many requests are admitted at once), TTFT (arrival to first token), output tokens/s
-  (all output tokens / (last finish - first arrival)). The issue's target: computed prefill
+  (all output tokens / (last finish - first arrival)). The target: computed prefill
   tokens fall by at least 0.9 of the shared share, and TTFT falls with them. Only whole blocks
   are shared, so "ideal" is the reduction a perfect block cache reaches on the workload.
 - pruning: KV memory per sequence and quality against the full cache for window and
-  heavy-hitter at 50% and 25% budgets on 512+-token generations (``server.bench.pruning``).
+  heavy-hitter at 50% and 25% budgets on 512+-token generations (``bench.pruning``).
 
 Prints a table and writes JSON and Markdown; no timing asserts (the machine is shared and noisy).
 """
@@ -40,8 +40,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from server.bench import pruning
-from server.bench.common import DEFAULT_MODEL, cpu_name, resolve_model, save_results
+from bench import pruning
+from bench.common import DEFAULT_MODEL, cpu_name, resolve_model, save_results
 
 NUM_WARMUP = 4
 
@@ -127,7 +127,7 @@ async def run_prefix_once(build: Callable, workload: ChatWorkload, is_sharing: b
     """One pass of ``workload`` through a fresh ``AsyncEngine``, after its warm-up."""
     from engine.sampling_params import SamplingParams
     from scheduler.async_engine import AsyncEngine
-    from server.bench.engine import _consume
+    from bench.engine import _consume
 
     engine = AsyncEngine(*build(is_sharing))
     sched, pool = engine.core.scheduler, engine.core.pool

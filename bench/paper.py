@@ -41,7 +41,7 @@ from clients.metrics import summarize
 from clients.oracle import default_words, drift_oracle
 from clients.sdk import AsyncClient
 from clients.workload import OutputLengths, RequestSpec, default_prompts, poisson_arrivals, synthetic_requests
-from server.bench.common import cpu_name, spawned_server
+from bench.common import cpu_name, spawned_server
 
 POLICIES = ("mace", "periodic", "synchronous", "inference-only")
 # mace serve flags per configuration name: the four policies, and mace with every iteration held
@@ -118,7 +118,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", default="bench-results/paper")
     p.add_argument("--report", default="BENCHMARKS.md", help="the Markdown report (its paper section is replaced)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
-                   help="change one of the mode's settings (server/bench/paper.py Settings), e.g. "
+                   help="change one of the mode's settings (bench/paper.py Settings), e.g. "
                         "--set rpo_alpha=0 --set retrain_rates=0.5 --set policies=mace,inference-only; repeatable")
 
 
@@ -367,7 +367,7 @@ def _profile(model: str, out: Path) -> tuple[float, float]:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    from server.bench.paper_report import targets, write_report
+    from bench.paper_report import targets, write_report
 
     started = time.perf_counter()
     settings = apply_overrides(QUICK if args.quick else FULL, args.overrides)

@@ -1,0 +1,66 @@
+"""The two LoRA adapters on the served model: their names, how they are made, copied and read.
+
+``serving`` is what inference reads; ``trainable`` is what the optimizer updates (PEFT registers
+adapters as submodule names, and "train" would shadow ``nn.Module.train``). Both start equal; a
+step's publish copies ``trainable`` into ``serving`` in place. Snapshots of ``serving`` are what
+checkpoints write.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+
+TRAIN, SERVING = "trainable", "serving"
+
+
+def attach_adapters(model: torch.nn.Module, config) -> PeftModel:
+    """Wrap ``model`` (in place) with the ``serving`` and ``trainable`` adapters of ``config``'s
+    LoRA shape, equal at start."""
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lora, adapter_name=SERVING)
+    peft_model.add_adapter(TRAIN, lora)
+    copy_adapter(peft_model, TRAIN, SERVING)
+    peft_model.set_adapter(SERVING)
+    return peft_model
+
+
+@torch.no_grad()
+def copy_adapter(peft_model: PeftModel, src: str, dst: str) -> None:
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer) and src in module.lora_A:
+            module.lora_A[dst].weight.copy_(module.lora_A[src].weight)
+            module.lora_B[dst].weight.copy_(module.lora_B[src].weight)
+
+
+def adapter_parameters(peft_model: PeftModel, name: str) -> list[torch.nn.Parameter]:
+    return [p for n, p in peft_model.named_parameters() if f".{name}." in n and "lora_" in n]
+
+
+def adapter_pairs(peft_model: PeftModel, a: str, b: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(adapter a's tensor, adapter b's) for every LoRA weight, matched by name: what
+    ``copy_adapter`` copies, found once instead of walking the modules at every step."""
+    params = dict(peft_model.named_parameters())
+    return [(p, params[n.replace(f".{a}.", f".{b}.")]) for n, p in params.items() if f".{a}." in n and "lora_" in n]
+
+
+def serving_weights(peft_model: PeftModel) -> dict[str, torch.Tensor] | None:
+    """The serving adapter's live tensors under the keys PEFT saves them by, to be found once
+    and kept: ``get_peft_model_state_dict`` walks the whole model's state (7 ms for the tiny
+    demo model here), and a step's publish updates these tensors in place. None when the names
+    do not line up with PEFT's (a layout this shortcut does not know: use PEFT's view each time)."""
+    keys = get_peft_model_state_dict(peft_model, adapter_name=SERVING).keys()
+    params = {n.replace(f".{SERVING}.", "."): p for n, p in peft_model.named_parameters() if f".{SERVING}." in n}
+    if set(keys) != params.keys():
+        return None
+    return {k: params[k] for k in keys}
+
+
+def adapter_snapshot(peft_model: PeftModel, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """A copy of the serving adapter's weights, keyed as PEFT saves them, on the CPU; from
+    ``weights`` (``serving_weights``) when given."""
+    if weights is None:
+        weights = get_peft_model_state_dict(peft_model, adapter_name=SERVING)
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in weights.items()}
