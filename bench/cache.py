@@ -130,7 +130,7 @@ async def run_prefix_once(build: Callable, workload: ChatWorkload, is_sharing: b
     from bench.engine import _consume
 
     engine = AsyncEngine(*build(is_sharing))
-    sched, pool = engine.core.scheduler, engine.core.pool
+    sched, pool = engine.core.queues, engine.core.pool
     params = SamplingParams(max_tokens=workload.output_len, temperature=0.0, ignore_eos=True)
     used: list[int] = []
     running: list[int] = []
@@ -298,8 +298,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
-    import dataclasses
-
     import torch
 
     from engine.config import EngineConfig
@@ -309,13 +307,13 @@ def main(args: argparse.Namespace) -> dict:
     args.model = resolve_model(args.model)
     torch.manual_seed(args.seed)
     started = time.perf_counter()
-    config = EngineConfig(model=args.model, max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                          kv_cache_bytes=args.kv_cache_bytes, decode_attention=args.decode_attention)
+    config = EngineConfig.build(args.model, max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                                kv_cache_bytes=args.kv_cache_bytes, decode_attention=args.decode_attention)
     model, tokenizer = load_model(args.model, torch.device("cpu"))
     ctx = {
-        "build": lambda is_sharing: build_from_model(model, tokenizer, dataclasses.replace(config, enable_prefix_caching=is_sharing)),
+        "build": lambda is_sharing: build_from_model(model, tokenizer, config.replace(enable_prefix_caching=is_sharing)),
         "vocab_size": model.config.vocab_size,
-        "block_size": config.block_size,
+        "block_size": config.cache.block_size,
         "model": model,
         "tokenizer": tokenizer,
         "config": config,
@@ -326,9 +324,10 @@ def main(args: argparse.Namespace) -> dict:
         "machine": {"platform": platform.platform(), "processor": cpu_name(), "cpus": torch.get_num_threads(),
                     "torch": torch.__version__, "device": "cpu"},
         "model": args.model,
-        "config": {"max_num_batched_tokens": config.max_num_batched_tokens, "max_num_seqs": config.max_num_seqs,
-                   "kv_cache_bytes": config.kv_cache_bytes, "num_kv_blocks": num_blocks, "block_size": config.block_size,
-                   "decode_attention": config.decode_attention, "requests": args.num_requests,
+        "config": {"max_num_batched_tokens": config.scheduler.max_num_batched_tokens,
+                   "max_num_seqs": config.scheduler.max_num_seqs, "kv_cache_bytes": config.cache.kv_cache_bytes,
+                   "num_kv_blocks": num_blocks, "block_size": config.cache.block_size,
+                   "decode_attention": config.model.decode_attention, "requests": args.num_requests,
                    "system_prompts": args.num_systems, "prompt_len": args.prompt_len, "output_len": args.output_len,
                    "rate_per_s": args.rate, "cache": "cold" if args.cold else "warm", "rounds": args.rounds,
                    "sample_ms": args.sample_ms, "seed": args.seed},

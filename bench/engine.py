@@ -92,8 +92,8 @@ def _latencies(start: float, token_times: list[list[float]]) -> tuple[list[float
 
 
 def run_mace(args, workload: Workload, budget: int | None = None) -> RunStats:
-    config = EngineConfig(
-        model=args.model,
+    config = EngineConfig.build(
+        args.model,
         max_num_batched_tokens=budget or args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
         kv_cache_bytes=args.kv_cache_bytes,
@@ -101,6 +101,7 @@ def run_mace(args, workload: Workload, budget: int | None = None) -> RunStats:
         device=args.device,
         dtype=args.dtype,
     )
+    sched = config.scheduler
 
     async def main() -> RunStats:
         engine = AsyncEngine(*build_engine(config))
@@ -121,11 +122,11 @@ def run_mace(args, workload: Workload, budget: int | None = None) -> RunStats:
             await engine.stop()
         ttft, tpot = _latencies(start, times)
         note = (
-            f"budget {config.max_num_batched_tokens} tokens/iteration, {config.max_num_seqs} seqs, "
-            f"block 16, decode attention {config.decode_attention}; {iterations} iterations, "
+            f"budget {sched.max_num_batched_tokens} tokens/iteration, {sched.max_num_seqs} seqs, "
+            f"block 16, decode attention {config.model.decode_attention}; {iterations} iterations, "
             f"worker busy {busy / wall:.0%} of the wall time"
         )
-        return RunStats(f"mace@{config.max_num_batched_tokens}", wall, sum(len(t) for t in times), ttft, tpot, note)
+        return RunStats(f"mace@{sched.max_num_batched_tokens}", wall, sum(len(t) for t in times), ttft, tpot, note)
 
     return asyncio.run(main())
 
@@ -263,8 +264,8 @@ def run_decode_overhead(args) -> dict:
     rng = random.Random(args.seed + 1)
     prompts = [[rng.randrange(3, 8000) for _ in range(prompt_len)] for _ in range(batch)]
 
-    config = EngineConfig(
-        model=args.model, max_num_batched_tokens=1024, max_num_seqs=batch,
+    config = EngineConfig.build(
+        args.model, max_num_batched_tokens=1024, max_num_seqs=batch,
         kv_cache_bytes=args.kv_cache_bytes, decode_attention=args.decode_attention,
         device=args.device, dtype=args.dtype,
     )

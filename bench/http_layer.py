@@ -159,11 +159,12 @@ async def run_http(ctx: dict, workload, max_concurrency: int, client: str):
     """(stats, counters) of one run over HTTP, seen from the client."""
     from aiohttp import web
 
-    from scheduler.async_engine import AsyncEngine
     from server.app import build_app, make_runner
+    from server.state import STATE
 
-    engine = AsyncEngine(*ctx["build"]())
-    runner = make_runner(build_app(engine, max_waiting_requests=max(256, len(workload.prompts))))
+    app = build_app(*ctx["build"](), max_waiting_requests=max(256, len(workload.prompts)))
+    engine = app[STATE].engine
+    runner = make_runner(app)
     await runner.setup()  # starts the engine
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -220,8 +221,9 @@ def main(args: argparse.Namespace) -> dict:
 
     args.model = resolve_model(args.model)
     torch.manual_seed(args.seed)
-    config = EngineConfig(model=args.model, max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                          kv_cache_bytes=args.kv_cache_bytes, decode_attention=args.decode_attention)
+    config = EngineConfig.build(args.model, max_num_batched_tokens=args.max_num_batched_tokens,
+                                max_num_seqs=args.max_num_seqs, kv_cache_bytes=args.kv_cache_bytes,
+                                decode_attention=args.decode_attention)
     model, tokenizer = load_model(args.model, torch.device("cpu"))
     ctx = {"build": lambda: build_from_model(model, tokenizer, config)}
     # The engine bench's workload, its prompts cut to fit a smaller model's context.
@@ -265,9 +267,10 @@ def main(args: argparse.Namespace) -> dict:
         "machine": {"platform": platform.platform(), "processor": cpu_name(), "cpus": torch.get_num_threads(),
                     "torch": torch.__version__, "device": "cpu"},
         "model": args.model,
-        "config": {"max_num_batched_tokens": config.max_num_batched_tokens, "max_num_seqs": config.max_num_seqs,
-                   "kv_cache_bytes": config.kv_cache_bytes, "decode_attention": config.decode_attention,
-                   "block_size": config.block_size, "client": args.client, "max_concurrency": cap, "rounds": args.rounds},
+        "config": {"max_num_batched_tokens": config.scheduler.max_num_batched_tokens,
+                   "max_num_seqs": config.scheduler.max_num_seqs, "kv_cache_bytes": config.cache.kv_cache_bytes,
+                   "decode_attention": config.model.decode_attention, "block_size": config.cache.block_size,
+                   "client": args.client, "max_concurrency": cap, "rounds": args.rounds},
         "workload": {"requests": args.num_requests, "prompt_tokens": workload.num_prompt_tokens,
                      "output_tokens": workload.num_output_tokens},
         "rows": rows,

@@ -10,9 +10,7 @@ import argparse
 import random
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 from bench.common import cpu_name, save_results
 
@@ -28,14 +26,10 @@ def _one(queued: int, iterations: int, tokenizer, model_dir: str) -> dict:
     from engine.plan import IterationResult, SequenceResult
     from engine.sampling_params import SamplingParams
     from scheduler.core import EngineCore
-    from trainer.executor import TrainerConfig
-    from trainer.feedback import FeedbackStore
-    from trainer.trainer import Trainer
 
-    config = EngineConfig(model=model_dir, policy="mace", max_num_batched_tokens=256, max_num_seqs=32,
-                          max_model_len=2048, vocab_size=8192)
-    core = EngineCore(config, tokenizer, frozenset(), num_blocks=32 * 128 + 1024)
-    core.trainer = Trainer(FeedbackStore(Path(tempfile.mkdtemp()) / "f.sqlite3"), tokenizer, TrainerConfig(), None)
+    config = EngineConfig.build(model_dir, policy="mace", max_num_batched_tokens=256, max_num_seqs=32,
+                                max_model_len=2048, vocab_size=8192)
+    core = EngineCore(config, tokenizer, frozenset(), num_blocks=32 * 128 + 1024)  # no trainer: inference only
     rng = random.Random(0)
     params = SamplingParams(max_tokens=10_000 // 8, temperature=0.0, ignore_eos=True)
     from scheduler.request import RequestOptions
@@ -53,7 +47,7 @@ def _one(queued: int, iterations: int, tokenizer, model_dir: str) -> dict:
     times.sort()
     return {"queued": queued, "iterations": iterations, "median_ms": round(1e3 * statistics.median(times), 4),
             "p99_ms": round(1e3 * times[int(0.99 * (len(times) - 1))], 4),
-            "running": len(core.scheduler.running), "waiting": len(core.scheduler.waiting)}
+            "running": len(core.queues.running), "waiting": len(core.queues.waiting)}
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
-import dataclasses
 import random
 import sys
 import tempfile
@@ -46,14 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench-results/policies.json")
 
 
-async def _run(core, runner, args, prompts, arrivals, share: float) -> dict:
+async def _run(core, runner, store, args, prompts, arrivals, share: float) -> dict:
     from engine.sampling_params import SamplingParams
     from scheduler.async_engine import AsyncEngine
-    from scheduler.builder import attach_trainer
-    from trainer.feedback import FeedbackStore, NewPair
+    from trainer.feedback import NewPair
 
-    store = FeedbackStore(Path(tempfile.mkdtemp()) / "f.sqlite3")
-    trainer = attach_trainer(core, runner, store) if core.config.policy != "inference-only" else None
+    trainer = core.trainer
     engine = AsyncEngine(core, runner)
     tokenizer = core.tokenizer
     await engine.start()
@@ -84,8 +80,8 @@ async def _run(core, runner, args, prompts, arrivals, share: float) -> dict:
         await asyncio.gather(*(one(i) for i in range(len(prompts))))
         wall = time.perf_counter() - start
         busy = engine.worker_busy_s  # the worker's iteration time, inference and fine-tune
-        if trainer is not None:
-            await trainer.flush()
+        if core.training is not None:
+            await core.training.flush()
     finally:
         await engine.stop()
     trained = store.stats()["trained"]
@@ -123,28 +119,32 @@ def main(args: argparse.Namespace) -> dict:
     rng = random.Random(args.seed)
     gaps = np.random.default_rng(args.seed).exponential(1.0, args.requests)  # one shape, scaled per rate
     prompts = [[rng.randrange(8000) for _ in range(args.prompt_len)] for _ in range(args.requests)]
-    from scheduler.builder import attach_trainer
+    from engine.config import TrainingConfig
     from scheduler.profiler import profile
     from trainer.feedback import FeedbackStore
 
-    config = EngineConfig(model=args.model, kv_cache_bytes=512 << 20, max_num_seqs=32, slo_tbt_ms=args.slo_tbt_ms,
-                          slo_ttft_ms=args.slo_ttft_ms, retrain_period_s=args.retrain_period,
-                          finetune_tokens_per_iteration=args.finetune_tokens)
+    config = EngineConfig.build(args.model, kv_cache_bytes=512 << 20, max_num_seqs=32, slo_tbt_ms=args.slo_tbt_ms,
+                                slo_ttft_ms=args.slo_ttft_ms, retrain_period_s=args.retrain_period,
+                                finetune_tokens_per_iteration=args.finetune_tokens)
     started = time.perf_counter()
     model, tokenizer = load_model(args.model, torch.device("cpu"))
-    core, runner = build_from_model(model, tokenizer, dataclasses.replace(config, policy="mace"))
-    attach_trainer(core, runner, FeedbackStore(Path(tempfile.mkdtemp()) / "f.sqlite3"))
-    cost_model, _ = profile(runner, core.config.max_model_len, quick=True, progress=False)
+    core, runner = build_from_model(model, tokenizer, config.replace(policy="mace"), TrainingConfig(),
+                                    FeedbackStore(Path(tempfile.mkdtemp()) / "f.sqlite3"))
+    cost_model, _ = profile(runner, core.config.model.max_model_len, quick=True, progress=False)
+    profile_path = Path(tempfile.mkdtemp()) / "profile.json"
+    cost_model.save(profile_path)  # every run starts from this profile
+    config = config.replace(cost_profile=str(profile_path))
     rows = []
     for rate in (float(r) for r in args.rates.split(",")):
         arrivals = list(np.cumsum(gaps / rate))
         for share in (float(s) for s in args.shares.split(",")):
             for policy in args.policies.split(","):
                 model, tokenizer = load_model(args.model, torch.device("cpu"))  # adapters go on per run
-                core, runner = build_from_model(model, tokenizer, dataclasses.replace(config, policy=policy))
-                core.cost_model = copy.deepcopy(cost_model)
+                store = FeedbackStore(Path(tempfile.mkdtemp()) / "f.sqlite3")
+                training = TrainingConfig() if policy != "inference-only" else None
+                core, runner = build_from_model(model, tokenizer, config.replace(policy=policy), training, store)
                 row = {"rate": rate, "share": share, "policy": policy,
-                       **asyncio.run(_run(core, runner, args, prompts, arrivals, share))}
+                       **asyncio.run(_run(core, runner, store, args, prompts, arrivals, share))}
                 rows.append(row)
                 print(row, flush=True)
     verdicts = _verdicts(rows)

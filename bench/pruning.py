@@ -16,7 +16,6 @@ Method (teacher forcing, so every setting predicts along the same text):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import random
 import time
 
@@ -74,7 +73,7 @@ def _run(model, tokenizer, config: EngineConfig, prompts: list[list[int]], gen: 
         "logits": [torch.stack(x) for x in logits],  # per sequence (gen, vocab)
         "tokens": [list(s.output_token_ids) for s in seqs],
         "blocks": blocks,
-        "num_pruned_tokens": core.scheduler.num_pruned_tokens,
+        "num_pruned_tokens": core.queues.num_pruned_tokens,
         "wall_s": time.perf_counter() - t0,
     }
 
@@ -97,7 +96,7 @@ def run_part(args: argparse.Namespace, ctx: dict) -> dict:
             train_demo_model(build_demo_model(path, "base"), TRAIN_STEPS)
     model, tokenizer = load_model(path, torch.device("cpu"))
     ctx = {**ctx, "model": model, "tokenizer": tokenizer,
-           "config": dataclasses.replace(ctx["config"], model=path)}
+           "config": ctx["config"].replace(path=path)}
     m = model.config
     head_dim = getattr(m, "head_dim", None) or m.hidden_size // m.num_attention_heads
     block_bytes = kv_bytes_per_block(m.num_hidden_layers, m.num_key_value_heads, head_dim, ctx["block_size"],
@@ -142,12 +141,12 @@ def run_pruning(model, tokenizer, base: EngineConfig, args: argparse.Namespace, 
     else:
         prompts = [[rng.randrange(vocab) for _ in range(args.pruning_prompt)] for _ in range(args.pruning_seqs)]
         forced = None
-    base = dataclasses.replace(base, enable_prefix_caching=False, kv_prune="none")
+    base = base.replace(enable_prefix_caching=False, kv_prune="none")
     full = _run(model, tokenizer, base, prompts, gen, forced)
     ref_tokens = full["tokens"]
     rows = [_summary("full", None, full, full, block_bytes)]
     for policy, budget in SETTINGS:
-        config = dataclasses.replace(base, kv_prune=policy, kv_budget=budget)
+        config = base.replace(kv_prune=policy, kv_budget=budget)
         run = _run(model, tokenizer, config, prompts, gen, ref_tokens)
         rows.append(_summary(policy, budget, run, full, block_bytes))
         print(f"  pruning {policy}@{budget}: {rows[-1]}", flush=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import random
 import sys
 import tempfile
@@ -54,20 +53,18 @@ def _pairs(rng: random.Random) -> list[tuple[str, str, str]]:
 
 
 async def _run(build, args, texts, arrivals, prompts, train: bool) -> dict:
+    from engine.config import TrainingConfig
     from engine.sampling_params import SamplingParams
     from scheduler.async_engine import AsyncEngine
-    from scheduler.builder import attach_trainer
-    from trainer.executor import TrainerConfig
     from trainer.feedback import FeedbackStore, NewPair
 
-    core, runner = build()
     store = None
     if train:
         store = FeedbackStore(Path(tempfile.mkdtemp()) / "f.sqlite3")
         store.add([NewPair(*texts[i % len(texts)], id=f"p{i}") for i in range(args.pairs)])
-        attach_trainer(core, runner, store, TrainerConfig(grad_accum=args.grad_accum))
+    core, runner = build(TrainingConfig(grad_accum=args.grad_accum) if train else None, store)
     engine = AsyncEngine(core, runner)
-    await engine.start()
+    await engine.start()  # training loads the stored pairs
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     tpots: list[float] = []
 
@@ -84,9 +81,8 @@ async def _run(build, args, texts, arrivals, prompts, train: bool) -> dict:
     try:
         tasks = [asyncio.create_task(one(p, a)) for p, a in zip(prompts, arrivals)]
         if train:
-            await core.trainer.refill()
             while True:  # bounded by the work: every pair gets trained once
-                await core.trainer.flush()
+                await core.training.flush()
                 if store.stats()["trained"] >= args.pairs:
                     trained_s = time.perf_counter() - start
                     break
@@ -116,8 +112,8 @@ def main(args: argparse.Namespace) -> dict:
     args.model = resolve_model(args.model)
     rng = random.Random(args.seed)
     texts = _pairs(rng)
-    config = EngineConfig(model=args.model, kv_cache_bytes=512 << 20, max_num_seqs=32,
-                          finetune_tokens_per_iteration=args.finetune_tokens, slo_tbt_ms=args.slo_tbt_ms)
+    config = EngineConfig.build(args.model, kv_cache_bytes=512 << 20, max_num_seqs=32,
+                                finetune_tokens_per_iteration=args.finetune_tokens, slo_tbt_ms=args.slo_tbt_ms)
     vocab = None
     rows = {}
     started = time.perf_counter()
@@ -129,7 +125,9 @@ def main(args: argparse.Namespace) -> dict:
         prompts = [[rng.randrange(vocab) for _ in range(args.prompt_len)] for _ in range(args.requests)] if with_load else []
         gaps = np.random.default_rng(args.seed).exponential(1 / args.rate, len(prompts))
         arrivals = list(np.cumsum(gaps)) if with_load else []
-        build = lambda: build_from_model(model, tokenizer, dataclasses.replace(config, policy=policy))  # noqa: E731
+        def build(training, store, model=model, tokenizer=tokenizer, policy=policy):
+            return build_from_model(model, tokenizer, config.replace(policy=policy), training, store)
+
         rows[name] = asyncio.run(_run(build, args, texts, arrivals, prompts, with_train))
         print(f"{name}: {rows[name]}", flush=True)
     report = {

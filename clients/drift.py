@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,10 +88,16 @@ class EvalConfig:
 
 class DriftEvaluator:
     """Evaluates one server against ``oracle``. Call ``take_base`` first, before any training;
-    then ``evaluate(t_s)`` any number of times, or ``run`` for a series at a fixed interval."""
+    then ``evaluate(t_s)`` any number of times, or ``run`` for a series at a fixed interval.
 
-    def __init__(self, client: AsyncClient, oracle: PreferenceOracle, config: EvalConfig) -> None:
+    ``clock`` (seconds) and ``sleep`` are the time that ``run`` schedules on and ``eval_s`` is
+    measured on: ``time.perf_counter`` and ``asyncio.sleep``; tests pass a fake clock."""
+
+    def __init__(self, client: AsyncClient, oracle: PreferenceOracle, config: EvalConfig, *,
+                 clock: Callable[[], float] = time.perf_counter,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.client, self.oracle, self.config = client, oracle, config
+        self.clock, self.sleep = clock, sleep
         self.base_samples: list[str] | None = None
         self.base_clpd: dict[str, float] = {}  # per phase name
         self._pairs: dict[str, list[PreferencePair]] = {}  # per phase name: fixed for the run
@@ -146,7 +152,7 @@ class DriftEvaluator:
         """Win rate and CLPD of the adapter serving now, under the taste at ``t_s``."""
         if self.base_samples is None:
             raise RuntimeError("take_base() first")
-        started = time.perf_counter()
+        started = self.clock()
         version = await self.adapter_version()
         samples, value = await asyncio.gather(self._samples(), self.clpd(t_s))
         ours = [self.oracle.score(s, t_s) for s in samples]
@@ -154,25 +160,26 @@ class DriftEvaluator:
         phase = self.oracle.phase_at(t_s).name
         return EvalPoint(t_s=t_s, adapter_version=version, phase=phase, win_rate=win_rate(ours, base), clpd=value,
                          clpd_gain=value - self.base_clpd[phase], num_comparisons=len(ours),
-                         num_ties=sum(a == b for a, b in zip(ours, base)), eval_s=time.perf_counter() - started)
+                         num_ties=sum(a == b for a, b in zip(ours, base)), eval_s=self.clock() - started)
 
     async def run(self, start: float, interval_s: float, until_s: float) -> list[EvalPoint]:
-        """Evaluate at ``interval_s``, ``2 * interval_s``, ... seconds after ``start`` (a
-        ``time.perf_counter()`` value, the load's start) up to ``until_s``; a slot missed while an
-        evaluation ran is skipped. Each point's ``t_s`` is when its evaluation began. An
-        evaluation the server turned away (429 or 503) is left out and noted in ``skipped``."""
+        """Evaluate at ``interval_s``, ``2 * interval_s``, ... seconds after ``start`` (a reading
+        of ``clock``, by default ``time.perf_counter()``: the load's start) up to ``until_s``; a
+        slot missed while an evaluation ran is skipped. Each point's ``t_s`` is when its
+        evaluation began. An evaluation the server turned away (429 or 503) is left out and
+        noted in ``skipped``."""
         points: list[EvalPoint] = []
         slot = 1
         while slot * interval_s <= until_s:
-            await asyncio.sleep(max(0.0, start + slot * interval_s - time.perf_counter()))
-            t_s = time.perf_counter() - start
+            await self.sleep(max(0.0, start + slot * interval_s - self.clock()))
+            t_s = self.clock() - start
             try:
                 points.append(await self.evaluate(t_s))
             except APIError as exc:
                 if exc.status not in (429, 503):
                     raise
                 self.skipped.append((round(t_s, 3), str(exc)))
-            slot = max(slot + 1, int((time.perf_counter() - start) / interval_s) + 1)
+            slot = max(slot + 1, int((self.clock() - start) / interval_s) + 1)
         return points
 
 

@@ -152,6 +152,24 @@ class FinetuneChunk:
         return 1.0 if self.has_grad else NO_GRAD_COST
 
 
+@dataclass(frozen=True, slots=True)
+class FinetuneOffer:
+    """What the trainer can add to an iteration, stated by the trainer and priced by the
+    scheduler's policy. Sizes are tokens the trainer can cut a piece at; the policy decides how
+    many the iteration makes room for, and the trainer then cuts the chunk (``FinetuneChunk``)."""
+
+    # The smallest piece: the next part of a pair cut in two, one pair's reference pass, or the
+    # first sequence of a pair ready to train.
+    min_tokens: int
+    # The next piece when nothing is cut: one whole pair (or the next part of a cut one).
+    whole_tokens: int
+    loss: float  # the last DPO loss of the pair trained next (the recent mean; ln 2 before any)
+    wait_s: float  # since the work became ready or a piece last ran
+    # The smallest piece's price per token relative to a gradient token: NO_GRAD_COST when it is
+    # a forward without backward (a reference pass). Tokens past it price at 1.
+    min_cost_factor: float = 1.0
+
+
 @dataclass(slots=True)
 class IterationPlan:
     """Everything the worker does in one iteration."""
@@ -163,6 +181,10 @@ class IterationPlan:
     finetune: FinetuneChunk | None = None
     # KV pruning, run before the forward.
     kv_prunes: list[KvPrune] = field(default_factory=list)
+    # What the scheduler expected (the worker ignores both): the cost model's price of the whole
+    # plan, and the latency its policy planned against (None: the policy plans by tokens).
+    predicted_s: float = 0.0
+    capacity_s: float | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -25,7 +25,10 @@ class ModelRunner:
         block_size: int,
         decode_attention: str = "auto",
         collect_attention_scores: bool = False,
+        finetune_executor=None,
     ) -> None:
+        """``finetune_executor`` (``trainer.executor.FinetuneExecutor``) runs a plan's fine-tune
+        chunk after its inference forward; None: plans carry no fine-tune work."""
         config = model.config
         self.model = model
         self.device = next(model.parameters()).device
@@ -54,11 +57,9 @@ class ModelRunner:
             torch.zeros(self.kv_pool.shape[0], num_blocks * block_size, dtype=torch.float32, device=self.device)
             if collect_attention_scores else None
         )
+        self.finetune_executor = finetune_executor
         # Evaluation tools (bench cache's pruning quality) set this to read the next-token logits
         # of every sampled row after ``execute``: ``last_logits[seq_id]``, (vocab,) fp32.
-        # Runs plan.finetune after the inference forward (trainer.executor.FinetuneExecutor,
-        # wired by the builder when training is on); None: plans carry no fine-tune work.
-        self.finetune_executor = None
         self.capture_logits = False
         self.last_logits: dict[int, torch.Tensor] = {}
         self._decoder = model.get_decoder()

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 
-from engine.plan import IterationResult
+from engine.plan import IterationPlan, IterationResult
 from engine.runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.worker import Worker
 from scheduler.core import EngineCore, RequestOutput
-from scheduler.cost_model import IterationShape
 from scheduler.request import RequestOptions
 
 
@@ -30,29 +29,48 @@ class EngineError(RuntimeError):
     """The forward failed for this request; the engine itself keeps running."""
 
 
+@dataclass(slots=True)
+class IterationRecord:
+    """One iteration as the engine ran it: what its observers (metrics, the trace) read."""
+
+    plan: IterationPlan
+    planned_at_s: float  # time.monotonic() when the plan was built
+    plan_s: float  # seconds building it took
+    result: IterationResult | None  # None: the iteration failed
+
+
 class AsyncEngine:
-    def __init__(self, core: EngineCore, runner: ModelRunner) -> None:
+    """``observers`` are called on the event loop after every iteration with its
+    ``IterationRecord`` (they must be quick: the next plan waits for them)."""
+
+    def __init__(self, core: EngineCore, runner: ModelRunner,
+                 observers: Sequence[Callable[[IterationRecord], None]] = ()) -> None:
         self.core = core
         self.worker = Worker(runner)
+        self.observers = tuple(observers)
         self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._ids = itertools.count()
         self.num_iterations = 0
         self.worker_busy_s = 0.0  # summed iteration time on the worker: busy / wall = utilization
-        # Called with (planning seconds, iteration seconds) after each iteration (the server's metrics).
-        self.iteration_observer: Callable[[float, float], None] | None = None
-        # A text file that gets one JSON line per iteration (``mace serve --trace-iterations``).
-        self.trace = None
+
+    @property
+    def training(self):
+        """What trains the adapter while serving (``trainer.training.Training``), or None."""
+        return self.core.training
 
     async def start(self) -> None:
-        if self.core.trainer is not None:
-            self.core.trainer.on_new_work = self._wake.set
+        """Start the worker and the scheduler coroutine, and training (which loads the feedback
+        stored before a restart)."""
+        if self.training is not None:
+            await self.training.start(self._wake.set)
         self.worker.start()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="mace-scheduler")
 
     async def stop(self) -> None:
-        """Abort what is left, finish the iteration in flight, stop the worker."""
+        """Abort what is left, finish the iteration in flight, stop the worker, then training
+        (its last checkpoint)."""
         for rid in list(self._streams):
             self.abort(rid)
         if self._task is not None:
@@ -62,18 +80,8 @@ class AsyncEngine:
             except asyncio.CancelledError:
                 pass
         await asyncio.to_thread(self.worker.stop)
-        executor = self.worker.runner.finetune_executor
-        saved = True
-        if executor is not None and executor.checkpoints is not None and executor.version > 0:
-            saved = await asyncio.to_thread(executor.save)  # the worker is stopped: nothing changes now
-        if self.core.trainer is not None:
-            if saved:  # else the pairs stay pending and train again after a restart
-                self.core.trainer.on_checkpoint()
-            await self.core.trainer.flush()
-        if executor is not None:
-            await asyncio.to_thread(executor.close)
-        if self.trace is not None:
-            self.trace.close()
+        if self.training is not None:
+            await self.training.stop()
 
     def add_request(
         self,
@@ -147,40 +155,21 @@ class AsyncEngine:
             self._wake.clear()
             await self._wake.wait()
             return
+        planned_at_s = time.monotonic()
         loop = asyncio.get_running_loop()
         done: asyncio.Future[IterationResult | BaseException] = loop.create_future()
         self.worker.submit(plan, lambda r: loop.call_soon_threadsafe(_resolve, done, r))
-        traced = self._trace_plan(plan, plan_s) if self.trace is not None else None
         result = await done
         self.num_iterations += 1
         if isinstance(result, IterationResult):
             self.worker_busy_s += result.total_s
-            if self.iteration_observer is not None:
-                self.iteration_observer(plan_s, result.total_s)
-            if traced is not None:
-                traced["measured_s"] = result.total_s
-                if result.finetune is not None:
-                    traced["finetune_s"] = result.finetune.elapsed_s
-                    traced["step"] = result.finetune.stepped
-                self.trace.write(json.dumps(traced) + "\n")
+        record = IterationRecord(plan, planned_at_s, plan_s, result if isinstance(result, IterationResult) else None)
+        for observe in self.observers:
+            observe(record)
         for out in self.core.process_result(result, plan.iteration):
             queue = self._streams.get(out.request_id)
             if queue is not None:
                 queue.put_nowait(out)
-
-    def _trace_plan(self, plan, plan_s: float) -> dict:
-        """What the planner decided for ``plan`` and what it expected the iteration to cost."""
-        shape = self.core._shapes.get(plan.iteration, IterationShape())
-        traced = {"iteration": plan.iteration, "t": time.monotonic(), "plan_s": plan_s, "decodes": shape.num_decodes,
-                  "prefill_tokens": shape.num_prefill_tokens, "predicted_s": self.core.cost_model.predict(shape)}
-        capacity = getattr(self.core.scheduler, "latency_capacity_s", None)
-        if capacity is not None:  # the mace planner's latency bin
-            traced["capacity_s"] = capacity
-        if plan.finetune is not None:
-            ft = plan.finetune
-            traced["finetune"] = {"kind": ft.kind, "part": ft.part, "tokens": ft.num_tokens, "pairs": len(ft.pairs),
-                                  "step": ft.step}
-        return traced
 
     def _fail_all(self, exc: Exception) -> None:
         for rid, queue in list(self._streams.items()):

@@ -1,4 +1,5 @@
-"""Assembling an engine from a config: load the model, size the KV pool, wire core and runner."""
+"""Assembling an engine from its configuration: load the model, attach training, size the KV pool,
+price iterations, and wire core and runner together, every part at construction."""
 
 from __future__ import annotations
 
@@ -8,55 +9,105 @@ import logging
 import torch
 
 from cache.memory import available_memory_bytes, kv_bytes_per_block
-from engine.config import EngineConfig
+from engine.config import EngineConfig, TrainingConfig
 from engine.model_loader import eos_token_ids, load_model, max_context_len
 from engine.runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from scheduler.core import EngineCore, RequestOutput
+from scheduler.cost_model import CostModel, suggest_slos
 
 log = logging.getLogger(__name__)
 
 
-def build_engine(config: EngineConfig) -> tuple[EngineCore, ModelRunner]:
-    device = torch.device(config.device)
-    dtype = getattr(torch, config.dtype) if config.dtype else None
-    model, tokenizer = load_model(config.model, device, dtype)
-    return build_from_model(model, tokenizer, config)
+def build_engine(config: EngineConfig, training: TrainingConfig | None = None,
+                 feedback_store=None) -> tuple[EngineCore, ModelRunner]:
+    """Load ``config.model`` and build the engine on it (see ``build_from_model``)."""
+    device = torch.device(config.model.device)
+    dtype = getattr(torch, config.model.dtype) if config.model.dtype else None
+    model, tokenizer = load_model(config.model.path, device, dtype)
+    return build_from_model(model, tokenizer, config, training, feedback_store)
 
 
-def build_from_model(model: torch.nn.Module, tokenizer, config: EngineConfig) -> tuple[EngineCore, ModelRunner]:
-    """Wire an already-loaded model (with the paged attention selected) into core and runner."""
+def build_from_model(model: torch.nn.Module, tokenizer, config: EngineConfig, training: TrainingConfig | None = None,
+                     feedback_store=None) -> tuple[EngineCore, ModelRunner]:
+    """Wire an already-loaded model (with the paged attention selected) into core and runner.
+
+    With ``training``, LoRA adapters go on the model and a ``trainer.training.Training`` trains
+    them on ``feedback_store``'s pairs (a ``trainer.feedback.FeedbackStore``): its executor runs
+    on the runner, its trainer feeds the core (``core.training``). Settings left open are filled
+    in here: the context, the token budget, the SLOs (from a measured cost profile, when one is
+    loaded or ``profile_on_start`` measures it)."""
+    config = _resolve(model, config)
+    owner = None
+    if training is not None:
+        if feedback_store is None:
+            raise ValueError("training needs a feedback store")
+        from trainer.training import Training  # (peft is imported only when training)
+
+        owner = Training(model, tokenizer, feedback_store, training)
+    num_blocks = _num_blocks(model, config)
+    cache = config.cache
+    runner = ModelRunner(model, num_blocks, cache.block_size, config.model.decode_attention,
+                         collect_attention_scores=cache.kv_prune == "heavy-hitter",
+                         finetune_executor=owner.executor if owner is not None else None)
+    cost_model = _cost_model(runner, config)
+    suggested = suggest_slos(cost_model, config.scheduler.max_num_seqs) if cost_model is not None else None
+    config = dataclasses.replace(config, scheduler=config.scheduler.with_slos(suggested))
+    core = EngineCore(config, tokenizer, eos_token_ids(model, tokenizer), num_blocks, cost_model=cost_model,
+                      training=owner)
+    return core, runner
+
+
+def _resolve(model: torch.nn.Module, config: EngineConfig) -> EngineConfig:
+    """The context, the vocabulary and the token budget, from the model and the device."""
     mcfg = model.config
     context = max_context_len(mcfg)
-    max_model_len = min(config.max_model_len or context, context)
-    if config.max_num_batched_tokens is None:
+    max_model_len = min(config.model.max_model_len or context, context)
+    sched = config.scheduler
+    budget = sched.max_num_batched_tokens
+    if budget is None:
         # FCFS plans bound an iteration's time by its tokens; mace bounds it by the TBT SLO
         # through the cost model, and the token cap only stops pathological plans.
         cpu = next(model.parameters()).device.type == "cpu"
-        budget = (256 if cpu else 8192) if config.policy == "mace" else (64 if cpu else 2048)
-        config = dataclasses.replace(config, max_num_batched_tokens=budget)
-    if not config.enable_chunked_prefill and config.max_num_batched_tokens < max_model_len:
+        budget = (256 if cpu else 8192) if sched.policy == "mace" else (64 if cpu else 2048)
+    if not sched.enable_chunked_prefill and budget < max_model_len:
         # Without chunking a whole prompt must fit one iteration's budget.
         log.info("chunked prefill off: raising max_num_batched_tokens to %d", max_model_len)
-        config = dataclasses.replace(config, max_num_batched_tokens=max_model_len)
-    config = dataclasses.replace(config, max_model_len=max_model_len, vocab_size=mcfg.vocab_size)
+        budget = max_model_len
+    return config.replace(max_model_len=max_model_len, vocab_size=mcfg.vocab_size, max_num_batched_tokens=budget)
 
+
+def _num_blocks(model: torch.nn.Module, config: EngineConfig) -> int:
+    """KV blocks in the pool: the byte budget's worth, but no more than every sequence slot at
+    full context can use (more is memory taken for nothing)."""
+    mcfg, cache = model.config, config.cache
     param = next(model.parameters())
     head_dim = getattr(mcfg, "head_dim", None) or mcfg.hidden_size // mcfg.num_attention_heads
     block_bytes = kv_bytes_per_block(
-        mcfg.num_hidden_layers, mcfg.num_key_value_heads, head_dim, config.block_size, param.dtype
+        mcfg.num_hidden_layers, mcfg.num_key_value_heads, head_dim, cache.block_size, param.dtype
     )
-    budget = config.kv_cache_bytes or int(config.kv_cache_fraction * available_memory_bytes(param.device))
-    blocks_per_seq = -(-max_model_len // config.block_size)
-    # More blocks than every slot at full context can use is memory taken for nothing.
-    num_blocks = min(budget // block_bytes, config.max_num_seqs * blocks_per_seq)
+    budget = cache.kv_cache_bytes or int(cache.kv_cache_fraction * available_memory_bytes(param.device))
+    blocks_per_seq = -(-config.model.max_model_len // cache.block_size)
+    num_blocks = min(budget // block_bytes, config.scheduler.max_num_seqs * blocks_per_seq)
     if num_blocks < 1:
         raise ValueError(f"the KV budget of {budget} bytes holds no block of {block_bytes} bytes")
-    log.info("KV pool: %d blocks of %d tokens (%.1f MiB)", num_blocks, config.block_size, num_blocks * block_bytes / 2**20)
-    core = EngineCore(config, tokenizer, eos_token_ids(model, tokenizer), num_blocks)
-    runner = ModelRunner(model, num_blocks, config.block_size, config.decode_attention,
-                         collect_attention_scores=config.kv_prune == "heavy-hitter")
-    return core, runner
+    log.info("KV pool: %d blocks of %d tokens (%.1f MiB)", num_blocks, cache.block_size, num_blocks * block_bytes / 2**20)
+    return num_blocks
+
+
+def _cost_model(runner: ModelRunner, config: EngineConfig) -> CostModel | None:
+    """A measured cost model: the profile file, or a brief profile of this machine now; None:
+    none measured (the core starts from a prior)."""
+    sched = config.scheduler
+    if sched.cost_profile:
+        return CostModel.load(sched.cost_profile)
+    if not sched.profile_on_start:
+        return None
+    from scheduler.profiler import profile
+
+    log.info("no cost profile: profiling this machine briefly")
+    model, _ = profile(runner, config.model.max_model_len, quick=True, progress=False)
+    return model
 
 
 def generate(
@@ -74,32 +125,3 @@ def generate(
         for out in core.step(runner):
             tokens[out.request_id].extend(out.new_token_ids)
     return [tokens[rid] for rid in ids]
-
-
-def attach_trainer(core: EngineCore, runner: ModelRunner, store, config=None, state_dir: str | None = None,
-                   checkpoint_every: int = 10):
-    """Put LoRA adapters on the served model and wire the DPO trainer: the executor runs on the
-    worker (``runner.finetune_executor``), the trainer feeds the scheduler (``core.trainer``).
-    With ``state_dir``, resume from its latest adapter checkpoint and write new ones there."""
-    from trainer.adapters import attach_adapters
-    from trainer.checkpoint import CheckpointWriter, latest_checkpoint, load_checkpoint
-    from trainer.executor import FinetuneExecutor, TrainerConfig
-    from trainer.trainer import Trainer
-
-    config = config or TrainerConfig()
-    tokenizer = core.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    peft_model = attach_adapters(runner.model, config)
-    version = 0
-    latest = latest_checkpoint(state_dir) if state_dir is not None else None
-    if latest is not None:
-        load_checkpoint(peft_model, latest[0])
-        version = latest[1]
-        log.info("resumed the adapter from %s (version %d)", latest[0], version)
-    checkpoints = CheckpointWriter(peft_model, state_dir) if state_dir is not None else None
-    runner.finetune_executor = FinetuneExecutor(peft_model, config, pad_id, version, checkpoints, checkpoint_every)
-    core.trainer = Trainer(store, tokenizer, config, tokenizer.eos_token_id, checkpointing=state_dir is not None)
-    core.trainer.adapter_version = version
-    if runner.finetune_executor.checkpoints is not None:
-        core.trainer.attach_checkpoints(runner.finetune_executor.checkpoints)
-    return core.trainer

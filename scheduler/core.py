@@ -6,7 +6,9 @@
     result = runner.execute(plan)           # on the worker thread (AsyncEngine) or inline (step)
     outputs = core.process_result(result)   # append tokens, stop checks, free finished blocks
 
-``step()`` runs all three inline, which tests use to control exactly when requests arrive.
+``schedule`` asks the policy (``scheduler/policies.py``) for the iteration's work over the
+sequence queues, with the trainer's offer; every policy is driven the same way. ``step()`` runs
+all three inline, which tests use to control exactly when requests arrive.
 """
 
 from __future__ import annotations
@@ -15,18 +17,20 @@ import dataclasses
 import itertools
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cache.block_pool import BlockPool
 from cache.pruning import PruningPolicy
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.plan import NO_GRAD_COST, IterationPlan, IterationResult, SequenceChunk, TokenLogprob
+from engine.plan import IterationPlan, IterationResult, SequenceChunk, TokenLogprob
 from engine.sampling_params import InvalidRequestError, SamplingParams
-from scheduler.cost_model import CostModel, IterationShape
-from scheduler.fcfs import FcfsScheduler, ScheduledSequence
-from scheduler.mace import FinetuneOffer, MaceScheduler
-from scheduler.request import FinishReason, RequestOptions, Sequence, SequenceStatus
+from scheduler.cost_model import PRIOR_COSTS, CostModel, IterationShape, shape_of
+from scheduler.policies import make_policy
+from scheduler.policy import ScheduledSequence
+from scheduler.queues import SequenceQueues
+from scheduler.request import FinishReason, RequestOptions, Sequence
 
 
 @dataclass(slots=True)
@@ -49,49 +53,40 @@ class RequestOutput:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, tokenizer, eos_token_ids: frozenset[int], num_blocks: int) -> None:
+    """``training``: what trains the adapter while serving (``trainer.training.Training``), or
+    None. The core plans with its ``trainer`` (the offer, the chunks, their results); its owners
+    (``AsyncEngine``) start and stop it. ``clock`` times arrivals, first tokens and deadlines:
+    simulations drive their own."""
+
+    def __init__(self, config: EngineConfig, tokenizer, eos_token_ids: frozenset[int], num_blocks: int, *,
+                 cost_model: CostModel | None = None, training=None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if config.scheduler.slo_ttft_ms is None or config.scheduler.slo_tbt_ms is None:
+            config = dataclasses.replace(config, scheduler=config.scheduler.with_slos())
         self.config = config
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
-        self.pool = BlockPool(num_blocks, config.block_size, enable_prefix_cache=config.enable_prefix_caching)
+        cache = config.cache
+        self.pool = BlockPool(num_blocks, cache.block_size, enable_prefix_cache=cache.enable_prefix_caching)
         pruning = None
-        if config.kv_prune != "none":
-            pruning = PruningPolicy(config.kv_prune, config.kv_budget, config.block_size, config.kv_sink_tokens)
-        self._cost_model = CostModel.load(config.cost_profile) if config.cost_profile else CostModel(PRIOR_COSTS)
-        self.clock = time.monotonic  # arrivals, first tokens, deadlines; simulations drive their own
-        if config.policy == "mace":
-            self.scheduler = MaceScheduler(self.pool, config, self.cost_model, pruning, clock=lambda: self.clock())
-        else:
-            self.scheduler = FcfsScheduler(
-                self.pool,
-                max_num_batched_tokens=config.max_num_batched_tokens,
-                max_num_seqs=config.max_num_seqs,
-                enable_chunked_prefill=config.enable_chunked_prefill,
-                pruning=pruning,
-            )
+        if cache.kv_prune != "none":
+            pruning = PruningPolicy(cache.kv_prune, cache.kv_budget, cache.block_size, cache.kv_sink_tokens)
+        self.queues = SequenceQueues(self.pool, pruning)
+        if cost_model is None:  # the profile file, else a prior; corrected online either way
+            profile = config.scheduler.cost_profile
+            cost_model = CostModel.load(profile) if profile else CostModel(PRIOR_COSTS)
+        self.cost_model = cost_model
+        self.clock = clock
+        self.policy = make_policy(self.queues, config.scheduler, self.cost_model, clock)
+        self.training = training
+        self.trainer = training.trainer if training is not None else None
         self.sequences: dict[str, Sequence] = {}
         self._seq_ids = itertools.count()
         self._iterations = itertools.count()
-        self._seed_rng = random.Random(config.seed)
+        self._seed_rng = random.Random(config.model.seed)
         self._in_flight: dict[int, list[ScheduledSequence]] = {}
         self._finetune_in_flight: dict[int, int] = {}  # iteration -> fine-tune task id
-        self.trainer = None  # trainer.trainer.Trainer when training is on (the builder wires it)
         self._shapes: dict[int, IterationShape] = {}
-        self._iterations_without_finetune = 0
-        self._finetune_waiting_since: float | None = None
-        self._next_burst_s = self.clock() + config.retrain_period_s
-        self._burst_started_s: float | None = None
-
-    @property
-    def cost_model(self) -> CostModel:
-        return self._cost_model
-
-    @cost_model.setter
-    def cost_model(self, model: CostModel) -> None:
-        """Replace the cost model (a fresh profile); the mace planner prices with the same one."""
-        self._cost_model = model
-        if isinstance(self.scheduler, MaceScheduler):
-            self.scheduler.cost_model = model
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -106,7 +101,7 @@ class EngineCore:
         if request_id in self.sequences:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         num_prompt = len(prompt_token_ids)
-        max_len = self.config.max_model_len
+        max_len = self.config.model.max_model_len
         if num_prompt == 0:
             raise InvalidRequestError("the prompt is empty", "prompt")
         if num_prompt >= max_len:
@@ -116,7 +111,7 @@ class EngineCore:
                 "prompt",
                 "context_length_exceeded",
             )
-        vocab = self.config.vocab_size
+        vocab = self.config.model.vocab_size
         if vocab and any(not 0 <= t < vocab for t in prompt_token_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
         max_tokens = params.max_tokens
@@ -151,7 +146,7 @@ class EngineCore:
             options=options or RequestOptions(),
         )
         self.sequences[request_id] = seq
-        self.scheduler.add(seq)
+        self.queues.add(seq)
         return seq
 
     def abort(self, request_id: str) -> bool:
@@ -159,91 +154,36 @@ class EngineCore:
         seq = self.sequences.pop(request_id, None)
         if seq is None:
             return False
-        self.scheduler.finish(seq)
+        self.queues.finish(seq)
         seq.finish_reason = FinishReason.ABORT
         return True
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work or (self.trainer is not None and self.trainer.has_work)
+        return self.queues.has_work or (self.trainer is not None and self.trainer.has_work)
 
     # -- one iteration ------------------------------------------------------------------------
 
     def schedule(self) -> IterationPlan | None:
-        """The next iteration: inference chunks, and (with a trainer) one fine-tune chunk of at
-        most ``finetune_tokens_per_iteration`` tokens. Under ``mace`` the planner packs both
-        (scheduler/mace.py); the other policies plan inference first-come-first-served and
-        decide the fine-tune work apart (``_finetune_budget``)."""
-        if self.config.policy == "mace":
-            offer = self._finetune_offer()
-            force = offer is not None and self._iterations_without_finetune >= self.config.finetune_min_every
-            scheduled = self.scheduler.schedule(offer, force)
-            chunks = [self._chunk(s.seq, s.num_new_tokens) for s in scheduled]
-            shape = _shape(chunks)
-            budget = self.scheduler.finetune_tokens
-        else:
-            scheduled = self.scheduler.schedule()
-            chunks = [self._chunk(s.seq, s.num_new_tokens) for s in scheduled]
-            shape = _shape(chunks)
-            budget = self._finetune_budget(shape)
-        finetune = None
-        if budget:
-            finetune = self.trainer.next_chunk(budget)
-        if not scheduled and finetune is None:
+        """The next iteration, or None: nothing to run. The policy plans it from the trainer's
+        offer; the trainer then cuts the fine-tune chunk to the tokens the policy made room for."""
+        offer = self.trainer.offer(self.clock()) if self.trainer is not None else None
+        out = self.policy.schedule(offer)
+        chunks = [self._chunk(s.seq, s.num_new_tokens) for s in out.scheduled]
+        finetune = self.trainer.next_chunk(out.finetune_tokens) if out.finetune_tokens else None
+        if not chunks and finetune is None:
             return None
-        iteration = next(self._iterations)
-        self._in_flight[iteration] = scheduled
+        shape = shape_of(chunks)
         if finetune is not None:
-            self._finetune_in_flight[iteration] = finetune.task_id
-            self._iterations_without_finetune = 0
-            self._finetune_waiting_since = None  # the wait starts again when work is offered
             shape = dataclasses.replace(shape, num_finetune_tokens=finetune.cost_tokens,
                                         num_finetune_chunks=finetune.cost_chunks)
-        else:
-            self._iterations_without_finetune += 1
+        iteration = next(self._iterations)
+        self._in_flight[iteration] = out.scheduled
+        if finetune is not None:
+            self._finetune_in_flight[iteration] = finetune.task_id
         self._shapes[iteration] = shape
-        return IterationPlan(iteration=iteration, chunks=chunks, finetune=finetune,
-                             kv_prunes=self.scheduler.take_prunes())
-
-    def _periodic_budget(self, has_work: bool) -> int:
-        now = self.clock()
-        if self._burst_started_s is None and has_work and now >= self._next_burst_s:
-            self._burst_started_s = now
-        if self._burst_started_s is not None and not has_work and not self.trainer._in_flight:
-            self._burst_started_s = None  # the burst is over: the next one a period after it began
-            self._next_burst_s = now + self.config.retrain_period_s
-        if self._burst_started_s is None or not has_work:
-            return 0
-        return max(self.config.finetune_tokens_per_iteration, self.trainer.next_whole_tokens())
-
-    def _finetune_offer(self) -> FinetuneOffer | None:
-        """What the trainer can add to this iteration, for the mace planner (None: nothing)."""
-        trainer = self.trainer
-        if trainer is None or (smallest := trainer.next_pair_tokens()) is None:
-            self._finetune_waiting_since = None
-            return None
-        now = self.clock()
-        if self._finetune_waiting_since is None:
-            self._finetune_waiting_since = now
-        loss = trainer.head_loss()
-        has_grad = trainer.next_unit_has_grad()
-        # (at most the per-iteration cap, even idle: an arrival waits for the piece in flight)
-        return FinetuneOffer(smallest, max(smallest, self.config.finetune_tokens_per_iteration),
-                             loss if loss is not None else _LN2, now - self._finetune_waiting_since,
-                             min_cost_factor=1.0 if has_grad else NO_GRAD_COST)
-
-    def _finetune_budget(self, shape: IterationShape) -> int:
-        """Fine-tune tokens this iteration may carry under the FCFS-planned policies (0: none)."""
-        trainer, config = self.trainer, self.config
-        if trainer is None or config.policy == "inference-only":
-            return 0
-        smallest = trainer.next_pair_tokens()
-        if config.policy == "periodic":
-            return self._periodic_budget(smallest is not None)
-        if smallest is None:
-            return 0
-        # synchronous: a fixed chunk, but at least one whole pair (it has no slack to cut it for)
-        return max(config.finetune_tokens_per_iteration, trainer.next_whole_tokens())
+        return IterationPlan(iteration=iteration, chunks=chunks, finetune=finetune, kv_prunes=self.queues.take_prunes(),
+                             predicted_s=self.cost_model.predict(shape), capacity_s=out.capacity_s)
 
     def _chunk(self, seq: Sequence, num_new: int) -> SequenceChunk:
         start = seq.num_computed_tokens
@@ -291,7 +231,7 @@ class EngineCore:
             if seq.is_finished:  # aborted while the iteration ran
                 continue
             seq.num_computed_tokens += s.num_new_tokens
-            self.scheduler.cache_computed_blocks(seq)
+            self.queues.cache_computed_blocks(seq)
             res = by_id[seq.seq_id]
             seq.prompt_logprobs.extend(res.prompt_logprobs)
             if res.token_id is None:
@@ -341,7 +281,7 @@ class EngineCore:
         )
 
     def _finish(self, seq: Sequence, reason: FinishReason, tokens: list[int], logprobs: list[TokenLogprob]) -> RequestOutput:
-        self.scheduler.finish(seq)
+        self.queues.finish(seq)
         seq.finish_reason = reason
         self.sequences.pop(seq.request_id, None)
         out = self._output(seq, tokens, logprobs, finished=True)
@@ -368,27 +308,5 @@ class EngineCore:
 
     def check_integrity(self) -> None:
         """Block conservation and ref counts against the live sequences' block tables."""
-        live = [s.block_table for s in self.scheduler.running] + [s.block_table for s in self.scheduler.waiting]
-        self.pool.check_integrity(live)
-        for s in self.scheduler.waiting:
-            assert s.status is SequenceStatus.WAITING and not s.block_table
+        self.queues.check_integrity()
 
-
-_LN2 = 0.6931471805599453  # the DPO loss of a pair the adapter has not moved yet
-
-# Seconds: a CPU-sized guess (a ~60M model) that the first measured iterations correct.
-PRIOR_COSTS = [5e-3, 1e-3, 1e-5, 1e-3, 2e-5, 3e-3, 2e-2]
-
-
-def _shape(chunks: list[SequenceChunk]) -> IterationShape:
-    """What the cost model prices in an iteration's inference part."""
-    num_prefill = attention = decodes = context = 0
-    for c in chunks:
-        n = len(c.token_ids)
-        if n == 1:
-            decodes += 1
-            context += c.kv_offset + 1
-        else:
-            num_prefill += n
-            attention += n * (c.kv_offset + n)
-    return IterationShape(num_prefill, attention, decodes, context)

@@ -33,8 +33,23 @@ import numpy as np
 
 FEATURES = ("intercept", "prefill_tokens", "prefill_attention_k", "decodes", "decode_context_k", "finetune_tokens",
             "finetune_chunks")
+_INDEX = {name: i for i, name in enumerate(FEATURES)}
 # Profiles written before the per-chunk cost existed have the first six; their c6 is 0.
 _LEGACY_FEATURES = FEATURES[:6]
+
+
+def coefficients(**seconds: float) -> list[float]:
+    """A coefficient vector by feature name (seconds per unit of the feature); features not
+    named cost nothing."""
+    unknown = seconds.keys() - _INDEX.keys()
+    if unknown:
+        raise ValueError(f"unknown cost features {sorted(unknown)}; the features are {FEATURES}")
+    return [seconds.get(name, 0.0) for name in FEATURES]
+
+
+# A CPU-sized guess (a ~60M model) that the first measured iterations correct.
+PRIOR_COSTS = coefficients(intercept=5e-3, prefill_tokens=1e-3, prefill_attention_k=1e-5, decodes=1e-3,
+                           decode_context_k=2e-5, finetune_tokens=3e-3, finetune_chunks=2e-2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +64,20 @@ class IterationShape:
     def features(self) -> np.ndarray:
         return np.array([1.0, self.num_prefill_tokens, self.prefill_attention / 1e3, self.num_decodes,
                          self.decode_context / 1e3, self.num_finetune_tokens, self.num_finetune_chunks])
+
+
+def shape_of(chunks) -> IterationShape:
+    """What the cost model prices in an iteration's inference part (``engine.plan.SequenceChunk``s)."""
+    num_prefill = attention = decodes = context = 0
+    for c in chunks:
+        n = len(c.token_ids)
+        if n == 1:
+            decodes += 1
+            context += c.kv_offset + 1
+        else:
+            num_prefill += n
+            attention += n * (c.kv_offset + n)
+    return IterationShape(num_prefill, attention, decodes, context)
 
 
 # A typical magnitude of each feature in one iteration: scales the ridge toward the prior.
@@ -82,12 +111,21 @@ class CostModel:
     def predict(self, shape: IterationShape) -> float:
         return max(0.0, float(self.coefficients @ shape.features()))
 
+    def coefficient(self, feature: str) -> float:
+        """Seconds per unit of ``feature`` (one of FEATURES), as the model stands."""
+        return float(self.coefficients[_INDEX[feature]])
+
+    def prefill_cost(self, num_new: int, kv_offset: int) -> float:
+        """Marginal seconds of a prefill chunk of ``num_new`` tokens after ``kv_offset`` cached ones."""
+        attention_k = num_new * (kv_offset + num_new) / 1e3
+        return max(0.0, self.coefficient("prefill_tokens") * num_new + self.coefficient("prefill_attention_k") * attention_k)
+
     def cost_per_finetune_token(self) -> float:
-        return max(self.coefficients[5], 1e-9)
+        return max(self.coefficient("finetune_tokens"), 1e-9)
 
     def finetune_chunk_overhead(self) -> float:
         """Seconds a fine-tune chunk costs whatever its size."""
-        return max(self.coefficients[6], 0.0)
+        return max(self.coefficient("finetune_chunks"), 0.0)
 
     def observe(self, shape: IterationShape, measured_s: float) -> None:
         """One measured iteration: update the error ratio, then refit over the window."""

@@ -49,31 +49,17 @@ planning time flat in the queue length.
 from __future__ import annotations
 
 import math
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from cache.block_pool import BlockPool
-from cache.pruning import PruningPolicy
-from engine.config import EngineConfig
+from engine.config import SchedulerConfig
 from scheduler.cost_model import CostModel, IterationShape
-from scheduler.fcfs import FcfsScheduler, ScheduledSequence
+from scheduler.policy import FinetuneOffer, Policy, ScheduledSequence, SchedulerOutput
+from scheduler.queues import SequenceQueues
 from scheduler.request import RequestOptions, Sequence, SequenceStatus
 
 URGENT = 100.0
 _NO_CAP = 1 << 40
-
-
-@dataclass(slots=True)
-class FinetuneOffer:
-    """What the trainer can add to an iteration: a piece of ``min_tokens`` up to ``max_tokens``."""
-
-    min_tokens: int
-    max_tokens: int
-    loss: float  # the DPO loss the priority uses
-    wait_s: float  # since the work became ready or last ran
-    # The smallest piece's price per token relative to a gradient token: 1/3 when it is a
-    # forward without backward (a reference pass). Tokens past it price at 1.
-    min_cost_factor: float = 1.0
 
 
 @dataclass(slots=True)
@@ -88,17 +74,29 @@ class _Candidate:
     held: int = 0
 
 
-class MaceScheduler(FcfsScheduler):
-    def __init__(self, pool: BlockPool, config: EngineConfig, cost_model: CostModel,
-                 pruning: PruningPolicy | None = None, clock=time.monotonic) -> None:
-        super().__init__(pool, config.max_num_batched_tokens, config.max_num_seqs,
-                         config.enable_chunked_prefill, pruning)
-        self.config = config
-        self.cost_model = cost_model
-        self.clock = clock
-        self.finetune_tokens = 0  # the fine-tune piece the last plan makes room for (0: none)
-        self.latency_capacity_s = 0.0  # the last plan's L, and its prediction (tests, metrics)
-        self.predicted_s = 0.0
+@dataclass(slots=True)
+class _Room:
+    """What is left of one iteration's bin while the planner fills it."""
+
+    capacity_s: float  # L: the latency the iteration may take
+    latency_s: float  # of L, not yet spent
+    mem_total: int  # M: KV blocks new prefill may claim
+    mem: int  # of M, not yet claimed
+    tokens: int  # of max_num_batched_tokens, not yet used
+    slots: int  # sequence slots left for waiting requests
+    finetune_mem_total: int  # fine-tune tokens the activation memory allows (_NO_CAP: no cap)
+    finetune_mem: int
+    finetune_tokens: int = 0  # the fine-tune piece placed (0: none)
+
+
+class MacePolicy(Policy):
+    name = "mace"
+
+    def __init__(self, queues: SequenceQueues, config: SchedulerConfig, cost_model: CostModel,
+                 clock: Callable[[], float]) -> None:
+        super().__init__(queues, config, cost_model, clock)
+        self.weights = config.mace
+        self._iterations_without_finetune = 0  # the starvation guard's count
 
     # -- SLOs and priorities ----------------------------------------------------------------------
 
@@ -116,47 +114,47 @@ class MaceScheduler(FcfsScheduler):
         return seq.first_token_s + seq.num_output_tokens * self._tbt_budget(seq.options) - now
 
     def prefill_priority(self, seq: Sequence, now: float) -> float:
-        c = self.config
+        w = self.weights
         ttft = self._ttft(seq.options)
-        priority = c.w_prefill + seq.options.priority + c.alpha_wait * (now - seq.arrival_s) / ttft
+        priority = w.w_prefill + seq.options.priority + w.alpha_wait * (now - seq.arrival_s) / ttft
         # iterations still needed at one TBT budget each, at most max_num_batched_tokens a chunk
         remaining = seq.num_tokens - seq.num_computed_tokens
         # (iterations may run up to slo_bank_max budgets when decodes have banked slack)
-        needed = (math.ceil(remaining / self.max_num_batched_tokens) + 1) * self._tbt_budget(seq.options) * c.slo_bank_max
+        chunks = math.ceil(remaining / self.config.max_num_batched_tokens)
+        needed = (chunks + 1) * self._tbt_budget(seq.options) * w.slo_bank_max
         if seq.arrival_s + ttft - now <= needed:
             priority += URGENT
         return priority
 
     def finetune_priority(self, offer: FinetuneOffer) -> float:
-        c = self.config
-        return c.delta_ft + c.alpha_ft * offer.wait_s + c.gamma_loss * offer.loss
+        w = self.weights
+        return w.delta_ft + w.alpha_ft * offer.wait_s + w.gamma_loss * offer.loss
 
     def _victim(self) -> Sequence:
         """Who is preempted when blocks run out: the lowest request priority, newest first."""
-        return min(self.running, key=lambda s: (s.options.priority, -s.arrival_s))
+        return min(self.queues.running, key=lambda s: (s.options.priority, -s.arrival_s))
 
     # -- costs ------------------------------------------------------------------------------------
 
     def _prefill_cost(self, num_new: int, kv_offset: int) -> float:
-        c = self.cost_model.coefficients
-        return max(0.0, c[1] * num_new + c[2] * num_new * (kv_offset + num_new) / 1e3)
+        return self.cost_model.prefill_cost(num_new, kv_offset)
 
     def _prefill_candidate(self, seq: Sequence, now: float, waiting: bool = False) -> _Candidate:
-        cached = self.num_cached_prefix_tokens(seq) if waiting else 0
+        cached = self.queues.num_cached_prefix_tokens(seq) if waiting else 0
         done = max(seq.num_computed_tokens, cached)
-        held = len(seq.block_table) if not waiting else cached // self.pool.block_size
+        held = len(seq.block_table) if not waiting else cached // self.queues.pool.block_size
         return _Candidate(self.prefill_priority(seq, now), seq, waiting,
                           kv=done - seq.num_pruned_tokens, remaining=seq.num_tokens - done, held=held)
 
     def _prefill_cost_blocks(self, cand: _Candidate, n: int) -> tuple[float, int]:
         """Seconds and new blocks of the next ``n`` tokens of a prefill candidate."""
-        return self._prefill_cost(n, cand.kv), self.pool.blocks_for_tokens(cand.kv + n) - cand.held
+        return self._prefill_cost(n, cand.kv), self.queues.pool.blocks_for_tokens(cand.kv + n) - cand.held
 
     def _prefill_fit(self, cand: _Candidate, lat: float, mem: int, tokens: int, force: bool) -> tuple[int, float, int]:
         """Largest chunk of a prefill candidate within the capacities: (tokens, seconds, blocks)."""
         remaining = cand.remaining
         n = min(remaining, tokens)
-        if not self.enable_chunked_prefill:
+        if not self.config.enable_chunked_prefill:
             if n < remaining:
                 return 0, 0.0, 0
             lat_n, mem_n = self._prefill_cost_blocks(cand, n)
@@ -170,7 +168,7 @@ class MaceScheduler(FcfsScheduler):
             else:
                 hi = mid - 1
         n = lo
-        bs = self.pool.block_size
+        bs = self.queues.pool.block_size
         if 0 < n < remaining and n > bs:
             n -= (cand.kv + n) % bs  # a cut chunk ends at a block boundary (its blocks can be cached)
         if n == 0:
@@ -192,33 +190,68 @@ class MaceScheduler(FcfsScheduler):
 
     def _finetune_token_cap(self) -> int:
         """Fine-tune tokens the activation memory allows in one iteration."""
-        per_token, budget = self.cost_model.finetune_bytes_per_token, self.config.finetune_memory_bytes
+        per_token, budget = self.cost_model.finetune_bytes_per_token, self.weights.finetune_memory_bytes
         if not per_token or budget is None:
             return _NO_CAP
-        return int(self.config.tau_mem * budget / per_token)
+        return int(self.weights.tau_mem * budget / per_token)
 
     # -- one plan ---------------------------------------------------------------------------------
 
-    def schedule(self, offer: FinetuneOffer | None = None, force_finetune: bool = False) -> list[ScheduledSequence]:
-        c = self.config
+    def schedule(self, offer: FinetuneOffer | None) -> SchedulerOutput:
         now = self.clock()
-        self.finetune_tokens = 0
-        scheduled: list[ScheduledSequence] = []
-        tokens = self.max_num_batched_tokens
-        base = c.slo_tbt_ms / 1e3 * (1 - c.slo_margin)
+        force = offer is not None and self._iterations_without_finetune >= self.weights.finetune_min_every
+        scheduled, preempted = self._schedule_decodes(now)
+        room = self._room(scheduled, preempted, now)
+        candidates = self._candidates(now)
+        if offer is not None:
+            if not scheduled and not candidates:
+                # nothing running: a piece as long as the longest iteration the planner ever
+                # plans (slo_bank_max TBT budgets), so that a request arriving meanwhile waits no
+                # longer behind fine-tune work than behind a banked iteration (and memory allows)
+                fits = self._finetune_size(offer, self.weights.slo_bank_max * self._base_budget())
+                room.finetune_tokens = max(offer.min_tokens, min(self._max_finetune_tokens(offer), fits,
+                                                                 room.finetune_mem))
+            elif force:  # the starvation guard: the smallest piece, SLO or not
+                room.finetune_tokens = offer.min_tokens
+                room.latency_s -= self._finetune_cost(offer)
+            else:
+                candidates.append(_Candidate(self.finetune_priority(offer), None))
+        candidates.sort(key=lambda cand: -cand.priority)
+        self._pack(candidates, room, scheduled, offer)
+        if not scheduled and not room.finetune_tokens and candidates:
+            self._move_an_idle_engine(candidates, room, scheduled, offer)
+        if scheduled or room.finetune_tokens:
+            self._iterations_without_finetune = 0 if room.finetune_tokens else self._iterations_without_finetune + 1
+        return SchedulerOutput(scheduled, room.finetune_tokens, predicted_s=room.capacity_s - room.latency_s,
+                               capacity_s=room.capacity_s)
 
-        # 1. Decodes, most urgent first; blocks for them before anything else.
-        decodes = sorted((s for s in self.running if s.num_tokens - s.num_computed_tokens == 1),
+    def _base_budget(self) -> float:
+        """One TBT budget of the server's default SLO, in seconds."""
+        return self.config.slo_tbt_ms / 1e3 * (1 - self.config.slo_margin)
+
+    def _max_finetune_tokens(self, offer: FinetuneOffer) -> int:
+        """The largest piece one iteration may carry: the per-iteration cap, even on an idle
+        engine (an arrival waits for the piece in flight), or the smallest unit if larger."""
+        return max(offer.min_tokens, self.config.finetune_tokens_per_iteration)
+
+    def _schedule_decodes(self, now: float) -> tuple[list[ScheduledSequence], bool]:
+        """1. Every running decode, most urgent first, with its block; when the pool is short the
+        lowest-priority running sequence is preempted. Returns the decodes and whether any
+        sequence was preempted."""
+        q = self.queues
+        scheduled: list[ScheduledSequence] = []
+        tokens = self.config.max_num_batched_tokens
+        decodes = sorted((s for s in q.running if s.num_tokens - s.num_computed_tokens == 1),
                          key=lambda s: self.decode_slack(s, now))
         preempted = False
         for seq in decodes:
             if seq.status is not SequenceStatus.RUNNING or tokens == 0:
                 continue
-            if self.pruning is not None and seq.num_output_tokens > 0:
-                self._prune(seq)
-            while not self._grow(seq, 1):
+            if q.pruning is not None and seq.num_output_tokens > 0:
+                q.prune(seq)
+            while not q.grow(seq, 1):
                 victim = self._victim()
-                self._preempt(victim)
+                q.preempt(victim)
                 preempted = True
                 if victim is seq:
                     break
@@ -226,64 +259,65 @@ class MaceScheduler(FcfsScheduler):
                 scheduled.append(ScheduledSequence(seq, 1))
                 tokens -= 1
         # a victim may be a decode planned earlier in this loop: its blocks are gone, drop it
-        tokens += sum(s.seq.status is not SequenceStatus.RUNNING for s in scheduled)
-        scheduled = [s for s in scheduled if s.seq.status is SequenceStatus.RUNNING]
-        decoding = [s.seq for s in scheduled]
-        num_ctx = sum(s.num_kv_tokens + 1 for s in decoding)
-        predicted = self.cost_model.predict(IterationShape(num_decodes=len(decoding), decode_context=num_ctx))
-        if decoding:
-            slack = min(self.decode_slack(s, now) for s in decoding)
-            capacity = min(max(slack, base), c.slo_bank_max * base)
+        return [s for s in scheduled if s.seq.status is SequenceStatus.RUNNING], preempted
+
+    def _room(self, decodes: list[ScheduledSequence], preempted: bool, now: float) -> _Room:
+        """2. The bin the decodes leave: latency to their tightest deadline (at least one TBT
+        budget, at most slo_bank_max of them) minus their predicted cost; KV blocks free or
+        evictable (none when the decodes preempted); fine-tune activation memory."""
+        base = self._base_budget()
+        seqs = [s.seq for s in decodes]
+        predicted = self.cost_model.predict(IterationShape(num_decodes=len(seqs),
+                                                           decode_context=sum(s.num_kv_tokens + 1 for s in seqs)))
+        if seqs:
+            slack = min(self.decode_slack(s, now) for s in seqs)
+            capacity = min(max(slack, base), self.weights.slo_bank_max * base)
         else:
             capacity = base
-        lat = capacity - predicted
-        free = self.pool.num_free_blocks + self.pool.num_cached_blocks
-        mem_total = max(1, int(c.tau_mem * free))
-        mem = mem_total if not preempted else 0  # memory is short: no new KV this iteration
+        pool = self.queues.pool
+        mem_total = max(1, int(self.weights.tau_mem * (pool.num_free_blocks + pool.num_cached_blocks)))
+        ft_mem = self._finetune_token_cap()
+        return _Room(capacity_s=capacity, latency_s=capacity - predicted, mem_total=mem_total,
+                     mem=mem_total if not preempted else 0, tokens=self.config.max_num_batched_tokens - len(decodes),
+                     slots=self.config.max_num_seqs - len(self.queues.running), finetune_mem_total=ft_mem,
+                     finetune_mem=ft_mem)
 
-        # 2. Candidates: part-way prefills, the head of the queue, requests with their own options.
-        candidates = [self._prefill_candidate(s, now) for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
-        head, room = 0, max(c.pack_top_k, self.max_num_seqs - len(self.running))
-        for seq in self.waiting:
+    def _candidates(self, now: float) -> list[_Candidate]:
+        """3. Prefills that could join: running ones part-way through their prompt, the head of
+        the queue (as many as there are free sequence slots), and every waiting request with
+        options of its own."""
+        q = self.queues
+        candidates = [self._prefill_candidate(s, now) for s in q.running if s.num_tokens - s.num_computed_tokens > 1]
+        head, room = 0, max(self.weights.pack_top_k, self.config.max_num_seqs - len(q.running))
+        for seq in q.waiting:
             if seq.options != _DEFAULT_OPTIONS or head < room:
                 head += seq.options == _DEFAULT_OPTIONS
                 candidates.append(self._prefill_candidate(seq, now, waiting=True))
-        idle = not decoding and not candidates
-        if offer is not None:
-            candidates.append(_Candidate(self.finetune_priority(offer), None))
-            if idle:  # nothing running: a piece as long as the longest iteration the planner ever
-                # plans (slo_bank_max TBT budgets), so that a request arriving meanwhile waits no
-                # longer behind fine-tune work than behind a banked iteration (and memory allows)
-                fits = self._finetune_size(offer, c.slo_bank_max * base)
-                self.finetune_tokens = max(offer.min_tokens, min(offer.max_tokens, fits, self._finetune_token_cap()))
-                candidates.pop()
-            elif force_finetune:  # the starvation guard: the smallest piece, SLO or not
-                self.finetune_tokens = offer.min_tokens
-                lat -= self._finetune_cost(offer)
-                candidates.pop()
-        candidates.sort(key=lambda cand: -cand.priority)
+        return candidates
 
-        # 3. Urgent prefills first, then best fit among the top K that fit.
-        slots = self.max_num_seqs - len(self.running)
+    def _pack(self, candidates: list[_Candidate], room: _Room, scheduled: list[ScheduledSequence],
+              offer: FinetuneOffer | None) -> None:
+        """4. Urgent prefills first, then best fit among the top K that fit, until nothing fits."""
+        w = self.weights
         per_token = self.cost_model.cost_per_finetune_token()
-        ft_mem_total = ft_mem = self._finetune_token_cap()
-        while candidates and tokens > 0:
+        while candidates and room.tokens > 0:
             choice = None  # (f, -priority, index, size, seconds, blocks)
             considered = 0
             for i, cand in enumerate(candidates):
-                if considered == c.pack_top_k:
+                if considered == w.pack_top_k:
                     break
                 if cand.seq is None:
                     whole_s = self._finetune_cost(offer)  # one unit: a pair or a part
-                    if lat < whole_s or ft_mem < offer.min_tokens:
+                    if room.latency_s < whole_s or room.finetune_mem < offer.min_tokens:
                         continue
-                    size = min(offer.max_tokens, self._finetune_size(offer, lat), ft_mem)
+                    size = min(self._max_finetune_tokens(offer), self._finetune_size(offer, room.latency_s),
+                               room.finetune_mem)
                     seconds, blocks = whole_s + (size - offer.min_tokens) * per_token, 0
                 else:
-                    if cand.waiting and slots <= 0:
+                    if cand.waiting and room.slots <= 0:
                         continue
                     urgent = cand.priority >= URGENT
-                    size, seconds, blocks = self._prefill_fit(cand, lat, mem, tokens, force=urgent)
+                    size, seconds, blocks = self._prefill_fit(cand, room.latency_s, room.mem, room.tokens, force=urgent)
                     if size == 0:
                         continue
                     if urgent:  # placed before anything else
@@ -294,57 +328,54 @@ class MaceScheduler(FcfsScheduler):
                 # best fit on the task's whole size: the one that fills what remains most closely,
                 # in latency and in the memory it draws on (KV blocks, or fine-tune activations)
                 if cand.seq is None:
-                    mem_fit = abs(ft_mem - offer.min_tokens) / ft_mem_total if ft_mem_total < _NO_CAP else 1.0
+                    mem_fit = (abs(room.finetune_mem - offer.min_tokens) / room.finetune_mem_total
+                               if room.finetune_mem_total < _NO_CAP else 1.0)
                 else:
-                    mem_fit = abs(mem - whole_blocks) / mem_total
-                f = c.lambda_mem * mem_fit + c.lambda_lat * abs(lat - whole_s) / capacity
+                    mem_fit = abs(room.mem - whole_blocks) / room.mem_total
+                f = w.lambda_mem * mem_fit + w.lambda_lat * abs(room.latency_s - whole_s) / room.capacity_s
                 key = (f, -cand.priority, i, size, seconds, blocks)
                 if choice is None or key < choice:
                     choice = key
             if choice is None:
-                break
+                return
             _, _, i, size, seconds, blocks = choice
             cand = candidates.pop(i)
             if cand.seq is None:
-                self.finetune_tokens = size
-                ft_mem -= size
+                room.finetune_tokens = size
+                room.finetune_mem -= size
             elif not self._commit(cand, size, scheduled):
                 continue
             else:
-                slots -= cand.waiting
-                tokens -= size
-                mem -= blocks
-            lat -= seconds
-        if not scheduled and not self.finetune_tokens and candidates:
-            # The model says nothing fits, yet nothing runs either: an idle engine must move.
-            for cand in candidates:
-                if cand.seq is None:
-                    self.finetune_tokens = offer.min_tokens
-                    lat -= self._finetune_cost(offer)
-                    break
-                size, seconds, _ = self._prefill_fit(cand, lat, mem_total, tokens, force=True)
-                if size and self._commit(cand, size, scheduled):
-                    lat -= seconds
-                    break
-        self.latency_capacity_s = capacity
-        self.predicted_s = capacity - lat
-        return scheduled
+                room.slots -= cand.waiting
+                room.tokens -= size
+                room.mem -= blocks
+            room.latency_s -= seconds
+
+    def _move_an_idle_engine(self, candidates: list[_Candidate], room: _Room, scheduled: list[ScheduledSequence],
+                             offer: FinetuneOffer | None) -> None:
+        """5. The cost model says nothing fits, yet nothing runs either: an idle engine must move,
+        so the top candidate runs anyway."""
+        for cand in candidates:
+            if cand.seq is None:
+                room.finetune_tokens = offer.min_tokens
+                room.latency_s -= self._finetune_cost(offer)
+                return
+            size, seconds, _ = self._prefill_fit(cand, room.latency_s, room.mem_total, room.tokens, force=True)
+            if size and self._commit(cand, size, scheduled):
+                room.latency_s -= seconds
+                return
 
     def _commit(self, cand: _Candidate, num_new: int, scheduled: list[ScheduledSequence]) -> bool:
-        seq = cand.seq
+        seq, q = cand.seq, self.queues
         if cand.waiting:
-            self._take_cached_prefix(seq)
+            q.take_cached_prefix(seq)
             num_new = min(num_new, seq.num_tokens - seq.num_computed_tokens)
-        if not self._grow(seq, num_new):
+        if not q.grow(seq, num_new):
             if cand.waiting:
-                self._release(seq)
+                q.release(seq)
             return False
         if cand.waiting:
-            self.num_prefix_query_tokens += seq.num_tokens
-            self.num_prefix_hit_tokens += seq.num_cached_tokens
-            self.waiting.remove(seq)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            q.admit(seq)
         scheduled.append(ScheduledSequence(seq, num_new))
         return True
 

@@ -25,8 +25,7 @@ import time
 from engine.plan import FinetuneChunk, IterationPlan, PreferencePair, SequenceChunk
 from engine.runner import ModelRunner
 from engine.sampling_params import SamplingParams
-from scheduler.core import _shape
-from scheduler.cost_model import CostModel, IterationShape
+from scheduler.cost_model import CostModel, IterationShape, shape_of
 
 GREEDY = SamplingParams(max_tokens=1, temperature=0.0)
 
@@ -95,7 +94,7 @@ def profile(runner: ModelRunner, max_model_len: int, quick: bool = False, repeat
                 measured.append(time.perf_counter() - t0)
             if bar is not None:
                 bar.update()
-        shape = _shape(plan.chunks)
+        shape = shape_of(plan.chunks)
         if plan.finetune is not None:
             shape = IterationShape(num_finetune_tokens=plan.finetune.cost_tokens,
                                    num_finetune_chunks=plan.finetune.cost_chunks)

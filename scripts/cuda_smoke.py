@@ -10,7 +10,6 @@ Exits non-zero on a mismatch in fp32.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
@@ -58,10 +57,10 @@ def main() -> int:
     for dtype in ("float32", "bfloat16"):
         want = reference(model_dir, prompts, args.device, getattr(torch, dtype))
         for chunked in (True, False):
-            config = EngineConfig(model=model_dir, device=args.device, dtype=dtype, kv_cache_bytes=64 << 20,
-                                  max_num_batched_tokens=64 if chunked else 512, max_num_seqs=8,
-                                  enable_chunked_prefill=chunked)
-            core, runner = build_engine(dataclasses.replace(config))
+            config = EngineConfig.build(model_dir, device=args.device, dtype=dtype, kv_cache_bytes=64 << 20,
+                                        max_num_batched_tokens=64 if chunked else 512, max_num_seqs=8,
+                                        enable_chunked_prefill=chunked)
+            core, runner = build_engine(config)
             got = generate(core, runner, prompts, params)
             core.check_integrity()
             equal = sum(a == b for a, b in zip(got, want))

@@ -28,14 +28,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.paper import PRETRAINED_MODEL, pretrained_model  # noqa: E402
 from clients.drift import win_rate  # noqa: E402
 from clients.oracle import drift_oracle  # noqa: E402
 from clients.workload import default_prompts  # noqa: E402
+from engine.config import TrainingConfig  # noqa: E402
 from engine.model_loader import load_model  # noqa: E402
 from engine.plan import FinetuneChunk, PreferencePair  # noqa: E402
-from bench.paper import PRETRAINED_MODEL, pretrained_model  # noqa: E402
 from trainer.adapters import attach_adapters  # noqa: E402
-from trainer.executor import FinetuneExecutor, TrainerConfig  # noqa: E402
+from trainer.executor import FinetuneExecutor  # noqa: E402
 
 
 def main() -> None:
@@ -57,7 +58,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     model, tokenizer = load_model(args.model or pretrained_model(), torch.device("cpu"))
-    config = TrainerConfig(lr=args.learning_rate, grad_accum=args.grad_accum, dpo_beta=args.dpo_beta,
+    config = TrainingConfig(lr=args.learning_rate, grad_accum=args.grad_accum, dpo_beta=args.dpo_beta,
                            rpo_alpha=args.rpo_alpha)
     peft_model = attach_adapters(model, config)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

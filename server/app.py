@@ -15,21 +15,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TextIO
 
 import uvloop
 from aiohttp import web
 
-from engine.config import EngineConfig
+from engine.runner import ModelRunner
 from scheduler.async_engine import AsyncEngine
-from scheduler.builder import attach_trainer, build_engine
+from scheduler.builder import build_engine
+from scheduler.core import EngineCore
+from scheduler.trace import IterationTrace
 from server import feedback_api, openai_api, tgi_api
 from server.errors import ApiError, error_response, is_expected
+from server.flags import engine_config, training_config
 from server.metrics import ServerMetrics
 from server.serving import Serving
 from server.state import REQUEST_ID, STATE, ServerState, response_headers
@@ -75,12 +80,13 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[STATE].metrics.render()
+    body = await request.app[STATE].metrics.render()
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
 def build_app(
-    engine: AsyncEngine,
+    core: EngineCore,
+    runner: ModelRunner,
     *,
     model_name: str | None = None,
     api_key: str | None = None,
@@ -88,16 +94,20 @@ def build_app(
     max_request_bytes: int = 4 << 20,
     shutdown_grace_s: float = 30.0,
     feedback_store: FeedbackStore | None = None,
+    trace: TextIO | None = None,
 ) -> web.Application:
-    """The application over an engine it starts on startup and stops on cleanup; it owns
-    ``feedback_store`` too (closed on cleanup)."""
-    model_path = engine.core.config.model
+    """The application, and the ``AsyncEngine`` over ``core`` and ``runner`` that it starts on
+    startup and stops on cleanup (``app[STATE].engine``). It owns ``feedback_store`` too (closed
+    on cleanup). ``trace``: a text file that gets one JSON line per iteration (its opener closes it)."""
+    model_path = core.config.model.path
     name = model_name or (Path(model_path).name if model_path else "mace")
     aliases = frozenset(a for a in (name, model_path, str(Path(model_path).resolve()) if model_path else None) if a)
+    metrics_ = ServerMetrics(core)
+    observers = [metrics_.observe_iteration] + ([IterationTrace(trace)] if trace is not None else [])
+    engine = AsyncEngine(core, runner, observers)
     app = web.Application(client_max_size=max_request_bytes, middlewares=[_errors, _auth])
-    metrics_ = ServerMetrics(engine)
     app[STATE] = state = ServerState(
-        serving=Serving(engine, metrics_, max_waiting_requests), metrics=metrics_, model_name=name,
+        engine=engine, serving=Serving(engine, metrics_, max_waiting_requests), metrics=metrics_, model_name=name,
         model_aliases=aliases, created=int(time.time()), api_key=api_key, shutdown_grace_s=shutdown_grace_s,
         feedback=feedback_store,
     )
@@ -108,9 +118,7 @@ def build_app(
     feedback_api.add_routes(app)
 
     async def start(app: web.Application) -> None:
-        await engine.start()
-        if engine.core.trainer is not None:
-            await engine.core.trainer.refill()  # pairs stored before a restart are trained too
+        await engine.start()  # training, if on, loads the pairs stored before a restart
 
     async def drain(app: web.Application) -> None:
         await state.serving.drain(state.shutdown_grace_s)
@@ -148,68 +156,22 @@ async def _serve_forever(app: web.Application, host: str, port: int) -> None:
 
 
 def serve(args: argparse.Namespace) -> None:
-    config = EngineConfig(
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        block_size=args.block_size,
-        kv_cache_bytes=args.kv_cache_bytes,
-        kv_cache_fraction=args.kv_cache_fraction,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_num_seqs=args.max_num_seqs,
-        enable_chunked_prefill=not args.no_chunked_prefill,
-        enable_prefix_caching=not args.no_prefix_cache,
-        kv_prune=args.kv_prune,
-        kv_budget=args.kv_budget,
-        kv_sink_tokens=args.kv_sink_tokens,
-        max_model_len=args.max_model_len,
-        seed=args.seed,
-        finetune_tokens_per_iteration=args.finetune_tokens_per_iteration,
-        policy=args.policy,
-        retrain_period_s=args.retrain_period,
-        slo_tbt_ms=args.slo_tbt_ms or 100.0,
-        slo_ttft_ms=args.slo_ttft_ms or 1000.0,
-        cost_profile=args.cost_profile,
-        tau_mem=args.tau_mem,
-        pack_top_k=args.pack_top_k,
-        finetune_min_every=args.finetune_min_every,
-        finetune_memory_bytes=args.finetune_memory_bytes,
-        slo_bank_max=args.slo_bank_max,
-    )
     api_key = args.api_key
     if args.api_key_file:
         api_key = Path(args.api_key_file).read_text().strip()
     state_dir = Path(args.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     feedback_store = FeedbackStore(state_dir / "feedback.sqlite3")
-    core, runner = build_engine(config)
-    if not args.no_training:
-        from trainer.executor import TrainerConfig
-
-        attach_trainer(core, runner, feedback_store, TrainerConfig(
-            lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-            target_modules=tuple(args.lora_target_modules.split(",")), lr=args.learning_rate,
-            grad_accum=args.grad_accum, dpo_beta=args.dpo_beta, rpo_alpha=args.rpo_alpha,
-        ), state_dir=str(state_dir), checkpoint_every=args.checkpoint_every)
-    if args.policy == "mace" and not args.cost_profile:
-        from scheduler.profiler import profile
-
-        log.info("no --cost-profile: profiling this machine briefly")
-        core.cost_model, _ = profile(runner, core.config.max_model_len, quick=True, progress=False)
-    if args.slo_ttft_ms is None or args.slo_tbt_ms is None:
-        from scheduler.cost_model import suggest_slos
-
-        ttft, tbt = suggest_slos(core.cost_model, core.config.max_num_seqs)
-        if args.policy == "mace" or args.cost_profile:  # a measured profile, not the prior
-            core.config.slo_ttft_ms = args.slo_ttft_ms or ttft
-            core.config.slo_tbt_ms = args.slo_tbt_ms or tbt
-    log.info("default SLOs: TTFT %.0f ms, TBT %.0f ms", core.config.slo_ttft_ms, core.config.slo_tbt_ms)
-    engine = AsyncEngine(core, runner)
-    if args.trace_iterations:
-        engine.trace = open(args.trace_iterations, "a", buffering=1 << 16)  # noqa: SIM115 (open while serving)
-    app = build_app(
-        engine, model_name=args.served_model_name, api_key=api_key or None,
-        max_waiting_requests=args.max_waiting_requests, max_request_bytes=args.max_request_bytes,
-        shutdown_grace_s=args.shutdown_grace, feedback_store=feedback_store,
-    )
-    uvloop.run(_serve_forever(app, args.host, args.port))
+    core, runner = build_engine(engine_config(args), training_config(args, str(state_dir)), feedback_store)
+    sched = core.config.scheduler
+    log.info("default SLOs: TTFT %.0f ms, TBT %.0f ms", sched.slo_ttft_ms, sched.slo_tbt_ms)
+    with contextlib.ExitStack() as files:
+        trace = None
+        if args.trace_iterations:
+            trace = files.enter_context(open(args.trace_iterations, "a", buffering=1 << 16))
+        app = build_app(
+            core, runner, model_name=args.served_model_name, api_key=api_key or None,
+            max_waiting_requests=args.max_waiting_requests, max_request_bytes=args.max_request_bytes,
+            shutdown_grace_s=args.shutdown_grace, feedback_store=feedback_store, trace=trace,
+        )
+        uvloop.run(_serve_forever(app, args.host, args.port))

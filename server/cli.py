@@ -8,6 +8,8 @@ import logging
 import os
 import sys
 
+from server.flags import add_engine_flags
+
 
 def _demo_model(args: argparse.Namespace) -> None:
     from engine.demo_model import build_demo_model
@@ -44,22 +46,19 @@ def _default_model():
 
 def _profile(args: argparse.Namespace) -> None:
     import json
+    import tempfile
 
-    from engine.config import EngineConfig
-    from scheduler.builder import attach_trainer, build_engine
+    from scheduler.builder import build_engine
     from scheduler.profiler import profile
+    from server.flags import engine_config, training_config
+    from trainer.feedback import FeedbackStore
 
     if args.model is None:
         args.model = str(_default_model())
-    core, runner = build_engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
-                                             kv_cache_bytes=args.kv_cache_bytes, enable_prefix_caching=False))
-    if not args.no_training:
-        import tempfile
-
-        from trainer.feedback import FeedbackStore
-
-        attach_trainer(core, runner, FeedbackStore(tempfile.mkdtemp() + "/unused.sqlite3"))
-    model, rows = profile(runner, core.config.max_model_len, quick=args.quick)
+    training = training_config(args, state_dir=None)  # the fine-tune measurements need an executor
+    core, runner = build_engine(engine_config(args, enable_prefix_caching=False), training,
+                                FeedbackStore(tempfile.mkdtemp() + "/unused.sqlite3") if training else None)
+    model, rows = profile(runner, core.config.model.max_model_len, quick=args.quick)
     model.save(args.out, {"model": args.model, "device": args.device, "measurements": rows})
     print(json.dumps(model.to_dict()))
     print(f"wrote {args.out}")
@@ -102,66 +101,20 @@ def build_parser(bench_name: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=_demo_model)
 
     p = sub.add_parser("serve", help="serve a local checkpoint over HTTP")
-    p.add_argument("--model", default=None, help="local Hugging Face checkpoint directory (default: the tiny demo model)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--kv-cache-bytes", type=int, default=None, help="KV pool size; default: a fraction of free memory")
-    p.add_argument("--kv-cache-fraction", type=float, default=0.3)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per iteration (default: 64 on CPU, 2048 on CUDA)")
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--no-chunked-prefill", action="store_true")
-    p.add_argument("--no-prefix-cache", action="store_true", help="do not share KV blocks of common prefixes")
-    p.add_argument("--kv-prune", choices=["none", "window", "heavy-hitter"], default="none",
-                   help="drop KV entries past --kv-budget: attention sinks + recent window, or + heavy hitters (H2O)")
-    p.add_argument("--kv-budget", type=float, default=0.5,
-                   help="KV entries kept per sequence when pruning: a count (>= 1) or a fraction of its tokens (< 1)")
-    p.add_argument("--kv-sink-tokens", type=int, default=4, help="first tokens always kept when pruning")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the directory's name)")
-    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every route but /health")
-    p.add_argument("--api-key-file", default=None, help="read the API key from this file")
-    p.add_argument("--max-waiting-requests", type=int, default=256, help="queued sequences before answering 429")
-    p.add_argument("--max-request-bytes", type=int, default=4 << 20, help="larger bodies get 413")
-    p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
-    p.add_argument("--state-dir", default="./mace-state",
-                   help="where durable state lives: the feedback store (feedback.sqlite3)")
-    t = p.add_argument_group("alignment (DPO on feedback, LoRA)")
-    t.add_argument("--no-training", action="store_true", help="store feedback but never train")
-    t.add_argument("--lora-rank", type=int, default=8)
-    t.add_argument("--lora-alpha", type=int, default=16)
-    t.add_argument("--lora-dropout", type=float, default=0.0)
-    t.add_argument("--lora-target-modules", default="q_proj,k_proj,v_proj,o_proj")
-    t.add_argument("--learning-rate", type=float, default=5e-4)
-    t.add_argument("--grad-accum", type=int, default=4, help="pairs per optimizer step")
-    t.add_argument("--dpo-beta", type=float, default=0.1)
-    t.add_argument("--rpo-alpha", type=float, default=0.0,
-                   help="weight of an NLL term on the chosen answer added to the DPO loss (trl's rpo_alpha; 0: plain DPO)")
-    t.add_argument("--finetune-tokens-per-iteration", type=int, default=512)
-    t.add_argument("--checkpoint-every", type=int, default=10, help="adapter checkpoint every N steps (and at shutdown)")
-    t.add_argument("--policy", choices=["synchronous", "mace", "periodic", "inference-only"], default="mace",
-                   help="fine-tune work per iteration: every iteration (SLO-blind), the TBT SLO's slack, "
-                        "bursts every --retrain-period, or none")
-    t.add_argument("--retrain-period", type=float, default=60.0, help="seconds between periodic retraining bursts")
-    t.add_argument("--slo-ttft-ms", type=float, default=None,
-                   help="default time-to-first-token SLO (default: from the cost profile, else 1000)")
-    t.add_argument("--slo-tbt-ms", type=float, default=None,
-                   help="default time-between-tokens SLO the mace policy protects (default: from the cost profile, else 100)")
-    t.add_argument("--cost-profile", "--profile", dest="cost_profile", default=None,
-                   help="a `mace profile` file (default with --policy mace: a brief profile at start)")
-    t.add_argument("--tau-mem", type=float, default=0.9, help="mace: share of free KV blocks one iteration may claim")
-    t.add_argument("--pack-top-k", type=int, default=4, help="mace: best fit among this many top-priority candidates")
-    t.add_argument("--trace-iterations", default=None, metavar="FILE",
+    add_engine_flags(p, device_default="cuda" if _cuda() else "cpu")
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the directory's name)")
+    g.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every route but /health")
+    g.add_argument("--api-key-file", default=None, help="read the API key from this file")
+    g.add_argument("--max-waiting-requests", type=int, default=256, help="queued sequences before answering 429")
+    g.add_argument("--max-request-bytes", type=int, default=4 << 20, help="larger bodies get 413")
+    g.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
+    g.add_argument("--state-dir", default="./mace-state",
+                   help="where durable state lives: the feedback store (feedback.sqlite3) and adapter checkpoints")
+    g.add_argument("--trace-iterations", default=None, metavar="FILE",
                    help="write one JSON line per iteration: the plan, its predicted and measured time (diagnosis)")
-    t.add_argument("--slo-bank-max", type=float, default=6.0,
-                   help="mace: longest iteration, in TBT budgets, that requests ahead of their pace may absorb")
-    t.add_argument("--finetune-memory-bytes", type=int, default=None,
-                   help="mace: activation memory fine-tune work may hold (default: no cap; the profile measures bytes per token)")
-    t.add_argument("--finetune-min-every", type=int, default=50,
-                   help="mace: fine-tune work at least once every N iterations (the starvation guard)")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("profile", help="measure iteration costs on this machine and write a cost profile")

@@ -77,7 +77,7 @@ def _validate(state: ServerState, at: str, item: fb.FeedbackItem) -> NewPair:
     num_chosen = len(tokenizer.encode(item.chosen, add_special_tokens=False))
     num_rejected = len(tokenizer.encode(item.rejected, add_special_tokens=False))
     longer, num_longer = ("chosen", num_chosen) if num_chosen >= num_rejected else ("rejected", num_rejected)
-    max_len = state.serving.engine.core.config.max_model_len
+    max_len = state.engine.core.config.model.max_model_len
     if num_prompt + num_longer > max_len:
         raise InvalidRequestError(
             f"the prompt ({num_prompt} tokens) plus {longer} ({num_longer} tokens) exceeds the context of "
@@ -94,9 +94,9 @@ async def post_feedback(request: web.Request) -> web.Response:
     pairs = [_validate(state, at, item) for at, item in _items(body)]
     results = await asyncio.to_thread(store.add, pairs)  # returns after the commit
     num_stored = sum(is_new for _, is_new in results)
-    trainer = state.serving.engine.core.trainer
-    if trainer is not None and num_stored:
-        await trainer.refill()  # picks the new pairs up and wakes the engine
+    training = state.engine.training
+    if training is not None and num_stored:
+        await training.trainer.refill()  # picks the new pairs up and wakes the engine
     answer = fb.FeedbackResponse(ids=[i for i, _ in results], stored=num_stored, duplicates=len(results) - num_stored)
     return web.Response(body=_encode(answer), content_type="application/json")
 
@@ -109,12 +109,13 @@ async def feedback_stats(request: web.Request) -> web.Response:
 
 async def adapters(request: web.Request) -> web.Response:
     """The adapter inference reads, and the trainer's counters."""
-    trainer = request.app[STATE].serving.engine.core.trainer
-    if trainer is None:
+    training = request.app[STATE].engine.training
+    if training is None:
         return web.json_response({"serving": None, "training": False})
+    trainer = training.trainer
     return web.json_response({
         "training": True,
-        "serving": {"name": "serving", "version": trainer.adapter_version},
+        "serving": {"name": "serving", "version": training.adapter_version},
         "steps": trainer.num_steps,
         "pairs_stepped": trainer.num_pairs_stepped,
         "skipped_steps": trainer.num_skipped_steps,

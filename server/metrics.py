@@ -7,11 +7,14 @@ are never stale.
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from scheduler.async_engine import AsyncEngine
+from scheduler.async_engine import IterationRecord
+from scheduler.core import EngineCore
 
 # Seconds; fine below 100 ms where decode gaps live, coarse up to minutes for long generations.
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
@@ -20,7 +23,10 @@ OUTCOMES = ("stop", "length", "abort", "error", "rejected")
 
 
 class ServerMetrics:
-    def __init__(self, engine: AsyncEngine) -> None:
+    """Built before the engine, over its core; the engine calls ``observe_iteration`` after
+    each iteration (an ``AsyncEngine`` observer)."""
+
+    def __init__(self, core: EngineCore) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.ttft_s = Histogram("mace_time_to_first_token_seconds", "Arrival to first token.",
                                 buckets=_LATENCY_BUCKETS_S, registry=r)
@@ -36,21 +42,15 @@ class ServerMetrics:
             self.requests.labels(outcome)  # every series exists from the start, at 0
         self.slo_attained = Counter("mace_slo_attained", "Finished requests within their TTFT and TBT SLOs.", registry=r)
         self.slo_violated = Counter("mace_slo_violated", "Finished requests past their TTFT or TBT SLO.", registry=r)
-        plan_s = Histogram("mace_scheduler_plan_seconds", "Time to build one iteration's plan.",
-                           buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1), registry=r)
-        iteration_s = Histogram("mace_iteration_seconds", "One iteration on the worker (inference and fine-tune).",
-                                buckets=_LATENCY_BUCKETS_S, registry=r)
-
-        def observe_iteration(plan: float, iteration: float) -> None:
-            plan_s.observe(plan)
-            iteration_s.observe(iteration)
-
-        engine.iteration_observer = observe_iteration
-        core = engine.core
+        self.plan_s = Histogram("mace_scheduler_plan_seconds", "Time to build one iteration's plan.",
+                                buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1), registry=r)
+        self.iteration_s = Histogram("mace_iteration_seconds", "One iteration on the worker (inference and fine-tune).",
+                                     buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.num_iterations = 0  # run by the worker, failed ones included
         Gauge("mace_requests_running", "Sequences being computed.", registry=r).set_function(
-            lambda: len(core.scheduler.running))
+            lambda: len(core.queues.running))
         Gauge("mace_requests_waiting", "Sequences waiting for admission.", registry=r).set_function(
-            lambda: len(core.scheduler.waiting))
+            lambda: len(core.queues.waiting))
         Gauge("mace_kv_blocks_total", "KV-cache blocks in the pool.", registry=r).set_function(
             lambda: core.pool.num_blocks)
         Gauge("mace_kv_blocks_used", "KV-cache blocks held by live sequences.", registry=r).set_function(
@@ -58,33 +58,48 @@ class ServerMetrics:
         Gauge("mace_kv_blocks_cached", "KV-cache blocks no sequence holds, kept for prefix reuse.",
               registry=r).set_function(lambda: core.pool.num_cached_blocks)
         Gauge("mace_engine_iterations", "Iterations run by the worker.", registry=r).set_function(
-            lambda: engine.num_iterations)
+            lambda: self.num_iterations)
         Gauge("mace_cost_model_error_ratio", "Running mean of |predicted - measured| / measured iteration time.",
               registry=r).set_function(lambda: core.cost_model.error_ratio)
-        r.register(_EngineCounters(engine))
+        r.register(_EngineCounters(core))
+        self._store = core.training.store if core.training is not None else None
+        self.feedback_pairs = None
+        if self._store is not None:
+            self.feedback_pairs = Gauge("mace_feedback_pairs", "Stored feedback pairs by state.", ["state"], registry=r)
 
-    def render(self) -> bytes:
+    def observe_iteration(self, record: IterationRecord) -> None:
+        self.num_iterations += 1
+        if record.result is not None:
+            self.plan_s.observe(record.plan_s)
+            self.iteration_s.observe(record.result.total_s)
+
+    async def render(self) -> bytes:
+        """The text exposition; the feedback store's counts are read off the event loop."""
+        if self._store is not None:
+            for state, count in (await asyncio.to_thread(self._store.stats)).items():
+                if state != "received":
+                    self.feedback_pairs.labels(state).set(count)
         return generate_latest(self.registry)
 
 
 class _EngineCounters(Collector):
     """Counters the engine keeps itself, read at scrape time."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._scheduler = engine.core.scheduler
-        self._core = engine.core
+    def __init__(self, core: EngineCore) -> None:
+        self._core = core
 
     def collect(self):
-        s = self._scheduler
+        s = self._core.queues
         yield CounterMetricFamily("mace_prefix_cache_queries", "Tokens of admitted sequences looked up in the prefix cache.",
                                   value=s.num_prefix_query_tokens)
         yield CounterMetricFamily("mace_prefix_cache_hits", "Of those, tokens found there and not recomputed.",
                                   value=s.num_prefix_hit_tokens)
         yield CounterMetricFamily("mace_preemptions", "Sequences preempted for memory (recomputed later).",
                                   value=s.num_preemptions)
-        trainer = self._core.trainer
-        if trainer is None:
+        training = self._core.training
+        if training is None:
             return
+        trainer = training.trainer
         yield CounterMetricFamily("mace_train_steps", "Optimizer steps taken (published to the serving adapter).",
                                   value=trainer.num_steps)
         yield CounterMetricFamily("mace_train_pairs", "Feedback pairs in the optimizer steps taken (this process).",
@@ -92,11 +107,6 @@ class _EngineCounters(Collector):
         yield CounterMetricFamily("mace_train_tokens", "Tokens run through fine-tune chunks (reference and gradient).",
                                   value=trainer.num_tokens)
         yield GaugeMetricFamily("mace_adapter_version", "Version of the adapter inference reads.",
-                                value=trainer.adapter_version)
+                                value=training.adapter_version)
         loss = trainer.mean_recent_loss
         yield GaugeMetricFamily("mace_dpo_loss", "Mean DPO loss of the recent pairs.", value=loss if loss is not None else float("nan"))
-        pairs = GaugeMetricFamily("mace_feedback_pairs", "Stored feedback pairs by state.", labels=["state"])
-        for state, count in trainer.store.stats().items():
-            if state != "received":
-                pairs.add_metric([state], count)
-        yield pairs

@@ -120,8 +120,6 @@ class _Choice:
     num_output_tokens: int = 0
 
     def add(self, out: RequestOutput) -> None:
-        if out.error is not None:
-            raise EngineError(out.error)
         self.text.append(out.new_text)
         self.logprobs.extend(out.new_logprobs)
         if out.prompt_logprobs is not None:
@@ -183,8 +181,6 @@ async def _stream(request: web.Request, serving: Serving, stream, chunk: Callabl
     response = await _sse_response(request)
     try:
         async for i, out in stream:
-            if out.error is not None:
-                raise EngineError(out.error)
             data = chunk(i, out)
             if data is not None:
                 await response.write(encode_event(data))
@@ -368,7 +364,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def models(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    model = oa.Model(id=state.model_name, created=state.created, max_model_len=state.serving.engine.core.config.max_model_len)
+    model = oa.Model(id=state.model_name, created=state.created, max_model_len=state.engine.core.config.model.max_model_len)
     return web.Response(body=_encode(oa.ModelList([model])), content_type="application/json")
 
 

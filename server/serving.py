@@ -42,7 +42,7 @@ class Serving:
         self.engine = engine
         self.metrics = metrics
         self.max_waiting_requests = max_waiting_requests
-        self.config = engine.core.config  # its SLOs are the defaults for requests that set none
+        self.config = engine.core.config.scheduler  # its SLOs are the defaults for requests that set none
         self.is_draining = False
         self._token_text: dict[int, str] = {}
         tokenizer = engine.core.tokenizer
@@ -63,7 +63,7 @@ class Serving:
     def admit(self, num_sequences: int) -> None:
         if self.is_draining:
             raise ShuttingDown("the server is shutting down")
-        waiting = len(self.engine.core.scheduler.waiting)
+        waiting = len(self.engine.core.queues.waiting)
         if waiting + num_sequences > self.max_waiting_requests:
             self.metrics.requests.labels("rejected").inc(num_sequences)
             raise Overloaded(

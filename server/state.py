@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from scheduler.async_engine import AsyncEngine
 from server.metrics import ServerMetrics
 from server.serving import Serving
 from trainer.feedback import FeedbackStore
@@ -13,6 +14,7 @@ from trainer.feedback import FeedbackStore
 
 @dataclass
 class ServerState:
+    engine: AsyncEngine
     serving: Serving
     metrics: ServerMetrics
     model_name: str  # what /v1/models lists and responses carry
@@ -32,7 +34,7 @@ def response_headers(request: web.Request) -> dict[str, str]:
     """Headers every answer carries: the request id, and the serving adapter's version when a
     trainer is on (the version inference read when the response started)."""
     headers = {"x-request-id": request[REQUEST_ID]}
-    trainer = request.app[STATE].serving.engine.core.trainer
-    if trainer is not None:
-        headers["x-adapter-version"] = str(trainer.adapter_version)
+    training = request.app[STATE].engine.training
+    if training is not None:
+        headers["x-adapter-version"] = str(training.adapter_version)
     return headers

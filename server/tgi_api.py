@@ -80,8 +80,6 @@ async def generate(request: web.Request) -> web.Response:
     text, tokens, top_tokens, last, prefill = [], [], [], None, []
     try:
         async for _, out in stream:
-            if out.error is not None:
-                raise EngineError(out.error)
             text.append(out.new_text)
             for token_id, lp in zip(out.new_token_ids, out.new_logprobs):
                 tokens.append(_token(serving, token_id, lp))
@@ -117,8 +115,6 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
         text = [body.inputs] if p.return_full_text else []
         index = 0
         async for _, out in stream:
-            if out.error is not None:
-                raise EngineError(out.error)
             text.append(out.new_text)
             if out.finished and out.finish_reason == "abort":
                 await response.write(encode_event(_encode(tgi.ErrorResponse(
@@ -143,7 +139,7 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
 
 async def info(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    config = state.serving.engine.core.config
+    config = state.engine.core.config.model
     return web.json_response({
         "model_id": state.model_name,
         "model_dtype": str(config.dtype),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 
 import pytest
 import torch
@@ -68,17 +67,19 @@ def reference_models(demo_model_dir, qwen2_model_dir):
 
 @pytest.fixture
 def make_engine(demo_model_dir):
-    """Build (core, runner) on the demo model (or ``model=``) with small, test-sized defaults."""
+    """Build (core, runner) on the demo model (or ``model=``) with small, test-sized defaults;
+    ``overrides`` are ``EngineConfig`` fields by name; with ``training`` (a TrainingConfig) the
+    engine trains on ``feedback_store``'s pairs (``core.training``)."""
 
-    def make(model: str | None = None, **overrides):
-        config = EngineConfig(
-            model=model or demo_model_dir,
+    def make(model: str | None = None, training=None, feedback_store=None, **overrides):
+        config = EngineConfig.build(
+            model or demo_model_dir,
             kv_cache_bytes=8 << 20,
             block_size=16,
             max_num_batched_tokens=64,
             max_num_seqs=16,
         )
-        return build_engine(dataclasses.replace(config, **overrides))
+        return build_engine(config.replace(**overrides), training, feedback_store)
 
     return make
 
@@ -89,18 +90,17 @@ def start_server(make_engine):
     a real server on 127.0.0.1 (a free port), run exactly as ``mace serve`` runs it."""
     from aiohttp import web
 
-    from scheduler.async_engine import AsyncEngine
     from server.app import build_app, make_runner
+    from server.state import STATE
 
     @contextlib.asynccontextmanager
     async def start(engine_overrides: dict | None = None, trainer_config=None, **app_kwargs):
-        core, runner = make_engine(**(engine_overrides or {}))
-        if trainer_config is not None:  # training on: needs feedback_store= too
-            from scheduler.builder import attach_trainer
-
-            attach_trainer(core, runner, app_kwargs["feedback_store"], trainer_config)
-        engine = AsyncEngine(core, runner)
-        runner = make_runner(build_app(engine, **app_kwargs))
+        # training on (trainer_config, a TrainingConfig) needs feedback_store= too
+        core, runner = make_engine(**(engine_overrides or {}), training=trainer_config,
+                                   feedback_store=app_kwargs.get("feedback_store"))
+        app = build_app(core, runner, **app_kwargs)
+        engine = app[STATE].engine
+        runner = make_runner(app)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()

@@ -108,7 +108,7 @@ async def test_a_full_queue_answers_429_at_once(start_server):
         body = {"prompt": "a long one", "max_tokens": 300, "ignore_eos": True, "stream": True}
         responses = [await http.post(f"{url}/v1/completions", json=body)]
         for _ in range(250):  # bounded: until the first one runs
-            if engine.core.scheduler.running:
+            if engine.core.queues.running:
                 break
             await asyncio.sleep(0.02)
         for _ in range(4):  # two wait, the rest are refused

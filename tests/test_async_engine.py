@@ -27,13 +27,24 @@ async def test_concurrent_streams_match_the_inline_engine(make_engine):
     expected = generate(core, runner, prompts, params)
 
     engine = AsyncEngine(*make_engine())
+    runner = engine.worker.runner
+    real_execute, forward_threads = runner.execute, []
+
+    def recording_execute(plan):  # which thread runs each iteration's forward
+        forward_threads.append(threading.get_ident())
+        return real_execute(plan)
+
+    runner.execute = recording_execute
     await engine.start()
     try:
         got = await asyncio.wait_for(
             asyncio.gather(*(collect(engine, p, sp) for p, sp in zip(prompts, params))), timeout=120
         )
         assert got == expected
-        assert engine.worker._thread is not threading.current_thread()
+        # every iteration's forward ran on the worker thread, none on the event loop's
+        assert len(forward_threads) == engine.num_iterations > 0
+        assert set(forward_threads) == {engine.worker._thread.ident}
+        assert threading.get_ident() not in forward_threads
         assert engine.core.pool.num_free_blocks == engine.core.pool.num_blocks
     finally:
         await engine.stop()
@@ -101,16 +112,17 @@ async def test_the_iteration_trace_has_one_line_per_iteration(make_engine):
     import io
     import json
 
-    engine = AsyncEngine(*make_engine(policy="mace"))
-    engine.trace = io.StringIO()
-    engine.trace.close = lambda: None  # stop() closes it; keep the text readable
+    from scheduler.trace import IterationTrace
+
+    text = io.StringIO()
+    engine = AsyncEngine(*make_engine(policy="mace"), observers=[IterationTrace(text)])
     await engine.start()
     try:
         prompt = random_prompts([100], seed=3)[0]
         await asyncio.wait_for(collect(engine, prompt, SamplingParams(max_tokens=5, **GREEDY)), timeout=60)
     finally:
         await engine.stop()
-    lines = [json.loads(line) for line in engine.trace.getvalue().splitlines()]
+    lines = [json.loads(line) for line in text.getvalue().splitlines()]
     assert len(lines) == engine.num_iterations
     # 100 prompt tokens in chunks of at most 64, then a decode per token after the first
     assert sum(t["prefill_tokens"] for t in lines) == 100 and sum(t["decodes"] for t in lines) == 4

@@ -1,10 +1,17 @@
-"""The cost model and the fine-tune budget it gives each policy, with fixed costs."""
+"""The cost model, and the fine-tune budget each FCFS-planned policy gives (inference-only,
+synchronous, periodic)."""
 
 import numpy as np
 import pytest
 
-from scheduler.core import PRIOR_COSTS
-from scheduler.cost_model import CostModel, IterationShape
+from cache.block_pool import BlockPool
+from engine.config import SchedulerConfig, TrainingConfig
+from engine.plan import FinetuneOffer
+from engine.sampling_params import SamplingParams
+from scheduler.cost_model import PRIOR_COSTS, CostModel, IterationShape
+from scheduler.policies import Periodic
+from scheduler.queues import SequenceQueues
+from tests.conftest import random_prompts
 
 TRUE = np.array([0.004, 0.0009, 0.00002, 0.0011, 0.00003, 0.0025, 0.015])
 
@@ -67,43 +74,40 @@ def test_a_fine_tune_chunks_fixed_cost_is_told_from_its_tokens():
     assert model.finetune_chunk_overhead() == pytest.approx(0.015)
 
 
-class _Trainer:
-    def __init__(self, smallest):
-        self.smallest = smallest
-
-    def next_pair_tokens(self):
-        return self.smallest
-
-    def next_whole_tokens(self):
-        return self.smallest
+def _offer(smallest: int, whole: int | None = None) -> FinetuneOffer:
+    return FinetuneOffer(smallest, whole or smallest, loss=0.69, wait_s=0.0)
 
 
 @pytest.mark.parametrize("policy", ["synchronous", "inference-only"])
 def test_the_fine_tune_budget_per_policy(make_engine, policy):
-    core, _ = make_engine(policy=policy, slo_tbt_ms=100.0, slo_margin=0.1, finetune_tokens_per_iteration=512,
-                          finetune_min_every=3)
-    core.cost_model = CostModel([0.01, 0.001, 0.0, 0.002, 0.0, 0.0002])  # fixed: 0.2 ms per fine-tune token
-    core.trainer = _Trainer(smallest=100)
-    busy = IterationShape(num_decodes=20)  # 10 + 40 = 50 ms predicted; 90 ms allowed -> 40 ms of slack
-    full = IterationShape(num_prefill_tokens=40, num_decodes=20)  # 90 ms: no slack
-    idle = IterationShape()
+    core, _ = make_engine(policy=policy, slo_tbt_ms=100.0, slo_margin=0.1, finetune_tokens_per_iteration=512)
+    assert core.policy.name == policy
+    idle = core.policy.schedule(_offer(100))
+    for i, prompt in enumerate(random_prompts([30] * 16, seed=1)):  # a full iteration: 64 tokens of prefill
+        core.add_request(f"r{i}", prompt, SamplingParams(max_tokens=4))
+    full = core.policy.schedule(_offer(100))
+    assert sum(s.num_new_tokens for s in full.scheduled) == 64
     if policy == "inference-only":
-        assert core._finetune_budget(busy) == core._finetune_budget(idle) == 0
+        assert idle.finetune_tokens == full.finetune_tokens == 0
         return
-    assert core._finetune_budget(busy) == core._finetune_budget(full) == 512  # synchronous: SLO-blind
-    core.trainer = _Trainer(smallest=None)
-    assert core._finetune_budget(busy) == 0
+    assert idle.finetune_tokens == full.finetune_tokens == 512  # synchronous: SLO-blind
+    assert core.policy.schedule(_offer(100, whole=700)).finetune_tokens == 700  # at least one whole pair
+    assert core.policy.schedule(None).finetune_tokens == 0
+    assert idle.capacity_s is None and idle.predicted_s is None  # it plans by tokens, not time
 
+
+def test_an_unknown_policy_is_refused_when_the_engine_is_built(make_engine):
+    with pytest.raises(ValueError, match="policy must be one of inference-only, synchronous, periodic, mace"):
+        make_engine(policy="fastest")
 
 
 def test_profile_measures_every_kind_and_round_trips(make_engine, tmp_path):
-    from scheduler.builder import attach_trainer
     from scheduler.profiler import profile
     from trainer.feedback import FeedbackStore
 
-    core, runner = make_engine(kv_cache_bytes=64 << 20, enable_prefix_caching=False)
-    attach_trainer(core, runner, FeedbackStore(tmp_path / "f.sqlite3"))
-    model, rows = profile(runner, core.config.max_model_len, quick=True, repeats=1, progress=False)
+    core, runner = make_engine(kv_cache_bytes=64 << 20, enable_prefix_caching=False, training=TrainingConfig(),
+                               feedback_store=FeedbackStore(tmp_path / "f.sqlite3"))
+    model, rows = profile(runner, core.config.model.max_model_len, quick=True, repeats=1, progress=False)
     kinds = {("prefill" if r["shape"]["num_prefill_tokens"] else "decode" if r["shape"]["num_decodes"] else "finetune")
              for r in rows}
     assert kinds == {"prefill", "decode", "finetune"} and len(rows) == 17
@@ -123,28 +127,24 @@ def test_profile_measures_every_kind_and_round_trips(make_engine, tmp_path):
     assert all(p.grad is None for p in runner.finetune_executor.params)
 
 
-def test_periodic_bursts_train_every_period_until_the_pairs_run_out(make_engine):
-    core, _ = make_engine(policy="periodic", retrain_period_s=60.0, finetune_tokens_per_iteration=512)
+def test_periodic_bursts_train_every_period_until_the_pairs_run_out():
     now = [1000.0]
-    core.clock = lambda: now[0]
-    core._next_burst_s = 1060.0
-    trainer = _Trainer(smallest=100)
-    trainer._in_flight = {}
-    core.trainer = trainer
-    busy = IterationShape(num_decodes=4)
-    assert core._finetune_budget(busy) == 0  # between bursts: nothing, however much waits
+    config = SchedulerConfig(policy="periodic", retrain_period_s=60.0, finetune_tokens_per_iteration=512,
+                             max_num_batched_tokens=64).with_slos()
+    policy = Periodic(SequenceQueues(BlockPool(8, 16)), config, CostModel(PRIOR_COSTS), lambda: now[0])
+    assert policy.next_burst_s == 1060.0  # a period after start
+    waiting = _offer(100)
+    assert policy.schedule(waiting).finetune_tokens == 0  # between bursts: nothing, however much waits
     now[0] = 1061.0
-    assert core._finetune_budget(busy) == 512  # the burst: full chunks
+    assert policy.schedule(waiting).finetune_tokens == 512  # the burst: full chunks
     now[0] = 1062.0
-    assert core._finetune_budget(busy) == 512
-    trainer.smallest = None  # ran out
+    assert policy.schedule(waiting).finetune_tokens == 512
     now[0] = 1063.0
-    assert core._finetune_budget(busy) == 0 and core._next_burst_s == 1123.0
-    trainer.smallest = 100  # new feedback: waits for the next burst
+    assert policy.schedule(None).finetune_tokens == 0 and policy.next_burst_s == 1123.0  # ran out
     now[0] = 1100.0
-    assert core._finetune_budget(busy) == 0
+    assert policy.schedule(waiting).finetune_tokens == 0  # new feedback: waits for the next burst
     now[0] = 1123.0
-    assert core._finetune_budget(busy) == 512
+    assert policy.schedule(waiting).finetune_tokens == 512
 
 
 def test_no_windup_when_a_feature_goes_unused_for_long():

@@ -3,6 +3,7 @@ one bounded run of the evaluator against a real tiny server."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 
@@ -10,6 +11,21 @@ import pytest
 
 from clients.drift import DriftEvaluator, EvalConfig, clpd, recovery, win_rate
 from clients.oracle import Phase, PreferenceOracle, drift_oracle
+
+
+class FakeClock:
+    """A clock that moves only when slept on (or advanced by hand); records each sleep asked for."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now, self.sleeps = now, []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, delay_s: float) -> None:
+        self.sleeps.append(delay_s)
+        self.now += delay_s
+        await asyncio.sleep(0)
 
 
 def test_win_rate_counts_ties_one_half():
@@ -66,9 +82,8 @@ def test_heldout_pairs_are_fixed_per_phase():
 
 async def test_evaluator_against_a_tiny_server(start_server, tmp_path):
     """The base against itself ties everywhere (same seeds: win rate 0.5); CLPD equals the sum of
-    the score API's log-probs done by hand; a series keeps to its interval and bound."""
-    import time
-
+    the score API's log-probs done by hand; a series keeps to its interval and bound (on a fake
+    clock: the evaluations take no time on it, so every slot is taken, at its exact time)."""
     from clients import AsyncClient
     from trainer.feedback import FeedbackStore
 
@@ -76,7 +91,8 @@ async def test_evaluator_against_a_tiny_server(start_server, tmp_path):
     config = EvalConfig(prompts=("Hello there.", "What is a queue?"), clpd_prompts=("Q: hi\nA:", "Q: why\nA:"),
                         num_samples=2, max_tokens=6)
     async with start_server(feedback_store=FeedbackStore(tmp_path / "f.sqlite3")) as (url, _), AsyncClient(url) as client:
-        evaluator = DriftEvaluator(client, oracle, config)
+        clock = FakeClock()
+        evaluator = DriftEvaluator(client, oracle, config, clock=clock, sleep=clock.sleep)
         base = await evaluator.take_base()
         assert len(base) == 4 and all(base)
         point = await evaluator.evaluate(0.0)
@@ -87,37 +103,43 @@ async def test_evaluator_against_a_tiny_server(start_server, tmp_path):
                    for p in pairs]
         assert point.clpd == pytest.approx(sum(by_hand) / 2, abs=1e-4) and math.isfinite(point.clpd)
         assert point.clpd_gain == pytest.approx(0.0, abs=1e-4)  # the base against its own CLPD
-        start = time.perf_counter()
-        series = await evaluator.run(start, interval_s=0.5, until_s=1.2)
-        assert [round(p.t_s * 2) / 2 for p in series] == [0.5, 1.0] and time.perf_counter() - start < 5.0
-        assert all(p.win_rate == 0.5 for p in series)
+        series = await evaluator.run(clock(), interval_s=0.5, until_s=1.2)
+        assert [p.t_s for p in series] == [0.5, 1.0] and clock.sleeps == [0.5, 0.5]  # 1.5 is past the bound
+        assert all(p.win_rate == 0.5 and p.eval_s == 0.0 for p in series)
 
 
 async def test_a_turned_away_evaluation_is_skipped_and_noted_not_fatal():
-    """A full server (429) costs the series one point; any other error still ends the run."""
-    import time
-
+    """A full server (429) costs the series one point; any other error still ends the run; a slot
+    missed while an evaluation ran is skipped (on a fake clock, where each evaluation takes
+    ``durations_s`` of its time)."""
     from clients.drift import EvalPoint
     from clients.sdk import APIError
 
     class Flaky(DriftEvaluator):
-        def __init__(self, failures):
+        def __init__(self, failures, durations_s=None):
+            self.fake = FakeClock()
             super().__init__(None, PreferenceOracle([(0.0, Phase("vowels", frozenset("aeiou")))]),
-                             EvalConfig(prompts=("x",), clpd_prompts=("y",)))
-            self.failures, self.calls = failures, 0
+                             EvalConfig(prompts=("x",), clpd_prompts=("y",)), clock=self.fake, sleep=self.fake.sleep)
+            self.failures, self.durations_s, self.calls = failures, durations_s or {}, 0
 
         async def evaluate(self, t_s):
             self.calls += 1
+            self.fake.now += self.durations_s.get(self.calls, 0.0)
             if self.calls in self.failures:
                 raise self.failures[self.calls]
             return EvalPoint(t_s, 0, "vowels", 0.5, 0.0, 0.0, 1, 1, 0.0)
 
     flaky = Flaky({2: APIError(429, "the queue is full")})
-    points = await flaky.run(time.perf_counter(), 0.02, 0.1)
+    points = await flaky.run(flaky.fake(), 0.25, 1.25)
     assert flaky.calls == 5 and len(points) == 4
-    assert len(flaky.skipped) == 1 and "429" in flaky.skipped[0][1]
+    assert [p.t_s for p in points] == [0.25, 0.75, 1.0, 1.25]
+    assert len(flaky.skipped) == 1 and flaky.skipped[0][0] == 0.5 and "429" in flaky.skipped[0][1]
+    # the first evaluation runs from 0.25 to 0.875: the slots at 0.5 and 0.75 are gone, 1.0 is next
+    slow = Flaky({}, durations_s={1: 0.625})
+    assert [p.t_s for p in await slow.run(slow.fake(), 0.25, 1.25)] == [0.25, 1.0, 1.25] and slow.calls == 3
+    assert slow.fake.sleeps == [0.25, 0.125, 0.25]
     with pytest.raises(APIError, match="400"):
-        await Flaky({1: APIError(400, "bad field")}).run(time.perf_counter(), 0.02, 0.1)
+        await Flaky({1: APIError(400, "bad field")}).run(1000.0, 0.25, 1.25)
 
 
 async def test_evaluation_samples_honour_top_k(start_server):

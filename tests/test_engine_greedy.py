@@ -76,7 +76,7 @@ def test_preemption_under_a_small_pool_keeps_outputs_exact(make_engine, referenc
         core.check_integrity()
         steps += 1
         assert steps < 1000
-    assert core.scheduler.num_preemptions > 0
+    assert core.queues.num_preemptions > 0
     ref_model = reference_models(demo_model_dir)
     for i, p in enumerate(prompts):
         assert got[f"r{i}"] == reference(ref_model, p, 30)
@@ -87,7 +87,7 @@ def test_mistral_greedy_matches_generate_and_context_stops_at_the_window(
     make_engine, reference_models, mistral_model_dir
 ):
     core, runner = make_engine(model=mistral_model_dir, max_num_batched_tokens=32)
-    assert core.config.max_model_len == 256  # the sliding window, not the 512 positions
+    assert core.config.model.max_model_len == 256  # the sliding window, not the 512 positions
     prompts = random_prompts([3, 40, 90, 150], seed=8)
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     got = generate(core, runner, prompts, params)

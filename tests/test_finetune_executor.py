@@ -2,20 +2,21 @@
 reference log-probs equal the base model's, DPO steps move the margin the right way, a
 non-finite value changes nothing, and fine-tune work rides in the same iteration as inference."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, TrainingConfig
 from engine.model_loader import load_model
 from engine.plan import FinetuneChunk, IterationPlan, PreferencePair, SequenceChunk
 from engine.sampling_params import SamplingParams
 from scheduler.builder import build_from_model, generate
 from tests.conftest import random_prompts
-from trainer.dpo import response_logprobs
 from trainer.adapters import SERVING, TRAIN, adapter_parameters, attach_adapters
-from trainer.executor import FinetuneExecutor, TrainerConfig
+from trainer.dpo import response_logprobs
+from trainer.executor import FinetuneExecutor
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
@@ -43,10 +44,10 @@ def _margins(executor, pairs) -> list[float]:
 
 def test_adapters_start_as_the_base_model(tiny, demo_model_dir):
     model, tokenizer = tiny
-    config = EngineConfig(model=demo_model_dir, kv_cache_bytes=8 << 20)
+    config = EngineConfig.build(demo_model_dir, kv_cache_bytes=8 << 20)
     prompts = random_prompts([9, 30], seed=3)
     before = generate(*build_from_model(model, tokenizer, config), prompts, GREEDY)
-    peft_model = attach_adapters(model, TrainerConfig())
+    peft_model = attach_adapters(model, TrainingConfig())
     assert peft_model.active_adapter == SERVING
     assert generate(*build_from_model(model, tokenizer, config), prompts, GREEDY) == before
 
@@ -59,7 +60,7 @@ def test_reference_logprobs_are_the_base_models(tiny):
     mask[0, len(pairs[0].prompt_ids):] = 1
     with torch.no_grad():
         expected = response_logprobs(model(ids).logits, ids, mask).item()
-    executor = FinetuneExecutor(attach_adapters(model, TrainerConfig()), TrainerConfig(), pad_id=0)
+    executor = FinetuneExecutor(attach_adapters(model, TrainingConfig()), TrainingConfig(), pad_id=0)
     executor.run(FinetuneChunk(0, "gradient", [_with_refs(p, -50.0, -50.0) for p in pairs], step=True))  # move `train`
     result = executor.run(FinetuneChunk(1, "reference", pairs))
     assert result.ref_logprobs["p0"][0] == pytest.approx(expected, abs=1e-4)
@@ -78,7 +79,7 @@ def _referenced(executor: FinetuneExecutor, pairs: list[PreferencePair]) -> list
 
 def test_dpo_steps_raise_the_margin_and_publish_at_the_step(tiny):
     model, _ = tiny
-    config = TrainerConfig(lr=5e-3, grad_accum=4)
+    config = TrainingConfig(lr=5e-3, grad_accum=4)
     executor = FinetuneExecutor(attach_adapters(model, config), config, pad_id=0)
     pairs = _pairs(4)
     pairs = _referenced(executor, pairs)
@@ -102,7 +103,7 @@ def test_dpo_steps_raise_the_margin_and_publish_at_the_step(tiny):
 
 def test_a_nan_changes_nothing_the_server_reads(tiny):
     model, _ = tiny
-    config = TrainerConfig(lr=5e-3, grad_accum=2)
+    config = TrainingConfig(lr=5e-3, grad_accum=2)
     executor = FinetuneExecutor(attach_adapters(model, config), config, pad_id=0)
     pairs = _pairs(2)
     good = _referenced(executor, pairs)
@@ -116,12 +117,15 @@ def test_a_nan_changes_nothing_the_server_reads(tiny):
     assert executor.run(FinetuneChunk(3, "gradient", good, step=True)).stepped is True  # and it goes on
 
 
-def test_fine_tune_work_rides_in_the_same_iteration(tiny, demo_model_dir):
+def test_fine_tune_work_rides_in_the_same_iteration(tiny, demo_model_dir, tmp_path):
+    from trainer.feedback import FeedbackStore
+
     model, tokenizer = tiny
-    config = TrainerConfig(lr=5e-3, grad_accum=1)
-    executor = FinetuneExecutor(attach_adapters(model, config), config, pad_id=0)
-    core, runner = build_from_model(model, tokenizer, EngineConfig(model=demo_model_dir, kv_cache_bytes=8 << 20))
-    runner.finetune_executor = executor
+    config = TrainingConfig(lr=5e-3, grad_accum=1)
+    core, runner = build_from_model(model, tokenizer, EngineConfig.build(demo_model_dir, kv_cache_bytes=8 << 20), config,
+                                    FeedbackStore(tmp_path / "f.sqlite3"))
+    executor = runner.finetune_executor
+    assert executor is core.training.executor
     pairs = _pairs(2)
     pairs = _referenced(executor, pairs)
     prompt = random_prompts([10], seed=9)[0]
@@ -137,12 +141,11 @@ def test_fine_tune_work_rides_in_the_same_iteration(tiny, demo_model_dir):
 def test_checkpoints_load_with_plain_peft_and_resume(tiny, demo_model_dir, tmp_path):
     from peft import PeftModel
 
-    from scheduler.builder import attach_trainer
     from trainer.checkpoint import CheckpointWriter, latest_checkpoint
     from trainer.feedback import FeedbackStore
 
     model, tokenizer = tiny
-    config = TrainerConfig(lr=5e-3, grad_accum=1)
+    config = TrainingConfig(lr=5e-3, grad_accum=1)
     peft_model = attach_adapters(model, config)
     executor = FinetuneExecutor(peft_model, config, pad_id=0, checkpoints=CheckpointWriter(peft_model, tmp_path),
                                 checkpoint_every=2)
@@ -153,7 +156,8 @@ def test_checkpoints_load_with_plain_peft_and_resume(tiny, demo_model_dir, tmp_p
     executor.checkpoints.flush()  # written on the writer's thread
     path, version = latest_checkpoint(tmp_path)
     assert version == 2 and path.name == "v000002"  # every 2 steps; version 3 not yet written
-    executor.save()
+    executor.checkpoints.submit(executor.version, executor.snapshot())  # what shutdown writes
+    assert executor.checkpoints.wait(3)
     path, version = latest_checkpoint(tmp_path)
     assert version == 3
     ids = torch.tensor([pairs[0].prompt_ids + pairs[0].chosen_ids])
@@ -164,9 +168,9 @@ def test_checkpoints_load_with_plain_peft_and_resume(tiny, demo_model_dir, tmp_p
     assert torch.allclose(served, loaded, atol=1e-5)
     # a new server process resumes from it
     again, tok = load_model(demo_model_dir, torch.device("cpu"))
-    core, runner = build_from_model(again, tok, EngineConfig(model=demo_model_dir, kv_cache_bytes=8 << 20))
-    trainer = attach_trainer(core, runner, FeedbackStore(tmp_path / "f.sqlite3"), config, state_dir=str(tmp_path))
-    assert trainer.adapter_version == 3 and runner.finetune_executor.version == 3
+    core, runner = build_from_model(again, tok, EngineConfig.build(demo_model_dir, kv_cache_bytes=8 << 20),
+                                    dataclasses.replace(config, state_dir=str(tmp_path)), FeedbackStore(tmp_path / "f.sqlite3"))
+    assert core.training.adapter_version == 3 and runner.finetune_executor.version == 3
     with torch.no_grad():
         assert torch.allclose(runner.finetune_executor.model(input_ids=ids).logits, served, atol=1e-5)
 
@@ -178,7 +182,7 @@ def _grads(executor) -> list[torch.Tensor]:
 @pytest.mark.parametrize("rpo_alpha", [0.0, 1.0])
 def test_a_pair_cut_in_two_parts_gives_the_whole_pairs_gradient(tiny, rpo_alpha):
     model, _ = tiny
-    config = TrainerConfig(lr=5e-3, grad_accum=2, rpo_alpha=rpo_alpha)
+    config = TrainingConfig(lr=5e-3, grad_accum=2, rpo_alpha=rpo_alpha)
     executor = FinetuneExecutor(attach_adapters(model, config), config, pad_id=0)
     pairs = _pairs(2, seed=4)
     pairs = _referenced(executor, pairs)
@@ -212,7 +216,7 @@ def test_a_pair_cut_in_two_parts_gives_the_whole_pairs_gradient(tiny, rpo_alpha)
 def test_rpo_alpha_adds_the_chosen_answers_mean_nll(tiny):
     """The gradient with ``rpo_alpha`` is plain DPO's plus alpha x grad(-logp_c / len(chosen)) / accum."""
     model, _ = tiny
-    config = TrainerConfig(lr=5e-3, grad_accum=2, rpo_alpha=0.5)
+    config = TrainingConfig(lr=5e-3, grad_accum=2, rpo_alpha=0.5)
     executor = FinetuneExecutor(attach_adapters(model, config), config, pad_id=0)
     pairs = _pairs(2, seed=6)
     pairs = _referenced(executor, pairs)
@@ -221,7 +225,7 @@ def test_rpo_alpha_adds_the_chosen_answers_mean_nll(tiny):
     got = _grads(executor)
     executor.optimizer.zero_grad(set_to_none=True)
 
-    plain = FinetuneExecutor(executor.model, TrainerConfig(lr=5e-3, grad_accum=2), pad_id=0)
+    plain = FinetuneExecutor(executor.model, TrainingConfig(lr=5e-3, grad_accum=2), pad_id=0)
     dpo_only = plain.run(FinetuneChunk(3, "gradient", pairs))
     assert dpo_only.losses == with_nll.losses  # the reported loss is DPO's (the priority's input)
     dpo_grads = _grads(plain)
@@ -247,7 +251,7 @@ def test_a_step_over_fewer_pairs_than_grad_accum_takes_that_share_of_the_learnin
     for lr, accum in ((4e-3, 4), (1e-3, 1), (4e-3, 1)):
         torch.manual_seed(0)  # the same LoRA init each time
         model, _ = load_model(demo_model_dir, torch.device("cpu"))
-        config = TrainerConfig(lr=lr, grad_accum=accum, max_grad_norm=1e-4)
+        config = TrainingConfig(lr=lr, grad_accum=accum, max_grad_norm=1e-4)
         executor = FinetuneExecutor(attach_adapters(model, config), config, pad_id=0)
         pairs = _referenced(executor, pair)
         before = [p.detach().clone() for p in executor.params]
@@ -266,7 +270,7 @@ def test_the_cached_serving_weights_snapshot_equals_pefts_state_dict(tiny):
     from trainer.adapters import adapter_snapshot, serving_weights
 
     model, _ = tiny
-    config = TrainerConfig(lr=5e-3, grad_accum=1)
+    config = TrainingConfig(lr=5e-3, grad_accum=1)
     executor = FinetuneExecutor(attach_adapters(model, config), config, pad_id=0)
     pairs = _pairs(1)
     pairs = _referenced(executor, pairs)
@@ -282,7 +286,7 @@ def test_the_cached_serving_weights_snapshot_equals_pefts_state_dict(tiny):
 @pytest.mark.parametrize("lora_dropout", [0.0, 0.1])
 def test_the_fast_adapter_switch_leaves_what_pefts_set_adapter_leaves(tiny, lora_dropout):
     model, _ = tiny
-    config = TrainerConfig(lr=5e-3, grad_accum=1, lora_dropout=lora_dropout)
+    config = TrainingConfig(lr=5e-3, grad_accum=1, lora_dropout=lora_dropout)
     executor = FinetuneExecutor(attach_adapters(model, config), config, pad_id=0)
     peft_model = executor.model
     assert executor._needs_train_mode == (lora_dropout > 0)  # the demo model has no dropout of its own

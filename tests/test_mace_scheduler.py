@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from engine.config import EngineConfig
-from engine.plan import FinetuneChunk, IterationResult, PreferencePair, SequenceResult
+from engine.plan import NO_GRAD_COST, FinetuneChunk, FinetuneOffer, IterationResult, PreferencePair, SequenceResult
 from engine.sampling_params import SamplingParams
 from scheduler.core import EngineCore
 from scheduler.cost_model import CostModel
@@ -22,23 +22,28 @@ PARAMS = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
 
 
 class FakeTrainer:
-    """Offers pieces of ``smallest`` tokens or more; records what it was asked for."""
+    """Offers pieces of ``smallest`` tokens or more (a forward and backward each, unless
+    ``has_grad`` is cleared); dates the wait as the trainer does; records what it was asked for."""
 
-    def __init__(self, smallest: int | None, loss: float | None = None):
+    def __init__(self, smallest: int | None, loss: float = 0.6931471805599453):
         self.smallest, self.loss, self.asked = smallest, loss, []
+        self.has_grad = True
+        self.since = None
 
-    def next_pair_tokens(self):
-        return self.smallest
-
-    def head_loss(self):
-        return self.loss
-
-    def next_unit_has_grad(self):
-        return True
+    def offer(self, now):
+        if self.smallest is None:
+            self.since = None
+            return None
+        if self.since is None:
+            self.since = now
+        return FinetuneOffer(self.smallest, self.smallest, self.loss, now - self.since,
+                             min_cost_factor=1.0 if self.has_grad else NO_GRAD_COST)
 
     def next_chunk(self, budget):
         self.asked.append(budget)
-        return FinetuneChunk(len(self.asked), "gradient", [PreferencePair("p", [1] * budget, [], [])])
+        self.since = None
+        # one sequence of ``budget`` tokens (a pair's chosen part), so the plan prices it at that
+        return FinetuneChunk(len(self.asked), "gradient", [PreferencePair("p", [1] * budget, [], [])], part="chosen")
 
     def on_result(self, result):
         pass
@@ -50,15 +55,14 @@ class FakeTrainer:
 def core_factory(demo_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
 
-    def make(num_blocks: int = 64, **overrides) -> tuple[EngineCore, list[float]]:
+    def make(num_blocks: int = 64, cost_model: CostModel | None = None, **overrides) -> tuple[EngineCore, list[float]]:
         settings = dict(policy="mace", slo_tbt_ms=100.0, slo_margin=0.1, slo_ttft_ms=1000.0,
                         max_num_batched_tokens=256, max_num_seqs=16, finetune_tokens_per_iteration=512,
                         max_model_len=1024, vocab_size=8192, slo_bank_max=3.0)
-        config = EngineConfig(model=demo_model_dir, **{**settings, **overrides})
-        core = EngineCore(config, tokenizer, frozenset(), num_blocks=num_blocks)
-        core.cost_model = CostModel(COSTS)
+        config = EngineConfig.build(demo_model_dir, **{**settings, **overrides})
         now = [0.0]
-        core.clock = lambda: now[0]
+        core = EngineCore(config, tokenizer, frozenset(), num_blocks=num_blocks,
+                          cost_model=cost_model or CostModel(COSTS), clock=lambda: now[0])
         return core, now
 
     return make
@@ -93,8 +97,8 @@ def test_prefills_fill_the_latency_budget_and_fine_tune_takes_the_rest(core_fact
     # the 76 ms left, at a block boundary: 64 tokens. The 12 ms left take 48 fine-tune tokens.
     assert _sizes(plan) == {a.seq_id: 1, b.seq_id: 1, c.seq_id: 64}
     assert core.trainer.asked == [48]
-    assert core.scheduler.latency_capacity_s == pytest.approx(0.09)
-    assert core.scheduler.predicted_s == pytest.approx(0.014 + 0.064 + 0.012)
+    assert plan.capacity_s == pytest.approx(0.09)
+    assert plan.predicted_s == pytest.approx(0.014 + 0.064 + 0.012)
 
 
 def test_no_room_no_fine_tune_until_the_starvation_guard(core_factory):
@@ -133,11 +137,11 @@ def test_decodes_bank_slack_that_fine_tune_spends(core_factory):
     for _ in range(5):  # five tokens, each 10 ms: 80 ms banked per token against the 90 ms pace
         now[0] += 0.01
         _finish_iteration(core, core.schedule())
-    assert core.scheduler.decode_slack(a, now[0]) == pytest.approx(6 * 0.09 - 0.05)
+    assert core.policy.decode_slack(a, now[0]) == pytest.approx(6 * 0.09 - 0.05)
     core.trainer = FakeTrainer(smallest=100)
     plan = core.schedule()
     # slack 490 ms, capped at slo_bank_max (3) budgets: 270 ms; minus 12 ms of decode: 258 ms
-    assert core.scheduler.latency_capacity_s == pytest.approx(0.27)
+    assert plan.capacity_s == pytest.approx(0.27)
     assert core.trainer.asked == [512]  # all the piece may carry (258 ms would take 1032 tokens)
     assert _sizes(plan) == {a.seq_id: 1}
 
@@ -164,8 +168,8 @@ def test_a_prefill_near_its_ttft_deadline_goes_first(core_factory):
     late = core.add_request("late", random_prompts([200], seed=6)[0], PARAMS, RequestOptions(slo_ttft_ms=300.0))
     vip = core.add_request("vip", random_prompts([200], seed=7)[0], PARAMS, RequestOptions(priority=5))
     # (1 chunk + 1) x 90 ms x 3 banked budgets = 540 ms of need > 300 ms left: urgent at once
-    assert core.scheduler.prefill_priority(late, now[0]) == 1.0 + URGENT
-    assert core.scheduler.prefill_priority(vip, now[0]) == 6.0
+    assert core.policy.prefill_priority(late, now[0]) == 1.0 + URGENT
+    assert core.policy.prefill_priority(vip, now[0]) == 6.0
     plan = core.schedule()
     assert list(_sizes(plan))[0] == late.seq_id
 
@@ -211,8 +215,8 @@ def test_a_decode_already_planned_that_is_then_preempted_leaves_the_plan(core_fa
 def test_tau_mem_caps_the_blocks_new_prefill_may_claim(core_factory):
     # prefill at 0.1 ms a token: 80 ms would take 800 tokens, but 40 free blocks x 0.5 = 20
     # blocks of 16 may be claimed: 320 tokens
-    core, now = core_factory(num_blocks=40, tau_mem=0.5, max_num_batched_tokens=1024)
-    core.cost_model = CostModel([0.010, 0.0001, 0.0, 0.002, 0.0, 0.00025])
+    core, now = core_factory(num_blocks=40, tau_mem=0.5, max_num_batched_tokens=1024,
+                             cost_model=CostModel([0.010, 0.0001, 0.0, 0.002, 0.0, 0.00025]))
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     a = core.add_request("a", random_prompts([600], seed=11)[0], params)
     assert _sizes(core.schedule()) == {a.seq_id: 320}
@@ -220,18 +224,17 @@ def test_tau_mem_caps_the_blocks_new_prefill_may_claim(core_factory):
 
 
 def test_an_idle_engine_moves_even_when_the_model_says_nothing_fits(core_factory):
-    core, now = core_factory()
-    core.cost_model = CostModel([0.2, 0.001, 0.0, 0.002, 0.0, 0.00025])  # 200 ms fixed > the 90 ms budget
+    # 200 ms fixed > the 90 ms budget
+    core, now = core_factory(cost_model=CostModel([0.2, 0.001, 0.0, 0.002, 0.0, 0.00025]))
     a = core.add_request("a", random_prompts([40], seed=12)[0], PARAMS)
     plan = core.schedule()
     assert _sizes(plan) == {a.seq_id: 40}
 
 
 def test_fine_tune_pieces_fit_the_activation_memory(core_factory):
-    core, now = core_factory(finetune_memory_bytes=100_000, tau_mem=0.9)
     model = CostModel(COSTS)
     model.finetune_bytes_per_token = 1000.0  # 0.9 x 100 kB: 90 tokens at once
-    core.cost_model = model
+    core, now = core_factory(finetune_memory_bytes=100_000, tau_mem=0.9, cost_model=model)
     core.trainer = FakeTrainer(smallest=30)
     _finish_iteration(core, core.schedule())  # idle: a full piece would be 512 tokens
     core.add_request("a", random_prompts([8], seed=13)[0], PARAMS)
@@ -246,7 +249,7 @@ def test_a_no_grad_unit_is_priced_at_a_third(core_factory):
     core.add_request("a", random_prompts([16], seed=14)[0], PARAMS)
     _finish_iteration(core, core.schedule())
     core.trainer = FakeTrainer(smallest=300)
-    core.trainer.next_unit_has_grad = lambda: False  # a reference pass: 300 x 0.25 ms / 3 = 25 ms
+    core.trainer.has_grad = False  # a reference pass: 300 x 0.25 ms / 3 = 25 ms
     now[0] += 0.09
     plan = core.schedule()  # 90 - 12 = 78 ms left: the unit (25 ms) fits, plus 212 tokens at full price
     assert core.trainer.asked == [300 + 212]
@@ -258,8 +261,7 @@ def test_a_fine_tune_chunks_fixed_cost_is_part_of_its_price(core_factory):
     go to 124 more tokens. Priced by its tokens alone it would take 304."""
     params = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
     for overhead, asked in ((0.055, []), (0.020, [100 + 124])):
-        core, _ = core_factory()
-        core.cost_model = CostModel([*COSTS, overhead])
+        core, _ = core_factory(cost_model=CostModel([*COSTS, overhead]))
         for i, p in enumerate(random_prompts([8, 8], seed=15)):
             core.add_request(f"r{i}", p, params)
         _finish_iteration(core, core.schedule())  # both prompts: decoding from here, on pace

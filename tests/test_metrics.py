@@ -88,5 +88,26 @@ def test_json_and_table():
     table = s.table()
     assert "6 (4 ok, 1 failed, 1 unfinished)" in table
     assert "TTFT" in table and "270.0" in table and "2/6 = 33.3%" in table
-    assert "-" in summarize([], 100, 100).table()
+    # the hand-worked figures of test_summary_of_the_hand_worked_records, as printed
+    assert table.splitlines() == [
+        "requests     6 (4 ok, 1 failed, 1 unfinished) over 2.00 s",
+        "throughput   2.00 req/s, 4.0 output tok/s (8 tokens)",
+        "latency (ms)      n      mean       p50       p90       p99",
+        "TTFT              4     175.0     150.0     270.0     297.0",
+        "ITL               4     200.0     150.0     340.0     394.0",
+        "TPOT              3     216.7     150.0     350.0     395.0",
+        "E2E               4     387.5     400.0     470.0     497.0",
+        "SLO          TTFT <= 250 ms and TPOT <= 200 ms: 2/6 = 33.3%, goodput 1.00 req/s",
+    ]
+    # nothing measured: every figure without a value prints "-", the counts print 0
+    assert summarize([], 100, 100).table().splitlines() == [
+        "requests     0 (0 ok, 0 failed, 0 unfinished) over 0.00 s",
+        "throughput   - req/s, - output tok/s (0 tokens)",
+        "latency (ms)      n      mean       p50       p90       p99",
+        "TTFT              0         -         -         -         -",
+        "ITL               0         -         -         -         -",
+        "TPOT              0         -         -         -         -",
+        "E2E               0         -         -         -         -",
+        "SLO          TTFT <= 100 ms and TPOT <= 100 ms: 0/0 = -, goodput - req/s",
+    ]
     assert json.loads(json.dumps(hand_worked()[0].to_dict()))["token_times_s"] == [0.1, 0.2, 0.4]

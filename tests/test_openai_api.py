@@ -234,7 +234,7 @@ async def test_prefix_cache_metrics(start_server):
             metrics = await r.text()
     hits = _metric(metrics, "mace_prefix_cache_hits_total")
     assert _metric(metrics, "mace_prefix_cache_queries_total") == sum(lengths)
-    assert hits == engine.core.scheduler.num_prefix_hit_tokens > 0 and hits % 16 == 0
+    assert hits == engine.core.queues.num_prefix_hit_tokens > 0 and hits % 16 == 0
     assert _metric(metrics, "mace_kv_blocks_cached") == engine.core.pool.num_cached_blocks > 0
     assert _metric(metrics, "mace_kv_blocks_used") == 0
 

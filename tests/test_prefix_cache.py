@@ -33,7 +33,7 @@ def _run(core, runner, prompts, max_new, arrive_at):
 
 
 def _computed_prompt_tokens(core) -> int:
-    return core.scheduler.num_prefix_query_tokens - core.scheduler.num_prefix_hit_tokens
+    return core.queues.num_prefix_query_tokens - core.queues.num_prefix_hit_tokens
 
 
 @pytest.mark.parametrize("system_len", [32, 37, 48, 50, 100])  # block-aligned and not
@@ -47,7 +47,7 @@ def test_sharing_gives_the_same_tokens(make_engine, system_len, arrive_at):
         core, runner = make_engine(enable_prefix_caching=enabled, max_num_batched_tokens=48)
         outputs[enabled] = _run(core, runner, prompts, 12, arrive_at)
         if enabled:
-            hits = core.scheduler.num_prefix_hit_tokens
+            hits = core.queues.num_prefix_hit_tokens
             if arrive_at[1] >= 40:  # the first request was done: every later one reuses the system prompt
                 assert hits >= 3 * (system_len // BS) * BS
             assert core.pool.num_used_blocks == 0 and core.pool.num_cached_blocks > 0
@@ -58,12 +58,12 @@ def test_a_repeated_prompt_reuses_all_but_its_last_token(make_engine):
     core, runner = make_engine()
     prompt = random_prompts([64], seed=3)[0]  # exactly 4 blocks
     first = generate(core, runner, [prompt], SamplingParams(max_tokens=8, **GREEDY))
-    assert core.scheduler.num_prefix_hit_tokens == 0
-    assert core.scheduler.num_cached_prefix_tokens(_waiting(core, prompt)) == 48
+    assert core.queues.num_prefix_hit_tokens == 0
+    assert core.queues.num_cached_prefix_tokens(_waiting(core, prompt)) == 48
     second = generate(core, runner, [prompt], SamplingParams(max_tokens=8, **GREEDY))
     assert second == first
     # 3 of the 4 prompt blocks are reused: the last token has to be computed to sample
-    assert core.scheduler.num_prefix_hit_tokens == 48
+    assert core.queues.num_prefix_hit_tokens == 48
     core.check_integrity()
 
 
@@ -80,7 +80,7 @@ def test_generated_blocks_are_cached_too(make_engine):
     out = generate(core, runner, [prompt], SamplingParams(max_tokens=30, **GREEDY))[0]
     follow_up = prompt + out + random_prompts([7], seed=5)[0]  # a second chat turn
     generate(core, runner, [follow_up], SamplingParams(max_tokens=4, **GREEDY))
-    assert core.scheduler.num_prefix_hit_tokens == (20 + 30 - 1) // BS * BS  # 3 full blocks
+    assert core.queues.num_prefix_hit_tokens == (20 + 30 - 1) // BS * BS  # 3 full blocks
 
 
 def test_prompt_logprobs_requests_skip_the_cache(make_engine):
@@ -91,7 +91,7 @@ def test_prompt_logprobs_requests_skip_the_cache(make_engine):
     outs = []
     while core.has_work:
         outs += core.step(runner)
-    assert core.scheduler.num_prefix_hit_tokens == 0
+    assert core.queues.num_prefix_hit_tokens == 0
     assert len(outs[-1].prompt_logprobs) == 40 and outs[-1].prompt_logprobs[0] is None
 
 

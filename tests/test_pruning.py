@@ -38,7 +38,7 @@ def test_window_pruning_equals_attention_masked_to_the_kept_tokens(make_engine, 
                                decode_attention=decode_attention)
     prompt = random_prompts([30], seed=11)[0]
     tokens, plans, _ = _run_recording(core, runner, prompt, 90)
-    assert core.scheduler.num_pruned_tokens > 0
+    assert core.queues.num_pruned_tokens > 0
     # Replay which token positions each decode could see, from the plans' prune ops.
     kv = list(range(len(prompt)))  # position held by each KV entry
     visible = {}  # query position -> positions it attends to
@@ -71,7 +71,7 @@ def test_unpruned_when_the_budget_is_never_reached(make_engine):
     pruned = generate(core, runner, prompts, params)
     core2, runner2 = make_engine()
     assert pruned == generate(core2, runner2, prompts, params)
-    assert core.scheduler.num_pruned_tokens == 0
+    assert core.queues.num_pruned_tokens == 0
 
 
 @pytest.mark.parametrize("policy", ["window", "heavy-hitter"])

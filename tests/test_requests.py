@@ -18,7 +18,7 @@ def run(core, runner):
 
 def test_prompt_longer_than_the_context_is_refused_and_changes_nothing(make_engine):
     core, runner = make_engine()
-    assert core.config.max_model_len == 1024  # the tiny demo model's context
+    assert core.config.model.max_model_len == 1024  # the tiny demo model's context
     too_long = random_prompts([1024])[0]
     with pytest.raises(InvalidRequestError, match="context is 1024 tokens") as err:
         core.add_request("a", too_long, SamplingParams(max_tokens=1))

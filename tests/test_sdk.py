@@ -22,6 +22,7 @@ from clients import (
 from engine.sampling_params import SamplingParams
 from scheduler.async_engine import AsyncEngine
 from server.app import build_app, make_runner
+from server.state import STATE
 from protocol import openai as oa
 from protocol import tgi
 from protocol.sse import encode_event
@@ -43,10 +44,10 @@ async def start_server(make_engine):
     runners = []
 
     async def start(**app_kwargs) -> tuple[str, AsyncEngine]:
-        engine = AsyncEngine(*make_engine())
-        url, runner = await _serve(build_app(engine, **app_kwargs))
+        app = build_app(*make_engine(), **app_kwargs)
+        url, runner = await _serve(app)
         runners.append(runner)
-        return url, engine
+        return url, app[STATE].engine
 
     yield start
     for runner in runners:
@@ -195,7 +196,7 @@ async def test_models_and_health(server, fake_server):
     async with AsyncClient(url) as client:
         models = await client.models()
         assert await client.health()
-    assert isinstance(models, oa.ModelList) and models.data[0].max_model_len == engine.core.config.max_model_len
+    assert isinstance(models, oa.ModelList) and models.data[0].max_model_len == engine.core.config.model.max_model_len
     handler, _ = _scripted([web.json_response({"status": "shutting down"}, status=503)])
     draining = await fake_server("/health", handler, method="GET")
     async with AsyncClient(draining) as client:
@@ -358,19 +359,39 @@ async def test_error_events_inside_a_stream_raise(fake_server):
 
 
 async def test_a_slow_server_raises_api_timeout_error(fake_server):
+    """The handler never answers (it waits for an event nobody sets): the only way out is the
+    client's timeout, which drops the connection, so the server cancels the handler; a timeout
+    is not retried."""
+    never, entered, cancelled, answered = asyncio.Event(), [], asyncio.Queue(), []
+
     async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(10)
+        entered.append(request.path)
+        try:
+            await never.wait()
+        except asyncio.CancelledError:
+            cancelled.put_nowait(request.path)
+            raise
+        answered.append(request.path)
         return _ok_chat()
 
     url = await fake_server("/v1/chat/completions", slow)
-    start = time.monotonic()
     async with AsyncClient(url, timeout_s=0.2, backoff_s=0.01) as client:
-        with pytest.raises(APITimeoutError):
-            await client.chat(MESSAGES)
-        with pytest.raises(APITimeoutError):
+        # wait_for only turns a hang into a failure; it never fires while the timeout works
+        with pytest.raises(APITimeoutError, match="0.2 s") as err:
+            await asyncio.wait_for(client.chat(MESSAGES), 30)
+        assert isinstance(err.value.__cause__, TimeoutError)
+        assert await asyncio.wait_for(cancelled.get(), 30) == "/v1/chat/completions"
+        assert len(entered) == 1  # not retried
+
+        async def read_stream() -> None:
             async for _ in client.stream_chat(MESSAGES):
                 pass
-    assert time.monotonic() - start < 3
+
+        with pytest.raises(APITimeoutError, match="0.2 s") as err:
+            await asyncio.wait_for(read_stream(), 30)
+        assert isinstance(err.value.__cause__, TimeoutError)
+        assert await asyncio.wait_for(cancelled.get(), 30) == "/v1/chat/completions"
+    assert len(entered) == 2 and answered == [] and cancelled.empty()
 
 
 async def test_an_unreachable_server_raises_api_connection_error():

@@ -11,12 +11,11 @@ import random
 import numpy as np
 from transformers import AutoTokenizer
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, TrainingConfig
 from engine.plan import FinetuneResult, IterationResult, SequenceResult
 from engine.sampling_params import SamplingParams
 from scheduler.core import EngineCore
 from scheduler.cost_model import IterationShape
-from trainer.executor import TrainerConfig
 from trainer.feedback import FeedbackStore, NewPair
 from trainer.trainer import Trainer
 
@@ -45,13 +44,14 @@ def _execute(plan, shape: IterationShape, rng: random.Random, version: list[int]
 
 async def test_an_hour_of_load_keeps_the_slo_and_trains_every_minute(demo_model_dir, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
-    config = EngineConfig(model=demo_model_dir, policy="mace", slo_tbt_ms=SLO_TBT_S * 1e3, slo_margin=0.1,
-                          max_num_batched_tokens=64, max_num_seqs=32, finetune_tokens_per_iteration=512,
-                          finetune_min_every=50, max_model_len=1024, vocab_size=8192)
-    core = EngineCore(config, tokenizer, frozenset(), num_blocks=2048)
-    core.clock = lambda: t  # arrivals, first tokens and deadlines on the simulated clock
+    config = EngineConfig.build(demo_model_dir, policy="mace", slo_tbt_ms=SLO_TBT_S * 1e3, slo_margin=0.1,
+                                max_num_batched_tokens=64, max_num_seqs=32, finetune_tokens_per_iteration=512,
+                                finetune_min_every=50, max_model_len=1024, vocab_size=8192)
+    # arrivals, first tokens and deadlines on the simulated clock
+    core = EngineCore(config, tokenizer, frozenset(), num_blocks=2048, clock=lambda: t)
     store = FeedbackStore(tmp_path / "f.sqlite3")
-    core.trainer = Trainer(store, tokenizer, TrainerConfig(grad_accum=4), tokenizer.eos_token_id)
+    # the real trainer, without a model: the simulated worker answers its chunks
+    core.trainer = Trainer(store, tokenizer, TrainingConfig(grad_accum=4), tokenizer.eos_token_id)
     rng = random.Random(0)
     arrivals = np.cumsum(np.random.default_rng(0).exponential(1 / RATE, int(SIM_S * RATE * 1.2)))
     arrivals = [float(a) for a in arrivals if a < SIM_S]

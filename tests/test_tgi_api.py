@@ -45,7 +45,7 @@ async def test_generate_and_stream_agree(start_server):
     assert all(e["generated_text"] is None and e["details"] is None for e in events[:-1])
     assert events[-1]["details"] == {"finish_reason": "length", "generated_tokens": 12, "seed": None,
                                      "input_length": len(engine.core.tokenizer.encode("def parse(text):"))}
-    assert info["max_total_tokens"] == engine.core.config.max_model_len
+    assert info["max_total_tokens"] == engine.core.config.model.max_model_len
     assert engine.core.pool.num_free_blocks == engine.core.pool.num_blocks
 
 

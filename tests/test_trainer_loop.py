@@ -6,9 +6,8 @@ import asyncio
 import torch
 
 from engine.sampling_params import SamplingParams
+from engine.config import TrainingConfig
 from scheduler.async_engine import AsyncEngine
-from scheduler.builder import attach_trainer
-from trainer.executor import TrainerConfig
 from trainer.feedback import FeedbackStore, NewPair
 
 CHOSEN, REJECTED = " Yes, gladly.", " No."
@@ -30,17 +29,17 @@ class _Stored:
 
 
 async def test_pairs_are_trained_while_serving(make_engine, tmp_path):
-    core, runner = make_engine(finetune_tokens_per_iteration=256)
     store = FeedbackStore(tmp_path / "f.sqlite3")
-    config = TrainerConfig(lr=5e-3, grad_accum=4)
-    trainer = attach_trainer(core, runner, store, config)
+    config = TrainingConfig(lr=5e-3, grad_accum=4)
+    core, runner = make_engine(finetune_tokens_per_iteration=256, training=config, feedback_store=store)
+    training, trainer = core.training, core.trainer
     prompts = [f"Question {i}: can you help me with task {i}?" for i in range(8)]
-    store.add([NewPair(p, CHOSEN, REJECTED, id=f"p{i}") for i, p in enumerate(prompts)])
     held_out = "Question 99: can you help me with something else?"
     before = _margin(core, runner, held_out)
     engine = AsyncEngine(core, runner)
     await engine.start()
     try:
+        store.add([NewPair(p, CHOSEN, REJECTED, id=f"p{i}") for i, p in enumerate(prompts)])
         assert await trainer.refill() == 8
         served = []
         async for out in engine.generate(core.tokenizer.encode("def f(x):"),
@@ -48,12 +47,12 @@ async def test_pairs_are_trained_while_serving(make_engine, tmp_path):
             served += out.new_token_ids
         for _ in range(600):  # bounded: until every pair is trained
             await asyncio.sleep(0.02)
-            await trainer.flush()
+            await training.flush()
             if store.stats()["trained"] == 8:
                 break
         assert store.stats() == {"received": 8, "trained": 8, "pending": 0, "set_aside": 0}
         assert len(served) == 40
-        assert trainer.num_steps == 2 and trainer.adapter_version == 2 and trainer.num_pairs_stepped == 8
+        assert trainer.num_steps == 2 and training.adapter_version == 2 and trainer.num_pairs_stepped == 8
         assert all(store.get(f"p{i}").ref_chosen is not None for i in range(8))  # computed once, stored
     finally:
         await engine.stop()
@@ -65,7 +64,7 @@ async def test_feedback_over_http_trains_the_serving_adapter(start_server, tmp_p
     import aiohttp
 
     store = FeedbackStore(tmp_path / "f.sqlite3")
-    config = TrainerConfig(lr=5e-3, grad_accum=2)
+    config = TrainingConfig(lr=5e-3, grad_accum=2)
     async with start_server(feedback_store=store, trainer_config=config) as (url, engine), \
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
         async with http.get(f"{url}/v1/adapters") as r:
@@ -88,7 +87,7 @@ async def test_feedback_over_http_trains_the_serving_adapter(start_server, tmp_p
         assert "mace_train_steps_total 2.0" in metrics and "mace_adapter_version 2.0" in metrics
         assert "mace_train_pairs_total 4.0" in metrics
         assert 'mace_feedback_pairs{state="trained"} 4.0' in metrics
-        await engine.core.trainer.flush()
+        await engine.training.flush()
         assert store.stats()["trained"] == 4
 
 
@@ -147,7 +146,7 @@ async def test_feedback_raises_held_out_clpd_while_the_server_streams(start_serv
     from clients import AsyncClient
 
     store = FeedbackStore(tmp_path / "f.sqlite3")
-    config = TrainerConfig(lr=5e-3, grad_accum=2)
+    config = TrainingConfig(lr=5e-3, grad_accum=2)
     held_out = [f"Q: could you look at item {i}? A:" for i in (101, 202, 303)]
 
     async def clpd(client) -> float:
@@ -194,10 +193,10 @@ async def _adapters(http, url) -> dict:
 async def test_an_outlier_pair_is_set_aside_after_k_tries(make_engine, tmp_path):
     from engine.plan import FinetuneResult
 
-    core, runner = make_engine()
     store = FeedbackStore(tmp_path / "f.sqlite3")
     store.add([NewPair(f"prompt {i}", CHOSEN, REJECTED, id=f"p{i}") for i in range(3)])
-    trainer = attach_trainer(core, runner, store, TrainerConfig(grad_accum=3))
+    core, runner = make_engine(training=TrainingConfig(grad_accum=3), feedback_store=store)
+    trainer = core.trainer
     trainer.max_attempts = 2
     await trainer.refill()
     ref = trainer.next_chunk(10_000)
@@ -221,9 +220,9 @@ async def test_an_outlier_pair_is_set_aside_after_k_tries(make_engine, tmp_path)
 
 
 async def test_a_pair_too_big_for_the_room_trains_in_two_parts(make_engine, tmp_path):
-    core, runner = make_engine()
     store = FeedbackStore(tmp_path / "f.sqlite3")
-    trainer = attach_trainer(core, runner, store, TrainerConfig(grad_accum=1))
+    core, runner = make_engine(training=TrainingConfig(grad_accum=1), feedback_store=store)
+    trainer = core.trainer
     store.add([NewPair("Why is the sky blue?", " Because of Rayleigh scattering.", " No idea.")])
     await trainer.refill()
     ex = runner.finetune_executor
@@ -240,7 +239,7 @@ async def test_a_pair_too_big_for_the_room_trains_in_two_parts(make_engine, tmp_
     assert step(failed=True) == ("gradient", "rejected", True, False)  # its iteration failed
     # the pair starts over, and the gradients of the failed accumulation are dropped first
     assert [step(), step()] == [("gradient", "chosen", False, True), ("gradient", "rejected", True, False)]
-    assert not trainer.has_work and trainer.adapter_version == 1
+    assert not trainer.has_work and core.training.adapter_version == 1
     await trainer.flush()
     assert store.stats()["trained"] == 1
     store.close()
@@ -249,9 +248,9 @@ async def test_a_pair_too_big_for_the_room_trains_in_two_parts(make_engine, tmp_
 async def test_a_pair_with_its_reference_trains_before_the_next_reference(make_engine, tmp_path):
     """Depth first, in the smallest room: reference, then that pair's two parts, then the next
     pair's reference; the step comes with the accumulation's last pair."""
-    core, runner = make_engine()
     store = FeedbackStore(tmp_path / "f.sqlite3")
-    trainer = attach_trainer(core, runner, store, TrainerConfig(grad_accum=2))
+    core, runner = make_engine(training=TrainingConfig(grad_accum=2), feedback_store=store)
+    trainer = core.trainer
     store.add([NewPair(f"Question {i}?", " A long and careful answer.", " No.", id=f"p{i}") for i in range(2)])
     await trainer.refill()
     ex, order = runner.finetune_executor, []
@@ -270,22 +269,22 @@ async def test_a_pair_with_its_reference_trains_before_the_next_reference(make_e
 async def test_a_pair_stepped_but_not_yet_checkpointed_is_not_loaded_again(make_engine, tmp_path):
     """Between its step and the checkpoint that marks it trained a pair is still pending in the
     store; a refill then must not load it again (it would be trained twice, or more)."""
-    core, runner = make_engine()
     store = FeedbackStore(tmp_path / "f.sqlite3")
-    trainer = attach_trainer(core, runner, store, TrainerConfig(grad_accum=2), state_dir=str(tmp_path / "state"),
-                             checkpoint_every=100)
+    config = TrainingConfig(grad_accum=2, state_dir=str(tmp_path / "state"), checkpoint_every=100)
+    core, runner = make_engine(training=config, feedback_store=store)
+    training, trainer = core.training, core.trainer
     store.add([NewPair(f"Question {i}?", CHOSEN, REJECTED, id=f"p{i}") for i in range(4)])
     assert await trainer.refill() == 4
     ex = runner.finetune_executor
     while trainer.num_steps == 0:  # the first step (p0, p1) is not the last one: no checkpoint
         chunk = trainer.next_chunk(1024)
         trainer.on_result(ex.run(chunk))
-    await trainer.flush()
+    await training.flush()
     assert trainer.num_pairs_stepped == 2 and store.stats()["pending"] == 4  # not checkpointed yet
     assert await trainer.refill() == 0
     while trainer.has_work:  # the last step checkpoints: every pair is trained, each once
         trainer.on_result(ex.run(trainer.next_chunk(1024)))
-    await trainer.flush()
+    await training.flush()
     assert trainer.num_pairs_stepped == 4 and store.stats()["trained"] == 4
     assert await trainer.refill() == 0 and not trainer._known  # forgotten once stored as trained
     store.close()
@@ -293,9 +292,9 @@ async def test_a_pair_stepped_but_not_yet_checkpointed_is_not_loaded_again(make_
 
 async def test_overlapping_refills_load_each_pair_once(make_engine, tmp_path):
     """The feedback route refills on every post; refills that overlap load a pair only once."""
-    core, runner = make_engine()
     store = FeedbackStore(tmp_path / "f.sqlite3")
-    trainer = attach_trainer(core, runner, store, TrainerConfig(grad_accum=4))
+    core, runner = make_engine(training=TrainingConfig(grad_accum=4), feedback_store=store)
+    trainer = core.trainer
     store.add([NewPair(f"Question {i}?", CHOSEN, REJECTED, id=f"p{i}") for i in range(5)])
     loaded = await asyncio.gather(*(trainer.refill() for _ in range(3)))
     assert sum(loaded) == 5
@@ -305,15 +304,14 @@ async def test_overlapping_refills_load_each_pair_once(make_engine, tmp_path):
 
 
 async def _checkpointing_trainer(make_engine, tmp_path, num_pairs: int):
-    """A trainer that steps every pair and checkpoints every step, ``num_pairs`` pairs loaded:
-    (trainer, store, executor)."""
-    core, runner = make_engine()
+    """Training that steps every pair and checkpoints every step, ``num_pairs`` pairs loaded:
+    (training, store)."""
     store = FeedbackStore(tmp_path / "f.sqlite3")
-    trainer = attach_trainer(core, runner, store, TrainerConfig(grad_accum=1), state_dir=str(tmp_path / "state"),
-                             checkpoint_every=1)
+    config = TrainingConfig(grad_accum=1, state_dir=str(tmp_path / "state"), checkpoint_every=1)
+    core, _ = make_engine(training=config, feedback_store=store)
     store.add([NewPair(f"Question {i}?", CHOSEN, REJECTED, id=f"p{i}") for i in range(num_pairs)])
-    assert await trainer.refill() == num_pairs
-    return trainer, store, runner.finetune_executor
+    assert await core.trainer.refill() == num_pairs
+    return core.training, store
 
 
 async def test_checkpoints_are_written_off_the_worker_and_mark_pairs_trained_when_on_disk(make_engine, tmp_path,
@@ -324,33 +322,40 @@ async def test_checkpoints_are_written_off_the_worker_and_mark_pairs_trained_whe
 
     import trainer.checkpoint as ckpt
 
-    gate, writes = threading.Event(), []
+    gate, taken, started, writes = threading.Event(), threading.Event(), [], []
     real_write = ckpt.write_checkpoint
 
     def blocked_write(state, config_json, state_dir, version, keep=3):
+        started.append(version)
+        taken.set()
         gate.wait(30)
         writes.append(version)
         return real_write(state, config_json, state_dir, version, keep)
 
     monkeypatch.setattr(ckpt, "write_checkpoint", blocked_write)
-    trainer, store, ex = await _checkpointing_trainer(make_engine, tmp_path, 3)
-    while trainer.num_steps < 1:
-        trainer.on_result(ex.run(trainer.next_chunk(1024)))
-    for _ in range(500):  # until the writer has taken v1 (and blocks on the disk)
-        if ex.checkpoints._writing:
-            break
-        await asyncio.sleep(0.01)
-    while trainer.has_work:  # two more one-pair steps, each with its checkpoint due; none written yet
-        trainer.on_result(ex.run(trainer.next_chunk(1024)))
-    await asyncio.sleep(0.05)
-    assert trainer.num_pairs_stepped == 3 and writes == [] and ckpt.latest_checkpoint(tmp_path / "state") is None
-    assert store.stats()["pending"] == 3
-    gate.set()
-    await trainer.flush()
+    training, store = await _checkpointing_trainer(make_engine, tmp_path, 3)
+    trainer, ex, writer = training.trainer, training.executor, training.checkpoints
+    try:
+        while trainer.num_steps < 1:
+            trainer.on_result(ex.run(trainer.next_chunk(1024)))
+        # the writer has taken v1 and blocks on the disk (bounded: a hang fails here)
+        assert await asyncio.to_thread(taken.wait, 30), "the writer never started checkpoint v1"
+        while trainer.has_work:  # two more one-pair steps, each with its checkpoint due; none written yet
+            trainer.on_result(ex.run(trainer.next_chunk(1024)))
+        # the chunks came back while v1's write is still blocked: the worker did not write, and the
+        # writer holds v1 in hand and only v3 queued (v2 superseded); nothing landed, nothing marked
+        assert started == [1] and writes == [] and ckpt.latest_checkpoint(tmp_path / "state") is None
+        assert writer._writing and writer._next[0] == 3 and writer.saved_version == 0
+        assert trainer.num_pairs_stepped == 3 and [v for v, _ in trainer._unsaved] == [1, 2, 3]
+        assert store.stats()["pending"] == 3
+    finally:
+        gate.set()
+    await training.flush()
     # v1 was being written when v2 and v3 came: v2 is superseded, v3 holds every step
-    assert writes == [1, 3] and ckpt.latest_checkpoint(tmp_path / "state")[1] == 3
+    assert started == writes == [1, 3] and ckpt.latest_checkpoint(tmp_path / "state")[1] == 3
+    assert writer.saved_version == 3 and trainer._unsaved == []
     assert store.stats()["trained"] == 3 and not trainer._known
-    ex.close()
+    writer.close()
     store.close()
 
 
@@ -366,15 +371,16 @@ async def test_a_failed_checkpoint_keeps_its_pairs_pending_until_a_later_one_lan
         return real_write(state, config_json, state_dir, version, keep)
 
     monkeypatch.setattr(ckpt, "write_checkpoint", flaky_write)
-    trainer, store, ex = await _checkpointing_trainer(make_engine, tmp_path, 2)
+    training, store = await _checkpointing_trainer(make_engine, tmp_path, 2)
+    trainer, ex = training.trainer, training.executor
     while trainer.num_steps < 1:
         trainer.on_result(ex.run(trainer.next_chunk(1024)))
-    await trainer.flush()
-    assert ex.checkpoints.failed_version == 1 and store.stats()["pending"] == 2
+    await training.flush()
+    assert training.checkpoints.failed_version == 1 and store.stats()["pending"] == 2
     fail[0] = False
     while trainer.has_work:
         trainer.on_result(ex.run(trainer.next_chunk(1024)))
-    await trainer.flush()
+    await training.flush()
     assert ckpt.latest_checkpoint(tmp_path / "state")[1] == 2 and store.stats()["trained"] == 2
-    ex.close()
+    training.checkpoints.close()
     store.close()

@@ -51,7 +51,8 @@ class CheckpointWriter:
     is on disk (False: the writer stopped, or a write failed, before that). ``on_saved`` is
     called on the writer's thread after each checkpoint lands."""
 
-    def __init__(self, peft_model: PeftModel, state_dir: str | Path, keep: int = 3) -> None:
+    def __init__(self, peft_model: PeftModel, state_dir: str | Path, keep: int = 3,
+                 on_saved: Callable[[int], None] | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.keep = keep
         self._config_json = _config_json(peft_model)
@@ -61,7 +62,7 @@ class CheckpointWriter:
         self._closed = False
         self.saved_version = 0  # newest checkpoint on disk, written by this writer
         self.failed_version = 0  # newest version whose write failed
-        self.on_saved: Callable[[int], None] = lambda version: None
+        self.on_saved: Callable[[int], None] = on_saved or (lambda version: None)
         self._thread = threading.Thread(target=self._loop, name="mace-checkpoint", daemon=True)
         self._thread.start()
 

@@ -6,7 +6,7 @@ Two PEFT LoRA adapters sit on the served model: ``trainable`` (what the optimize
 chunk switches to ``trainable`` for its forward and backward and back before the next iteration.
 A step that completes copies ``trainable`` into ``serving`` in place, between two iterations, so
 serving never pauses and never sees a half-updated adapter; ``version`` counts these publishes.
-If a loss or a gradient is not finite the step is skipped, the gradients dropped and ``train``
+If a loss or a gradient is not finite the step is skipped, the gradients dropped and
 ``trainable`` restored from ``serving`` (the last good weights).
 
 Only the worker thread calls ``run`` (the runner does, after its inference forward).
@@ -15,33 +15,15 @@ Only the worker thread calls ``run`` (the runner does, after its inference forwa
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from engine.config import TrainingConfig
 from engine.plan import FinetuneChunk, FinetuneResult, PreferencePair
 from trainer.adapters import SERVING, TRAIN, adapter_pairs, adapter_parameters, adapter_snapshot, serving_weights
 from trainer.dpo import dpo_loss, response_logprobs
-
-@dataclass(frozen=True)
-class TrainerConfig:
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    grad_accum: int = 4  # pairs per optimizer step
-    dpo_beta: float = 0.1
-    # Weight of an NLL term on the chosen response (mean over its tokens) added to each pair's
-    # DPO loss: trl's ``rpo_alpha`` (RPO, Pang et al., arXiv 2404.19733). DPO alone can lower the
-    # likelihood of chosen and rejected together and drift to degenerate text; the NLL keeps the
-    # chosen answers likely. 0 is plain DPO.
-    rpo_alpha: float = 0.0
-
 
 def _has_dropout(model: torch.nn.Module) -> bool:
     """Whether train mode changes what ``model`` computes: any dropout with p > 0 (LoRA's
@@ -52,7 +34,7 @@ def _has_dropout(model: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
 
 
-def _make_adamw(params: list[torch.nn.Parameter], config: TrainerConfig) -> torch.optim.Optimizer:
+def _make_adamw(params: list[torch.nn.Parameter], config: TrainingConfig) -> torch.optim.Optimizer:
     """AdamW, fused where the device has the kernel: one op over all the LoRA tensors instead of
     a loop over them (0.4 against 1.8 ms a step for the tiny demo model's 32 tensors here)."""
     try:
@@ -62,7 +44,7 @@ def _make_adamw(params: list[torch.nn.Parameter], config: TrainerConfig) -> torc
 
 
 class FinetuneExecutor:
-    def __init__(self, peft_model: PeftModel, config: TrainerConfig, pad_id: int, version: int = 0,
+    def __init__(self, peft_model: PeftModel, config: TrainingConfig, pad_id: int, version: int = 0,
                  checkpoints=None, checkpoint_every: int = 10) -> None:
         self.model = peft_model
         self.config = config
@@ -229,20 +211,14 @@ class FinetuneExecutor:
             due = self.version % self.checkpoint_every == 0 or chunk.checkpoint
             if result.stepped and self.checkpoints is not None and due:
                 # a copy of the weights now; the writer's thread does the disk work
-                self.checkpoints.submit(self.version, adapter_snapshot(self.model, self._serving_weights))
+                self.checkpoints.submit(self.version, self.snapshot())
                 result.checkpoint_version = self.version
         return result
 
-    def save(self) -> bool:
-        """Checkpoint the serving adapter and wait until it is on disk (after the worker
-        stopped, or on the worker thread); True if it was written."""
-        self.checkpoints.submit(self.version, adapter_snapshot(self.model, self._serving_weights))
-        return self.checkpoints.wait(self.version)
-
-    def close(self) -> None:
-        """End the checkpoint writer's thread, after what it has queued."""
-        if self.checkpoints is not None:
-            self.checkpoints.close()
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of the serving adapter, as a checkpoint holds it (on the worker thread, or
+        once the worker stopped)."""
+        return adapter_snapshot(self.model, self._serving_weights)
 
     def _step(self) -> bool:
         """Clip, step and publish, or (a non-finite value anywhere) drop it all; True if stepped.

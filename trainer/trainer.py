@@ -1,16 +1,20 @@
 """The trainer's side on the event loop: stored feedback in, fine-tune chunks out, results back.
 
-The scheduler asks ``next_chunk(max_tokens)`` when it builds an iteration; the worker runs the
-chunk after that iteration's inference forward; ``on_result`` takes what came back. The order
-per pair: a ``reference`` chunk (log-probs with the adapter off, computed once and stored), then
-``gradient`` chunks until ``grad_accum`` pairs have been accumulated, the last of which asks for
-the optimizer step. Depth first: a pair whose reference is known trains before the next pair's
-reference is computed, so the work in progress is one pair at a time and steps come as early as
-the room allows (references computed ahead would be work not yet worth anything). A pair is marked trained only once a step that included it was taken; a step
-skipped for a non-finite value sends its pairs back. With checkpoints on, "trained" is written
-only once a checkpoint holds the step, so a crash in between trains those pairs again. A pair whose loss is not finite, or an
-outlier (over ``outlier_factor`` times the recent mean), counts an attempt; after
-``max_attempts`` it is set aside, so noisy or adversarial feedback cannot take the adapter over.
+Each iteration the scheduler's policy prices the trainer's ``offer(now)`` and the core asks
+``next_chunk(tokens)`` for a chunk of that size; the worker runs it after the iteration's
+inference forward; ``on_result`` takes what came back. The order per pair: a ``reference`` chunk
+(log-probs with the adapter off, computed once and stored), then ``gradient`` chunks until
+``grad_accum`` pairs have been accumulated, the last of which asks for the optimizer step. Depth
+first: a pair whose reference is known trains before the next pair's reference is computed, so
+the work in progress is one pair at a time and steps come as early as the room allows
+(references computed ahead would be work not yet worth anything).
+
+A pair is marked trained only once a step that included it was taken; a step skipped for a
+non-finite value sends its pairs back. With checkpoints on, "trained" is written only once a
+checkpoint holds the step, so a crash in between trains those pairs again. A pair whose loss is
+not finite, or an outlier (over ``outlier_factor`` times the recent mean), counts an attempt;
+after ``max_attempts`` it is set aside, so noisy or adversarial feedback cannot take the adapter
+over.
 
 Nothing acknowledged is lost: pairs stay "pending" in the store until trained, and a restart
 picks every pending pair up again (at least once).
@@ -25,8 +29,8 @@ import math
 from collections import deque
 from collections.abc import Callable
 
-from engine.plan import FinetuneChunk, FinetuneResult, PreferencePair
-from trainer.executor import TrainerConfig
+from engine.config import TrainingConfig
+from engine.plan import NO_GRAD_COST, FinetuneChunk, FinetuneOffer, FinetuneResult, PreferencePair
 from trainer.feedback import FeedbackPair, FeedbackStore
 
 log = logging.getLogger(__name__)
@@ -37,12 +41,14 @@ class Trainer:
         self,
         store: FeedbackStore,
         tokenizer,
-        config: TrainerConfig,
+        config: TrainingConfig,
         eos_token_id: int | None,
+        *,
+        adapter_version: int = 0,
+        checkpointing: bool = False,
         max_attempts: int = 3,
         outlier_factor: float = 5.0,
         refill_batch: int = 256,
-        checkpointing: bool = False,
     ) -> None:
         self.store = store
         self.tokenizer = tokenizer
@@ -71,15 +77,16 @@ class Trainer:
         self._set_aside: set[str] = set()
         # With checkpoints, pairs are marked trained when a checkpoint holds their step: the
         # pairs of each step taken, by adapter version, until a checkpoint of that version or a
-        # newer one is on disk (the writer reports it from its thread: attach_checkpoints).
+        # newer one is on disk (the writer reports it from its thread: on_checkpoint_threadsafe).
         self.checkpointing = checkpointing
         self._unsaved: list[tuple[int, list[str]]] = []
         self._saved_version = 0
-        self._checkpoints = None  # the CheckpointWriter
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending_io: set[asyncio.Task] = set()
-        self.on_new_work: Callable[[], None] = lambda: None  # the engine wakes its loop
-        self.adapter_version = 0
+        self._on_new_work: Callable[[], None] = lambda: None  # the engine wakes its loop (start)
+        self._offered_since: float | None = None  # when the work on offer became ready or last ran
+        # The version of the adapter inference reads: the resumed checkpoint's, then each step's.
+        self.adapter_version = adapter_version
         self.num_steps = 0
         self.num_skipped_steps = 0
         # pairs in the steps taken by this process (the store's "trained" count lags it until a
@@ -89,12 +96,15 @@ class Trainer:
 
     # -- feeding ----------------------------------------------------------------------------------
 
-    def attach_checkpoints(self, writer) -> None:
-        """Mark pairs trained as ``writer`` (a CheckpointWriter) lands the checkpoints that hold them."""
-        self._checkpoints = writer
-        writer.on_saved = self._saved_threadsafe
+    async def start(self, on_new_work: Callable[[], None]) -> None:
+        """On the event loop: ``on_new_work`` is called whenever work becomes ready (the engine
+        wakes its scheduler); pairs stored before a restart are loaded now."""
+        self._loop = asyncio.get_running_loop()
+        self._on_new_work = on_new_work
+        await self.refill()
 
-    def _saved_threadsafe(self, version: int) -> None:  # on the writer's thread
+    def on_checkpoint_threadsafe(self, version: int) -> None:
+        """The checkpoint writer's report, from its own thread: ``on_checkpoint`` on the loop."""
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self.on_checkpoint, version)
 
@@ -110,7 +120,7 @@ class Trainer:
             pair = self._tokenize(p)
             (self._ready if pair.ref_chosen is not None else self._needs_reference).append(pair)
         if pairs:
-            self.on_new_work()
+            self._on_new_work()
         return len(pairs)
 
     def _tokenize(self, p: FeedbackPair) -> PreferencePair:
@@ -132,6 +142,20 @@ class Trainer:
         return sum(self._recent_losses) / len(self._recent_losses) if self._recent_losses else None
 
     # -- the scheduler's side ---------------------------------------------------------------------
+
+    def offer(self, now: float) -> FinetuneOffer | None:
+        """What the next iteration may carry, as a value for the scheduler's policy (None: no
+        work ready). ``now`` dates the wait: since the work became ready or a chunk last ran."""
+        smallest = self.next_pair_tokens()
+        if smallest is None:
+            self._offered_since = None
+            return None
+        if self._offered_since is None:
+            self._offered_since = now
+        loss = self.head_loss()
+        return FinetuneOffer(smallest, self.next_whole_tokens(), loss if loss is not None else _LN2,
+                             now - self._offered_since,
+                             min_cost_factor=1.0 if self.next_unit_has_grad() else NO_GRAD_COST)
 
     def next_pair_tokens(self) -> int | None:
         """Tokens of the smallest chunk ``next_chunk`` can give, or None: the next part of a cut
@@ -200,6 +224,7 @@ class Trainer:
         if chunk.kind == "gradient" and self._reset:
             chunk.reset, self._reset = True, False
         self._in_flight[chunk.task_id] = chunk
+        self._offered_since = None  # the wait starts again when work is offered next
         return chunk
 
     @staticmethod
@@ -242,7 +267,7 @@ class Trainer:
                     self._io(self.store.set_aside, p.pair_id)
         if result.stepped is None:
             if self._split is not None:
-                self.on_new_work()
+                self._on_new_work()
             return
         accumulated, self._accumulated = self._accumulated, []
         for p in accumulated:
@@ -254,13 +279,12 @@ class Trainer:
             self.num_pairs_stepped += len(kept)
             self._unsaved.append((result.adapter_version, [p.pair_id for p in kept]))
             # without checkpoints a step is final; with them the writer's report may have come first
-            saved = self._checkpoints.saved_version if self._checkpoints is not None else self._saved_version
-            self.on_checkpoint(None if not self.checkpointing else saved)
+            self.on_checkpoint(None if not self.checkpointing else self._saved_version)
         else:  # skipped: the pairs go round again (those set aside excepted)
             self.num_skipped_steps += 1
             self._ready.extendleft(reversed(kept))
         if self._ready or self._needs_reference:
-            self.on_new_work()
+            self._on_new_work()
 
     def on_checkpoint(self, version: int | None = None) -> None:
         """A checkpoint of adapter ``version`` is on disk (None: every step taken is): the pairs
@@ -299,10 +323,9 @@ class Trainer:
         return task
 
     async def flush(self) -> None:
-        """Wait for the checkpoints and the store writes in flight (shutdown, tests)."""
-        if self._checkpoints is not None:
-            # the writer reports each checkpoint before flush returns, so its marks are queued by now
-            await asyncio.to_thread(self._checkpoints.flush)
-            await asyncio.sleep(0)
+        """Wait for the store writes in flight (``Training.flush`` waits for checkpoints first)."""
         while self._pending_io:
             await asyncio.gather(*list(self._pending_io), return_exceptions=True)
+
+
+_LN2 = 0.6931471805599453  # the DPO loss of a pair the adapter has not moved yet

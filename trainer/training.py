@@ -1,0 +1,89 @@
+"""The one owner of training while serving: it builds every part, starts and stops them, writes
+the last checkpoint, and holds the adapter version the server reports.
+
+    Training(model, tokenizer, store, config)
+      adapters on the model (trainer.adapters), resumed from the latest checkpoint in state_dir
+      executor: FinetuneExecutor   the worker's side: runs fine-tune chunks, steps, publishes
+      trainer: Trainer             the event loop's side: stored pairs -> chunks, results back
+      checkpoints: CheckpointWriter | None   writes snapshots on a thread of its own
+
+The engine hands ``executor`` to its runner and ``trainer`` to its core at construction;
+``AsyncEngine`` calls ``start`` and ``stop``; the server reads ``adapter_version`` and the
+trainer's counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import torch
+
+from engine.config import TrainingConfig
+from trainer.adapters import attach_adapters
+from trainer.checkpoint import CheckpointWriter, latest_checkpoint, load_checkpoint
+from trainer.executor import FinetuneExecutor
+from trainer.feedback import FeedbackStore
+from trainer.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+class Training:
+    def __init__(self, model: torch.nn.Module, tokenizer, store: FeedbackStore, config: TrainingConfig) -> None:
+        """Put the LoRA adapters on ``model`` (in place) and build the parts; with
+        ``config.state_dir``, resume from its latest checkpoint and write new ones there."""
+        self.config = config
+        self.store = store
+        peft_model = attach_adapters(model, config)
+        version = 0
+        latest = latest_checkpoint(config.state_dir) if config.state_dir is not None else None
+        if latest is not None:
+            load_checkpoint(peft_model, latest[0])
+            version = latest[1]
+            log.info("resumed the adapter from %s (version %d)", latest[0], version)
+        checkpointing = config.state_dir is not None
+        self.trainer = Trainer(store, tokenizer, config, tokenizer.eos_token_id, adapter_version=version,
+                               checkpointing=checkpointing)
+        self.checkpoints = (CheckpointWriter(peft_model, config.state_dir, on_saved=self.trainer.on_checkpoint_threadsafe)
+                            if checkpointing else None)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.executor = FinetuneExecutor(peft_model, config, pad_id, version, self.checkpoints, config.checkpoint_every)
+
+    @property
+    def adapter_version(self) -> int:
+        """The version of the adapter inference reads (0: the base weights, or no step yet)."""
+        return self.trainer.adapter_version
+
+    async def start(self, on_new_work: Callable[[], None]) -> None:
+        """On the event loop, before the first iteration: load the pairs stored before a restart;
+        ``on_new_work`` wakes the engine whenever fine-tune work becomes ready."""
+        await self.trainer.start(on_new_work)
+
+    async def stop(self) -> None:
+        """After the worker stopped: checkpoint the serving adapter and wait until it is on disk
+        (then every pair stepped so far is trained for good; if the write fails they stay pending
+        and train again after a restart), let the store writes land, end the writer's thread."""
+        if self.checkpoints is not None:
+            saved = True
+            if self.executor.version > 0:
+                saved = await asyncio.to_thread(self._save)  # the worker is stopped: nothing changes now
+            if saved:
+                self.trainer.on_checkpoint()
+        await self.flush()
+        if self.checkpoints is not None:
+            await asyncio.to_thread(self.checkpoints.close)
+
+    def _save(self) -> bool:
+        version = self.executor.version
+        self.checkpoints.submit(version, self.executor.snapshot())
+        return self.checkpoints.wait(version)
+
+    async def flush(self) -> None:
+        """Wait for the checkpoints queued and the store writes in flight (shutdown, tests)."""
+        if self.checkpoints is not None:
+            # the writer reports each checkpoint before flush returns, so its marks are queued by now
+            await asyncio.to_thread(self.checkpoints.flush)
+            await asyncio.sleep(0)
+        await self.trainer.flush()
