@@ -1,6 +1,6 @@
 """`mace bench plan`: how long building one iteration's plan takes with 16, 256 and 1024 requests
 queued (the scheduler's cost, which must stay off the critical path; the MACE paper reports about
-15 ms). The real ``EngineCore`` with a trainer and the mace policy; the runner is replaced by a
+15 ms). The real ``EngineCore`` with the mace policy (no fine-tune work); the runner is replaced by a
 fixed cost per iteration (no model runs), so only planning is timed.
 """
 

@@ -15,6 +15,7 @@ from engine.runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from scheduler.core import EngineCore, RequestOutput
 from scheduler.cost_model import CostModel, suggest_slos
+from scheduler.policies import policy_class
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,7 @@ def _resolve(model: torch.nn.Module, config: EngineConfig) -> EngineConfig:
     sched = config.scheduler
     budget = sched.max_num_batched_tokens
     if budget is None:
-        # FCFS plans bound an iteration's time by its tokens; mace bounds it by the TBT SLO
-        # through the cost model, and the token cap only stops pathological plans.
-        cpu = next(model.parameters()).device.type == "cpu"
-        budget = (256 if cpu else 8192) if sched.policy == "mace" else (64 if cpu else 2048)
+        budget = policy_class(sched.policy).default_max_num_batched_tokens(next(model.parameters()).device.type == "cpu")
     if not sched.enable_chunked_prefill and budget < max_model_len:
         # Without chunking a whole prompt must fit one iteration's budget.
         log.info("chunked prefill off: raising max_num_batched_tokens to %d", max_model_len)

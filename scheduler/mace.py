@@ -91,6 +91,7 @@ class _Room:
 
 class MacePolicy(Policy):
     name = "mace"
+    plans_by_time = True
 
     def __init__(self, queues: SequenceQueues, config: SchedulerConfig, cost_model: CostModel,
                  clock: Callable[[], float]) -> None:

@@ -72,10 +72,13 @@ class Periodic(_Fcfs):
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (InferenceOnly, Synchronous, Periodic, MacePolicy)}
 
 
+def policy_class(name: str) -> type[Policy]:
+    try:
+        return POLICIES[name]
+    except KeyError:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {name!r}") from None
+
+
 def make_policy(queues: SequenceQueues, config: SchedulerConfig, cost_model: CostModel,
                 clock: Callable[[], float]) -> Policy:
-    try:
-        cls = POLICIES[config.policy]
-    except KeyError:
-        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {config.policy!r}") from None
-    return cls(queues, config, cost_model, clock)
+    return policy_class(config.policy)(queues, config, cost_model, clock)

@@ -67,6 +67,17 @@ class Policy(abc.ABC):
     """Decides what each iteration carries: which inference work, and how much fine-tune work."""
 
     name: ClassVar[str]
+    # Whether it plans by time (the cost model's prices against the SLOs) rather than by tokens:
+    # such a policy wants a measured cost profile, and its token cap only stops pathological plans.
+    plans_by_time: ClassVar[bool] = False
+
+    @classmethod
+    def default_max_num_batched_tokens(cls, is_cpu: bool) -> int:
+        """The per-iteration token cap when none is configured. By tokens, the cap bounds an
+        iteration's time (on CPU a token costs about a millisecond of a 60M model)."""
+        if cls.plans_by_time:
+            return 256 if is_cpu else 8192
+        return 64 if is_cpu else 2048
 
     def __init__(self, queues: SequenceQueues, config: SchedulerConfig, cost_model: CostModel,
                  clock: Callable[[], float]) -> None:

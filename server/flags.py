@@ -13,7 +13,7 @@ import argparse
 from typing import Any
 
 from engine.config import TRAINING_FIELDS, EngineConfig, TrainingConfig
-from scheduler.policies import POLICIES
+from scheduler.policies import POLICIES, policy_class
 
 
 def _modules(text: str) -> tuple[str, ...]:
@@ -83,10 +83,10 @@ def add_engine_flags(parser: argparse.ArgumentParser, device_default: str) -> No
 
 def engine_config(args: argparse.Namespace, **overrides: Any) -> EngineConfig:
     """The engine's configuration from every field ``args`` holds (then ``overrides``). Without a
-    cost profile, the mace policy profiles the machine briefly at start."""
+    cost profile, a policy that plans by time (mace) profiles the machine briefly at start."""
     fields = {name: getattr(args, name) for name in EngineConfig.field_names() if hasattr(args, name)}
     fields.update(overrides)
-    if fields.get("policy") == "mace" and not fields.get("cost_profile"):
+    if "policy" in fields and policy_class(fields["policy"]).plans_by_time and not fields.get("cost_profile"):
         fields.setdefault("profile_on_start", True)
     return EngineConfig.build(args.model, **fields)
 

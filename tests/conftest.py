@@ -131,8 +131,9 @@ def spawn_server(model_dir: str, *args: str):
     return proc, f"http://127.0.0.1:{port}"
 
 
-async def wait_ready(http, url: str, timeout_s: float = 30.0) -> None:
-    """Poll /health until 200 (bounded)."""
+async def wait_ready(http, url: str, timeout_s: float = 120.0) -> None:
+    """Poll /health until 200 (bounded: a server that never comes up fails the test; start-up
+    profiles the machine, which a busy machine slows down)."""
     import asyncio
 
     import aiohttp
