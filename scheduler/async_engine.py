@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from engine.plan import IterationPlan, IterationResult
 from engine.runner import ModelRunner
@@ -20,6 +21,9 @@ from engine.sampling_params import SamplingParams
 from engine.worker import Worker
 from scheduler.core import EngineCore, RequestOutput
 from scheduler.request import RequestOptions
+
+if TYPE_CHECKING:
+    from trainer.training import Training
 
 
 log = logging.getLogger(__name__)
@@ -56,7 +60,7 @@ class AsyncEngine:
         self.worker_busy_s = 0.0  # summed iteration time on the worker: busy / wall = utilization
 
     @property
-    def training(self):
+    def training(self) -> Training | None:
         """What trains the adapter while serving (``trainer.training.Training``), or None."""
         return self.core.training
 

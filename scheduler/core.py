@@ -19,6 +19,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from cache.block_pool import BlockPool
 from cache.pruning import PruningPolicy
@@ -31,6 +32,9 @@ from scheduler.policies import make_policy
 from scheduler.policy import ScheduledSequence
 from scheduler.queues import SequenceQueues
 from scheduler.request import FinishReason, RequestOptions, Sequence
+
+if TYPE_CHECKING:
+    from trainer.training import Training
 
 
 @dataclass(slots=True)
@@ -59,7 +63,7 @@ class EngineCore:
     simulations drive their own."""
 
     def __init__(self, config: EngineConfig, tokenizer, eos_token_ids: frozenset[int], num_blocks: int, *,
-                 cost_model: CostModel | None = None, training=None,
+                 cost_model: CostModel | None = None, training: Training | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if config.scheduler.slo_ttft_ms is None or config.scheduler.slo_tbt_ms is None:
             config = dataclasses.replace(config, scheduler=config.scheduler.with_slos())
@@ -79,6 +83,7 @@ class EngineCore:
         self.clock = clock
         self.policy = make_policy(self.queues, config.scheduler, self.cost_model, clock)
         self.training = training
+        # what the core plans with (tests and simulations put a stand-in of their own here)
         self.trainer = training.trainer if training is not None else None
         self.sequences: dict[str, Sequence] = {}
         self._seq_ids = itertools.count()
