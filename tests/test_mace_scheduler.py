@@ -252,7 +252,7 @@ def test_a_no_grad_unit_is_priced_at_a_third(core_factory):
     core.trainer.has_grad = False  # a reference pass: 300 x 0.25 ms / 3 = 25 ms
     now[0] += 0.09
     plan = core.schedule()  # 90 - 12 = 78 ms left: the unit (25 ms) fits, plus 212 tokens at full price
-    assert core.trainer.asked == [300 + 212]
+    assert core.trainer.asked == [300 + 212] and plan.finetune.num_tokens == 300 + 212
 
 
 def test_a_fine_tune_chunks_fixed_cost_is_part_of_its_price(core_factory):
