@@ -170,6 +170,9 @@ class TrainingConfig:
     # every checkpoint_every published steps, and at shutdown; None: no checkpoints.
     state_dir: str | None = None
     checkpoint_every: int = 10
+    # Cut a pair's sequence at decoder layers when the room is smaller than the sequence
+    # (trainer/staged.py); off, the smallest piece is one sequence's whole forward and backward.
+    layer_cuts: bool = True
 
     def __post_init__(self) -> None:
         if self.grad_accum < 1:

@@ -79,6 +79,8 @@ def add_engine_flags(parser: argparse.ArgumentParser, device_default: str) -> No
     g.add_argument("--rpo-alpha", type=float, default=0.0,
                    help="weight of an NLL term on the chosen answer added to the DPO loss (trl's rpo_alpha; 0: plain DPO)")
     g.add_argument("--checkpoint-every", type=int, default=10, help="adapter checkpoint every N steps (and at shutdown)")
+    g.add_argument("--no-layer-cuts", dest="layer_cuts", action="store_false",
+                   help="never cut a sequence's forward and backward at decoder layers (the smallest piece is a whole sequence)")
 
 
 def engine_config(args: argparse.Namespace, **overrides: Any) -> EngineConfig:

@@ -221,7 +221,7 @@ async def test_an_outlier_pair_is_set_aside_after_k_tries(make_engine, tmp_path)
 
 async def test_a_pair_too_big_for_the_room_trains_in_two_parts(make_engine, tmp_path):
     store = FeedbackStore(tmp_path / "f.sqlite3")
-    core, runner = make_engine(training=TrainingConfig(grad_accum=1), feedback_store=store)
+    core, runner = make_engine(training=TrainingConfig(grad_accum=1, layer_cuts=False), feedback_store=store)
     trainer = core.trainer
     store.add([NewPair("Why is the sky blue?", " Because of Rayleigh scattering.", " No idea.")])
     await trainer.refill()
@@ -249,7 +249,7 @@ async def test_a_pair_with_its_reference_trains_before_the_next_reference(make_e
     """Depth first, in the smallest room: reference, then that pair's two parts, then the next
     pair's reference; the step comes with the accumulation's last pair."""
     store = FeedbackStore(tmp_path / "f.sqlite3")
-    core, runner = make_engine(training=TrainingConfig(grad_accum=2), feedback_store=store)
+    core, runner = make_engine(training=TrainingConfig(grad_accum=2, layer_cuts=False), feedback_store=store)
     trainer = core.trainer
     store.add([NewPair(f"Question {i}?", " A long and careful answer.", " No.", id=f"p{i}") for i in range(2)])
     await trainer.refill()

@@ -24,6 +24,7 @@ from engine.config import TrainingConfig
 from engine.plan import FinetuneChunk, FinetuneResult, PreferencePair
 from trainer.adapters import SERVING, TRAIN, adapter_pairs, adapter_parameters, adapter_snapshot, serving_weights
 from trainer.dpo import dpo_loss, response_logprobs
+from trainer.staged import LayerStages, SequenceJob
 
 def _has_dropout(model: torch.nn.Module) -> bool:
     """Whether train mode changes what ``model`` computes: any dropout with p > 0 (LoRA's
@@ -70,6 +71,9 @@ class FinetuneExecutor:
         self._num_accumulated = 0  # pairs whose gradients the next step takes
         # A pair cut in two: (pair id, logp_c, grad logp_c per parameter) until its rejected part.
         self._chosen_part: tuple[str, float, list[torch.Tensor | None]] | None = None
+        # A part cut at decoder layers, part-way: ((pair id, part), its job) until its last unit.
+        self.stages = LayerStages(peft_model.base_model.model, self.params)
+        self._job: tuple[tuple[str, str], SequenceJob] | None = None
 
     def run(self, chunk: FinetuneChunk) -> FinetuneResult:
         t0 = time.perf_counter()
@@ -78,6 +82,7 @@ class FinetuneExecutor:
             self._bad_accumulation = False
             self._num_accumulated = 0
             self._chosen_part = None
+            self._job = None
         if chunk.kind == "reference":
             result = self._reference(chunk)
         elif chunk.kind == "gradient":
@@ -140,19 +145,47 @@ class FinetuneExecutor:
                 p.grad = g
         return logp.item(), grads
 
-    def _part(self, chunk: FinetuneChunk, result: FinetuneResult) -> None:
-        """One sequence of a pair cut in two (see FinetuneChunk); under the train adapter."""
+    def _part_gradient(self, chunk: FinetuneChunk) -> tuple[float, list[torch.Tensor | None]] | None:
+        """``(logp, grad logp)`` of the part's sequence once its last unit has run; None while
+        units remain (they run in later chunks)."""
         (p,) = chunk.pairs
-        if chunk.part == "chosen":
-            self._chosen_part = (p.pair_id, *self._sequence_gradient(p.prompt_ids, p.chosen_ids))
-            return
-        if chunk.part != "rejected":
+        response = p.chosen_ids if chunk.part == "chosen" else p.rejected_ids
+        start, end = chunk.units or (0, self.stages.num_units)
+        if start == 0 and end == self.stages.num_units:  # the whole part: one forward and backward
+            self._job = None
+            return self._sequence_gradient(p.prompt_ids, response)
+        key = (p.pair_id, chunk.part)
+        if start == 0:
+            ids = torch.tensor([p.prompt_ids + response], device=self._device)
+            mask = torch.zeros(ids.shape, device=self._device)
+            mask[0, len(p.prompt_ids) :] = 1.0
+            self._job = (key, self.stages.start(ids, mask))
+        if self._job is None or self._job[0] != key or self._job[1].next_unit != start:
+            raise RuntimeError(f"units [{start}, {end}) of pair {p.pair_id}'s {chunk.part} part came out of order")
+        job = self._job[1]
+        self.stages.run(job, end)
+        if end < self.stages.num_units:
+            return None
+        self._job = None
+        return job.logp, job.grads
+
+    def _part(self, chunk: FinetuneChunk, result: FinetuneResult) -> None:
+        """One sequence of a pair cut in two (see FinetuneChunk), or some of its layer units;
+        under the train adapter."""
+        (p,) = chunk.pairs
+        if chunk.part not in ("chosen", "rejected"):
             raise ValueError(f"unknown fine-tune chunk part {chunk.part!r}")
-        if self._chosen_part is None or self._chosen_part[0] != p.pair_id:
+        if chunk.part == "rejected" and (self._chosen_part is None or self._chosen_part[0] != p.pair_id):
             raise RuntimeError(f"the rejected part of pair {p.pair_id} came without its chosen part")
+        gradient = self._part_gradient(chunk)
+        if gradient is None:
+            return
+        if chunk.part == "chosen":
+            self._chosen_part = (p.pair_id, *gradient)
+            return
         _, logp_c, grads_c = self._chosen_part
         self._chosen_part = None
-        logp_r, grads_r = self._sequence_gradient(p.prompt_ids, p.rejected_ids)
+        logp_r, grads_r = gradient
         beta, scale = self.config.dpo_beta, 1.0 / self.config.grad_accum
         loss, margin = dpo_loss(*(torch.tensor([v], dtype=torch.float64) for v in (logp_c, logp_r, p.ref_chosen, p.ref_rejected)), beta)
         result.losses = {p.pair_id: loss.item()}

@@ -46,6 +46,7 @@ class Trainer:
         *,
         adapter_version: int = 0,
         checkpointing: bool = False,
+        unit_weights: list[float] | None = None,
         max_attempts: int = 3,
         outlier_factor: float = 5.0,
         refill_batch: int = 256,
@@ -65,9 +66,13 @@ class Trainer:
         # known, as it stays in _set_aside, so that a refill racing its store write cannot reload it.
         self._known: set[str] = set()
         self._accumulated: list[PreferencePair] = []  # in the optimizer's gradients now
-        # A pair cut in two parts (FinetuneChunk): the pair and its next part.
+        # A pair cut in two parts (FinetuneChunk): the pair, its next part, and that part's next
+        # layer unit. With ``unit_weights`` (the relative cost of a sequence's 2L + 1 units,
+        # trainer/staged.py) a part is cut further, at decoder layers, to fit the room.
         self._split: PreferencePair | None = None
         self._split_part = "chosen"
+        self._split_unit = 0
+        self.unit_weights = unit_weights
         self._reset = False  # the next gradient chunk drops the gradients accumulated so far
         self._pair_losses: dict[str, float] = {}  # last DPO loss per pair (the scheduler's priority)
         self._in_flight: dict[int, FinetuneChunk] = {}
@@ -163,15 +168,18 @@ class Trainer:
         if not self.has_work:
             return None
         if self._split is not None:
-            return self._part_chunk(0).num_tokens
+            return self._part_chunk(0, max_tokens=0).num_tokens
         if not self._ready:
             return self._needs_reference[0].num_tokens
         head = self._ready[0]
-        return min(head.num_tokens, len(head.prompt_ids) + len(head.chosen_ids))
+        chosen = len(head.prompt_ids) + len(head.chosen_ids)
+        if self.unit_weights is not None:  # the first layer unit of its chosen part
+            chosen = max(1, math.ceil(chosen * self.unit_weights[0] / sum(self.unit_weights)))
+        return min(head.num_tokens, chosen)
 
     def next_whole_tokens(self) -> int | None:
-        """Tokens of the next chunk if nothing is cut: the next part of a cut pair, else one
-        whole pair (None: no work)."""
+        """Tokens of the next chunk if nothing is cut: the rest of a cut pair's part in progress,
+        else one whole pair (None: no work)."""
         if not self.has_work:
             return None
         if self._split is not None:
@@ -189,9 +197,25 @@ class Trainer:
             return self._pair_losses[pair.pair_id]
         return self.mean_recent_loss
 
-    def _part_chunk(self, task_id: int) -> FinetuneChunk:
+    def _part_chunk(self, task_id: int, max_tokens: int | None = None) -> FinetuneChunk:
+        """The next piece of the part in progress: with layer cuts, as many of its units as
+        ``max_tokens`` prices (at least one; None: all that remain), else the whole part."""
         pair, part = self._split, self._split_part
         chunk = FinetuneChunk(task_id, "gradient", [pair], part=part)
+        weights = self.unit_weights
+        if weights is not None:
+            start = end = self._split_unit
+            whole = (len(pair.prompt_ids) + len(pair.chosen_ids if part == "chosen" else pair.rejected_ids)) / sum(weights)
+            if max_tokens is None:
+                end = len(weights)
+            else:
+                end += 1
+                while end < len(weights) and whole * sum(weights[start : end + 1]) <= max_tokens:
+                    end += 1
+            if (start, end) != (0, len(weights)):
+                chunk.units, chunk.share = (start, end), sum(weights[start:end]) / sum(weights)
+            if end < len(weights):
+                return chunk  # the part goes on: no step yet
         if part == "rejected":
             is_last = not (self._ready or self._needs_reference)
             chunk.step = len(self._accumulated) >= self.config.grad_accum or is_last
@@ -204,14 +228,14 @@ class Trainer:
         if not self.has_work:
             return None
         if self._split is not None:
-            chunk = self._part_chunk(next(self._task_ids))
+            chunk = self._part_chunk(next(self._task_ids), max_tokens)
         elif not self._ready:
             pairs = self._take(self._needs_reference, max_tokens, len(self._needs_reference))
             chunk = FinetuneChunk(next(self._task_ids), "reference", pairs)
         elif self._ready[0].num_tokens > max_tokens:  # too big for the room: cut in two parts
-            self._split, self._split_part = self._ready.popleft(), "chosen"
+            self._split, self._split_part, self._split_unit = self._ready.popleft(), "chosen", 0
             self._accumulated.append(self._split)
-            chunk = self._part_chunk(next(self._task_ids))
+            chunk = self._part_chunk(next(self._task_ids), max_tokens)
         else:
             room = self.config.grad_accum - len(self._accumulated)
             pairs = self._take(self._ready, max_tokens, room)
@@ -246,10 +270,12 @@ class Trainer:
             self._ready.extend(chunk.pairs)
             return
         if chunk.part is not None:
-            if chunk.part == "rejected":
+            if chunk.units is not None and chunk.units[1] < len(self.unit_weights):
+                self._split_unit = chunk.units[1]  # the part goes on from there
+            elif chunk.part == "rejected":
                 self._split = None
             else:
-                self._split_part = "rejected"
+                self._split_part, self._split_unit = "rejected", 0
         mean = self.mean_recent_loss
         for p in chunk.pairs:
             if p.pair_id not in result.losses:

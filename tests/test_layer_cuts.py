@@ -1,0 +1,199 @@
+"""Fine-tune work cut at decoder layers: a sequence's gradient run a few layers at a time across
+chunks equals one whole forward and backward, a pair so cut accumulates the whole pair's
+gradient, and a part-done pair is dropped without touching either adapter."""
+
+import pytest
+import torch
+
+from engine.config import TrainingConfig
+from engine.model_loader import load_model
+from engine.plan import FinetuneChunk, FinetuneResult, PreferencePair
+from tests.conftest import random_prompts
+from trainer.adapters import SERVING, TRAIN, adapter_parameters, attach_adapters
+from trainer.executor import FinetuneExecutor
+from trainer.feedback import FeedbackStore, NewPair
+from trainer.trainer import Trainer
+
+
+@pytest.fixture
+def executor(demo_model_dir):
+    """An executor whose trainable adapter is off zero (so every LoRA weight gets a gradient),
+    with two referenced pairs."""
+    torch.manual_seed(0)
+    model, _ = load_model(demo_model_dir, torch.device("cpu"))
+    config = TrainingConfig(lr=5e-3, grad_accum=2)
+    ex = FinetuneExecutor(attach_adapters(model, config), config, pad_id=0)
+    with torch.no_grad():
+        for p in ex.params:
+            p.add_(0.02 * torch.randn_like(p))
+    return ex
+
+
+def _pairs(ex, n: int = 2) -> list[PreferencePair]:
+    prompts, chosen, rejected = (random_prompts([12] * n, seed=s) for s in (5, 6, 7))
+    pairs = [PreferencePair(f"p{i}", prompts[i], chosen[i][:6], rejected[i][:7]) for i in range(n)]
+    result = ex.run(FinetuneChunk(0, "reference", pairs))
+    for p in pairs:
+        p.ref_chosen, p.ref_rejected = result.ref_logprobs[p.pair_id]
+    return pairs
+
+
+def _grads(ex) -> list[torch.Tensor]:
+    return [p.grad.detach().clone() for p in ex.params]
+
+
+def _cuts(num_units: int) -> list[list[int]]:
+    """Every single cut point, one unit a chunk, and a ragged mix."""
+    return [[k, num_units] for k in range(1, num_units)] + [list(range(1, num_units + 1)), [2, 3, num_units - 1, num_units]]
+
+
+def test_a_sequence_cut_at_any_layer_gives_the_whole_gradient(executor):
+    ex = executor
+    ex._use(TRAIN)
+    prompt, response = random_prompts([20], seed=1)[0], random_prompts([9], seed=2)[0]
+    logp, grads = ex._sequence_gradient(prompt, response)
+    ids = torch.tensor([prompt + response])
+    mask = torch.zeros(ids.shape)
+    mask[0, len(prompt):] = 1.0
+    stages = ex.stages
+    assert stages.num_units == 2 * stages.num_layers + 1 and len(stages.unit_weights) == stages.num_units
+    for cuts in _cuts(stages.num_units):
+        job = stages.start(ids, mask)
+        for end in cuts:
+            stages.run(job, end)
+        assert job.logp == pytest.approx(logp, abs=1e-5) and not job.kept and job.grad is None
+        for got, want in zip(job.grads, grads, strict=True):
+            assert (got is None) == (want is None)
+            if want is not None:
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert all(p.grad is None for p in ex.params)  # nothing reached the accumulation
+    with pytest.raises(ValueError):
+        stages.run(job, stages.num_units + 1)
+
+
+@pytest.mark.parametrize("cuts", [[3], [1, 4], None])
+def test_a_pair_cut_at_layers_on_top_of_an_accumulation_gives_the_whole_pairs_gradient(executor, cuts):
+    """``cuts``: the units the chosen and the rejected part stop at (None: one unit a chunk)."""
+    ex = executor
+    p, other = _pairs(ex)
+    ex.run(FinetuneChunk(1, "gradient", [other]))
+    whole = ex.run(FinetuneChunk(2, "gradient", [p]))
+    expected = _grads(ex)
+    ex.optimizer.zero_grad(set_to_none=True)
+
+    n = ex.stages.num_units
+    ends = (cuts or list(range(1, n))) + [n]
+    ex.run(FinetuneChunk(3, "gradient", [other]))
+    before = _grads(ex)
+    task = 4
+    for part in ("chosen", "rejected"):
+        start = 0
+        for end in ends:
+            result = ex.run(FinetuneChunk(task, "gradient", [p], part=part, units=(start, end)))
+            task, start = task + 1, end
+            if part == "chosen" or end < n:  # kept apart until the pair is whole
+                assert not result.losses
+                for got, want in zip(_grads(ex), before, strict=True):
+                    assert torch.equal(got, want)
+    assert result.losses["p0"] == pytest.approx(whole.losses["p0"], rel=1e-5)
+    for got, want in zip(_grads(ex), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    # out of order is refused
+    with pytest.raises(RuntimeError, match="out of order"):
+        ex.run(FinetuneChunk(task, "gradient", [p], part="chosen", units=(2, 3)))
+
+
+def test_a_part_done_pair_is_dropped_without_touching_either_adapter(executor):
+    ex = executor
+    (p,) = _pairs(ex, 1)
+    serving = [t.detach().clone() for t in adapter_parameters(ex.model, SERVING)]
+    trainable = [t.detach().clone() for t in ex.params]
+    ex.run(FinetuneChunk(1, "gradient", [p], part="chosen", units=(0, 3)))
+    assert ex._job is not None and ex._job[1].kept  # the graphs of three layers are held
+    # the iteration carrying the next piece failed: the trainer resends with reset
+    result = ex.run(FinetuneChunk(2, "gradient", [p], part="chosen", units=(0, 2), reset=True))
+    assert ex._job is not None and ex._job[1].next_unit == 2  # started over, the old job gone
+    ex.run(FinetuneChunk(3, "gradient", [p], reset=True))  # a whole pair after a reset: no job left
+    assert ex._job is None and result.stepped is None
+    assert all(torch.equal(a, b) for a, b in zip(serving, adapter_parameters(ex.model, SERVING)))
+    assert all(torch.equal(a, b) for a, b in zip(trainable, ex.params))
+
+
+def test_a_nan_in_a_cut_pair_skips_the_step_and_restores_the_weights(executor):
+    ex = executor
+    (p,) = _pairs(ex, 1)
+    p.ref_chosen = float("nan")
+    serving = [t.detach().clone() for t in adapter_parameters(ex.model, SERVING)]
+    n = ex.stages.num_units
+    ex.run(FinetuneChunk(1, "gradient", [p], part="chosen", units=(0, n - 2)))
+    ex.run(FinetuneChunk(2, "gradient", [p], part="chosen", units=(n - 2, n)))
+    result = ex.run(FinetuneChunk(3, "gradient", [p], part="rejected", step=True))
+    assert result.stepped is False and result.adapter_version == 0
+    assert all(torch.equal(a, b) for a, b in zip(serving, adapter_parameters(ex.model, SERVING)))
+    assert all(torch.equal(a, b) for a, b in zip(serving, ex.params))  # trainable back to serving's
+
+
+class _Tok:
+    """Token ids are the characters' codes: lengths are easy to count."""
+
+    def encode(self, text, add_special_tokens=True):
+        return [ord(c) for c in text]
+
+
+async def test_the_trainer_cuts_parts_into_the_units_the_room_prices(tmp_path):
+    # weights as for a 2-layer model: forward 1 each, head 3, backward 2 each (sum 9)
+    weights = [1.0, 1.0, 3.0, 2.0, 2.0]
+    store = FeedbackStore(tmp_path / "f.sqlite3")
+    store.add([NewPair("p" * 9, "c" * 9, "r" * 17, id="a")])  # chosen part 18 tokens, rejected 26
+    trainer = Trainer(store, _Tok(), TrainingConfig(grad_accum=1), None, unit_weights=weights)
+    await trainer.refill()
+    ref = trainer.next_chunk(1000)
+    trainer.on_result(FinetuneResult(ref.task_id, "reference", ref_logprobs={"a": (-1.0, -2.0)}))
+    assert trainer.next_pair_tokens() == 2  # the chosen part's first unit: 18 x 1/9
+    assert trainer.next_whole_tokens() == 9 + 9 + 9 + 17
+    pieces = []
+    for room in (2, 9, 3, 1000, 1, 30):
+        chunk = trainer.next_chunk(room)
+        pieces.append((chunk.part, chunk.units, chunk.num_tokens, chunk.step))
+        trainer.on_result(FinetuneResult(chunk.task_id, "gradient", stepped=True if chunk.step else None,
+                                         adapter_version=1 if chunk.step else 0))
+    assert pieces == [
+        ("chosen", (0, 1), 2, False),  # 2 tokens: one layer's forward
+        ("chosen", (1, 3), 8, False),  # 9: the other forward (2) and the head (6)
+        ("chosen", (3, 4), 4, False),  # 3: less than the next unit (4): at least one unit anyway
+        ("chosen", (4, 5), 4, False),  # the rest of the part
+        ("rejected", (0, 1), 3, False),  # 26 x 1/9
+        ("rejected", (1, 5), 24, True),  # 26 x 8/9 = 23.1 <= 30: the rest, and the pair's step
+    ]
+    assert not trainer.has_work and trainer.num_steps == 1 and trainer.num_pairs_stepped == 1
+    await trainer.flush()
+    store.close()
+
+
+async def test_a_failed_iteration_mid_cut_trains_the_pair_again_from_its_first_unit(make_engine, tmp_path):
+    """The smallest room only: one unit a chunk. The iteration carrying the chosen part's second
+    unit fails; the pair goes back, its next gradient chunk drops what was accumulated and the
+    part starts over at unit 0; then it trains to the end: one step, one pair trained."""
+    store = FeedbackStore(tmp_path / "f.sqlite3")
+    core, runner = make_engine(training=TrainingConfig(grad_accum=1), feedback_store=store)
+    trainer, ex = core.trainer, runner.finetune_executor
+    store.add([NewPair("Why is the sky blue?", " Because of Rayleigh scattering.", " No idea.")])
+    await trainer.refill()
+    n = ex.stages.num_units
+    seen = []
+    while trainer.has_work:
+        chunk = trainer.next_chunk(trainer.next_pair_tokens())
+        failed = chunk.part == "chosen" and chunk.units == (1, 2) and not any(s[-1] for s in seen)
+        seen.append((chunk.kind, chunk.part, chunk.units, chunk.reset, failed))
+        if failed:
+            trainer.on_failure(chunk.task_id)
+        else:
+            trainer.on_result(ex.run(chunk))
+    assert seen[:4] == [("reference", None, None, False, False), ("gradient", "chosen", (0, 1), False, False),
+                        ("gradient", "chosen", (1, 2), False, True), ("gradient", "chosen", (0, 1), True, False)]
+    rest = seen[4:]
+    assert [s[2] for s in rest] == [(k, k + 1) for k in range(1, n)] + [(k, k + 1) for k in range(n)]
+    assert ex._job is None and core.training.adapter_version == 1 and trainer.num_pairs_stepped == 1
+    await trainer.flush()
+    assert store.stats()["trained"] == 1
+    store.close()
