@@ -33,10 +33,11 @@ GREEDY = SamplingParams(max_tokens=1, temperature=0.0)
 def _grid(quick: bool) -> tuple[list[tuple[int, int]], list[tuple[int, int]], list[int]]:
     prefill = [(16, 0), (64, 0), (64, 256), (128, 0), (128, 512)]  # (chunk tokens, context before it)
     decode = [(1, 64), (8, 256), (16, 64), (16, 512), (32, 256)]  # (batch, context)
-    # (kind, tokens): whole DPO pairs, one-sequence parts (the planner's smallest gradient piece)
-    # and reference passes, small and large, so the fit can tell a chunk's fixed cost from its tokens
+    # (kind, tokens): whole DPO pairs, one-sequence parts, the first layer units of a part (the
+    # planner's smallest gradient pieces: "units:K" runs K of them) and reference passes, small
+    # and large, so the fit can tell a chunk's fixed cost from its tokens
     finetune = [("gradient", 64), ("gradient", 128), ("gradient", 256), ("chosen", 24), ("chosen", 48),
-                ("reference", 64), ("reference", 256)]
+                ("units:1", 96), ("units:3", 96), ("reference", 64), ("reference", 256)]
     if not quick:
         prefill += [(32, 0), (256, 0), (256, 768), (512, 0)]
         decode += [(1, 1024), (4, 128), (32, 64), (32, 1024), (64, 512)]
@@ -68,12 +69,20 @@ def profile(runner: ModelRunner, max_model_len: int, quick: bool = False, repeat
     if runner.finetune_executor is not None:
         for kind, tokens in finetune:
             # a pair: prompt n, chosen 2n, rejected 2n (2n + 2n + 2n tokens); a part: prompt n, chosen 2n
-            n = max(4, tokens // (3 if kind == "chosen" else 6))
+            is_part = kind == "chosen" or kind.startswith("units:")
+            n = max(4, tokens // (3 if is_part else 6))
             pair = PreferencePair("profile", [rng.randrange(vocab) for _ in range(n)],
                                   [rng.randrange(vocab) for _ in range(2 * n)], [rng.randrange(vocab) for _ in range(2 * n)],
                                   0.0, 0.0)
-            chunk = (FinetuneChunk(0, "gradient", [pair], part="chosen") if kind == "chosen"
-                     else FinetuneChunk(0, kind, [pair]))
+            if kind.startswith("units:"):
+                weights = runner.finetune_executor.stages.costs.weights(n, 2 * n)
+                k = int(kind.split(":")[1])
+                chunk = FinetuneChunk(0, "gradient", [pair], part="chosen", units=(0, k),
+                                      share=sum(weights[:k]) / sum(weights))
+            elif kind == "chosen":
+                chunk = FinetuneChunk(0, "gradient", [pair], part="chosen")
+            else:
+                chunk = FinetuneChunk(0, kind, [pair])
             plans.append(IterationPlan(0, [], finetune=chunk))
     bar = None
     if progress:
@@ -107,6 +116,7 @@ def profile(runner: ModelRunner, max_model_len: int, quick: bool = False, repeat
     if runner.finetune_executor is not None:
         runner.finetune_executor.optimizer.zero_grad(set_to_none=True)
         runner.finetune_executor._chosen_part = None  # the profiled parts' halves
+        runner.finetune_executor._job = None
         model.finetune_bytes_per_token = bytes_per_token
     return model, rows
 

@@ -1,6 +1,8 @@
 """The cost model, and the fine-tune budget each FCFS-planned policy gives (inference-only,
 synchronous, periodic)."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -110,10 +112,14 @@ def test_profile_measures_every_kind_and_round_trips(make_engine, tmp_path):
     model, rows = profile(runner, core.config.model.max_model_len, quick=True, repeats=1, progress=False)
     kinds = {("prefill" if r["shape"]["num_prefill_tokens"] else "decode" if r["shape"]["num_decodes"] else "finetune")
              for r in rows}
-    assert kinds == {"prefill", "decode", "finetune"} and len(rows) == 17
+    assert kinds == {"prefill", "decode", "finetune"} and len(rows) == 19
     ft = [r["shape"] for r in rows if r["shape"]["num_finetune_chunks"]]
     # whole pairs, one-sequence parts and reference passes (priced at a third a token), small and large
-    assert [s["num_finetune_tokens"] for s in ft] == [60, 126, 252, 24, 48, 20, 84]
+    # and the first one and three layer units of a 96-token part, priced by their share of it
+    weights = runner.finetune_executor.stages.costs.weights(32, 64)
+    units = [math.ceil(96 * sum(weights[:k]) / sum(weights)) for k in (1, 3)]
+    assert [s["num_finetune_tokens"] for s in ft] == [60, 126, 252, 24, 48, *units, 20, 84]
+    assert units[0] < units[1] < 96
     assert all(np.isfinite(model.coefficients)) and (model.coefficients >= 0).all()
     assert all(r["seconds"] > 0 for r in rows)
     model.save(tmp_path / "p.json", {"measurements": rows})

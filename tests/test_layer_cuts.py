@@ -12,6 +12,7 @@ from tests.conftest import random_prompts
 from trainer.adapters import SERVING, TRAIN, adapter_parameters, attach_adapters
 from trainer.executor import FinetuneExecutor
 from trainer.feedback import FeedbackStore, NewPair
+from trainer.staged import UnitCosts
 from trainer.trainer import Trainer
 
 
@@ -56,7 +57,7 @@ def test_a_sequence_cut_at_any_layer_gives_the_whole_gradient(executor):
     mask = torch.zeros(ids.shape)
     mask[0, len(prompt):] = 1.0
     stages = ex.stages
-    assert stages.num_units == 2 * stages.num_layers + 1 and len(stages.unit_weights) == stages.num_units
+    assert stages.num_units == 2 * stages.num_layers + 1 and len(stages.costs.weights(20, 9)) == stages.num_units
     for cuts in _cuts(stages.num_units):
         job = stages.start(ids, mask)
         for end in cuts:
@@ -141,29 +142,34 @@ class _Tok:
 
 
 async def test_the_trainer_cuts_parts_into_the_units_the_room_prices(tmp_path):
-    # weights as for a 2-layer model: forward 1 each, head 3, backward 2 each (sum 9)
-    weights = [1.0, 1.0, 3.0, 2.0, 2.0]
+    # 2 layers, the head 4 layers' worth per response token: the chosen part (9 + 9 tokens) weighs
+    # [18, 18, 36, 18, 18] layer-tokens, 1/6 of a priced token each: 3, 3, 6, 3, 3; the rejected
+    # part (9 + 17) [26, 26, 68, 26, 26], 26/172 each: 3.9, 3.9, 10.3, 3.9, 3.9
     store = FeedbackStore(tmp_path / "f.sqlite3")
-    store.add([NewPair("p" * 9, "c" * 9, "r" * 17, id="a")])  # chosen part 18 tokens, rejected 26
-    trainer = Trainer(store, _Tok(), TrainingConfig(grad_accum=1), None, unit_weights=weights)
+    store.add([NewPair("p" * 9, "c" * 9, "r" * 17, id="a")])
+    trainer = Trainer(store, _Tok(), TrainingConfig(grad_accum=1), None, unit_costs=UnitCosts(2, 4.0))
     await trainer.refill()
     ref = trainer.next_chunk(1000)
     trainer.on_result(FinetuneResult(ref.task_id, "reference", ref_logprobs={"a": (-1.0, -2.0)}))
-    assert trainer.next_pair_tokens() == 2  # the chosen part's first unit: 18 x 1/9
-    assert trainer.next_whole_tokens() == 9 + 9 + 9 + 17
+    assert trainer.next_pair_tokens() == 3  # the chosen part's first unit
+    assert trainer.next_whole_tokens() == 9 + 9 + 9 + 17  # the whole pair
     pieces = []
-    for room in (2, 9, 3, 1000, 1, 30):
+    for room in (3, 9, 3, 1000, 1, 30):
         chunk = trainer.next_chunk(room)
         pieces.append((chunk.part, chunk.units, chunk.num_tokens, chunk.step))
+        if chunk.part == "chosen" and chunk.units == (1, 3):
+            assert trainer.next_pair_tokens() is None  # one chunk at a time
         trainer.on_result(FinetuneResult(chunk.task_id, "gradient", stepped=True if chunk.step else None,
                                          adapter_version=1 if chunk.step else 0))
+        if pieces[-1][:2] == ("chosen", (3, 4)):
+            assert trainer.next_pair_tokens() == 3 and trainer.next_whole_tokens() == 3  # the part's last unit
     assert pieces == [
-        ("chosen", (0, 1), 2, False),  # 2 tokens: one layer's forward
-        ("chosen", (1, 3), 8, False),  # 9: the other forward (2) and the head (6)
-        ("chosen", (3, 4), 4, False),  # 3: less than the next unit (4): at least one unit anyway
-        ("chosen", (4, 5), 4, False),  # the rest of the part
-        ("rejected", (0, 1), 3, False),  # 26 x 1/9
-        ("rejected", (1, 5), 24, True),  # 26 x 8/9 = 23.1 <= 30: the rest, and the pair's step
+        ("chosen", (0, 1), 3, False),  # the next unit would make 6 > 3
+        ("chosen", (1, 3), 9, False),  # 3 + 6 = 9 <= 9
+        ("chosen", (3, 4), 3, False),
+        ("chosen", (4, 5), 3, False),  # the rest of the part
+        ("rejected", (0, 1), 4, False),  # less room than one unit: one unit anyway
+        ("rejected", (1, 5), 23, True),  # 22.1 <= 30: the rest, and the pair's step
     ]
     assert not trainer.has_work and trainer.num_steps == 1 and trainer.num_pairs_stepped == 1
     await trainer.flush()

@@ -23,6 +23,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from engine.config import TrainingConfig
 from engine.plan import FinetuneChunk, FinetuneResult, PreferencePair
 from trainer.adapters import SERVING, TRAIN, adapter_pairs, adapter_parameters, adapter_snapshot, serving_weights
+from trl.trainer.utils import selective_log_softmax
+
 from trainer.dpo import dpo_loss, response_logprobs
 from trainer.staged import LayerStages, SequenceJob
 
@@ -126,10 +128,9 @@ class FinetuneExecutor:
 
     def _sequence_logprob(self, prompt: list[int], response: list[int]) -> torch.Tensor:
         ids = torch.tensor([prompt + response], device=self._device)
-        resp = torch.zeros(ids.shape, device=self._device)
-        resp[0, len(prompt) :] = 1.0
-        logits = self.model(input_ids=ids, use_cache=False).logits
-        return response_logprobs(logits, ids, resp)[0]
+        # the head runs only over the positions that predict the response (and the last one)
+        logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=len(response) + 1).logits  # (1, R + 1, V)
+        return selective_log_softmax(logits[:, :-1].float(), ids[:, len(prompt) :]).sum()
 
     def _sequence_gradient(self, prompt: list[int], response: list[int]) -> tuple[float, list[torch.Tensor | None]]:
         """``logp`` of one sequence and its gradient, kept apart from the accumulation."""

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from engine.config import TrainingConfig
 from engine.plan import NO_GRAD_COST, FinetuneChunk, FinetuneOffer, FinetuneResult, PreferencePair
 from trainer.feedback import FeedbackPair, FeedbackStore
+from trainer.staged import UnitCosts
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class Trainer:
         *,
         adapter_version: int = 0,
         checkpointing: bool = False,
-        unit_weights: list[float] | None = None,
+        unit_costs: UnitCosts | None = None,
         max_attempts: int = 3,
         outlier_factor: float = 5.0,
         refill_batch: int = 256,
@@ -67,12 +68,12 @@ class Trainer:
         self._known: set[str] = set()
         self._accumulated: list[PreferencePair] = []  # in the optimizer's gradients now
         # A pair cut in two parts (FinetuneChunk): the pair, its next part, and that part's next
-        # layer unit. With ``unit_weights`` (the relative cost of a sequence's 2L + 1 units,
-        # trainer/staged.py) a part is cut further, at decoder layers, to fit the room.
+        # layer unit. With ``unit_costs`` (what a sequence's 2L + 1 units cost, trainer/staged.py)
+        # a part is cut further, at decoder layers, to fit the room.
         self._split: PreferencePair | None = None
         self._split_part = "chosen"
         self._split_unit = 0
-        self.unit_weights = unit_weights
+        self.unit_costs = unit_costs
         self._reset = False  # the next gradient chunk drops the gradients accumulated so far
         self._pair_losses: dict[str, float] = {}  # last DPO loss per pair (the scheduler's priority)
         self._in_flight: dict[int, FinetuneChunk] = {}
@@ -173,8 +174,9 @@ class Trainer:
             return self._needs_reference[0].num_tokens
         head = self._ready[0]
         chosen = len(head.prompt_ids) + len(head.chosen_ids)
-        if self.unit_weights is not None:  # the first layer unit of its chosen part
-            chosen = max(1, math.ceil(chosen * self.unit_weights[0] / sum(self.unit_weights)))
+        if self.unit_costs is not None:  # the first layer unit of its chosen part
+            weights = self.unit_costs.weights(len(head.prompt_ids), len(head.chosen_ids))
+            chosen = max(1, math.ceil(chosen * weights[0] / sum(weights)))
         return min(head.num_tokens, chosen)
 
     def next_whole_tokens(self) -> int | None:
@@ -202,10 +204,11 @@ class Trainer:
         ``max_tokens`` prices (at least one; None: all that remain), else the whole part."""
         pair, part = self._split, self._split_part
         chunk = FinetuneChunk(task_id, "gradient", [pair], part=part)
-        weights = self.unit_weights
-        if weights is not None:
+        if self.unit_costs is not None:
+            response = pair.chosen_ids if part == "chosen" else pair.rejected_ids
+            weights = self.unit_costs.weights(len(pair.prompt_ids), len(response))
             start = end = self._split_unit
-            whole = (len(pair.prompt_ids) + len(pair.chosen_ids if part == "chosen" else pair.rejected_ids)) / sum(weights)
+            whole = (len(pair.prompt_ids) + len(response)) / sum(weights)  # priced tokens per weight
             if max_tokens is None:
                 end = len(weights)
             else:
@@ -270,7 +273,7 @@ class Trainer:
             self._ready.extend(chunk.pairs)
             return
         if chunk.part is not None:
-            if chunk.units is not None and chunk.units[1] < len(self.unit_weights):
+            if chunk.units is not None and chunk.units[1] < self.unit_costs.num_units:
                 self._split_unit = chunk.units[1]  # the part goes on from there
             elif chunk.part == "rejected":
                 self._split = None

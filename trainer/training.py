@@ -25,7 +25,7 @@ from trainer.adapters import attach_adapters
 from trainer.checkpoint import CheckpointWriter, latest_checkpoint, load_checkpoint
 from trainer.executor import FinetuneExecutor
 from trainer.feedback import FeedbackStore
-from trainer.staged import unit_weights
+from trainer.staged import UnitCosts
 from trainer.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -45,9 +45,9 @@ class Training:
             version = latest[1]
             log.info("resumed the adapter from %s (version %d)", latest[0], version)
         checkpointing = config.state_dir is not None
-        weights = unit_weights(peft_model.base_model.model) if config.layer_cuts else None
+        costs = UnitCosts.of(peft_model.base_model.model) if config.layer_cuts else None
         self.trainer = Trainer(store, tokenizer, config, tokenizer.eos_token_id, adapter_version=version,
-                               checkpointing=checkpointing, unit_weights=weights)
+                               checkpointing=checkpointing, unit_costs=costs)
         self.checkpoints = (CheckpointWriter(peft_model, config.state_dir, on_saved=self.trainer.on_checkpoint_threadsafe)
                             if checkpointing else None)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
