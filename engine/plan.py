@@ -124,9 +124,9 @@ class FinetuneChunk:
     # After the step, write a checkpoint whatever the period (the trainer asks when it runs dry).
     checkpoint: bool = False
     part: str | None = None  # None: whole pairs; "chosen" then "rejected" (one pair)
-    # A part cut at decoder layers (trainer/staged.py): the units [start, end) of the part's
-    # 2L + 1 that this chunk runs, and their share of the part's whole work (their price). None:
-    # the whole part.
+    # Work cut at decoder layers (trainer/staged.py): the units [start, end) this chunk runs of a
+    # part's 2L + 1 (or of a reference pass's L + 1), and their share of the whole (their price).
+    # None: the whole part, or the whole pass.
     units: tuple[int, int] | None = None
     share: float = 1.0
     # Drop the gradients accumulated so far before this chunk (an iteration carrying part of
@@ -136,9 +136,10 @@ class FinetuneChunk:
     @property
     def num_tokens(self) -> int:
         if self.part is None:
-            return sum(p.num_tokens for p in self.pairs)
-        p = self.pairs[0]
-        whole = len(p.prompt_ids) + len(p.chosen_ids if self.part == "chosen" else p.rejected_ids)
+            whole = sum(p.num_tokens for p in self.pairs)
+        else:
+            p = self.pairs[0]
+            whole = len(p.prompt_ids) + len(p.chosen_ids if self.part == "chosen" else p.rejected_ids)
         return whole if self.units is None else max(1, math.ceil(whole * self.share))
 
     @property

@@ -80,6 +80,9 @@ class _Room:
 
     capacity_s: float  # L: the latency the iteration may take
     latency_s: float  # of L, not yet spent
+    # Of L, what fine-tune work may not use: the share the cost model's safety factor says the
+    # iteration may run over its prediction. Inference is planned on L, as it must run anyway.
+    reserve_s: float
     mem_total: int  # M: KV blocks new prefill may claim
     mem: int  # of M, not yet claimed
     tokens: int  # of max_num_batched_tokens, not yet used
@@ -209,7 +212,8 @@ class MacePolicy(Policy):
                 # nothing running: a piece as long as the longest iteration the planner ever
                 # plans (slo_bank_max TBT budgets), so that a request arriving meanwhile waits no
                 # longer behind fine-tune work than behind a banked iteration (and memory allows)
-                fits = self._finetune_size(offer, self.weights.slo_bank_max * self._base_budget())
+                longest = self.weights.slo_bank_max * self._base_budget() / self.cost_model.safety_factor()
+                fits = self._finetune_size(offer, longest)
                 room.finetune_tokens = max(offer.min_tokens, min(self._max_finetune_tokens(offer), fits,
                                                                  room.finetune_mem))
             elif force:  # the starvation guard: the smallest piece, SLO or not
@@ -264,8 +268,10 @@ class MacePolicy(Policy):
 
     def _room(self, decodes: list[ScheduledSequence], preempted: bool, now: float) -> _Room:
         """2. The bin the decodes leave: latency to their tightest deadline (at least one TBT
-        budget, at most slo_bank_max of them) minus their predicted cost; KV blocks free or
-        evictable (none when the decodes preempted); fine-tune activation memory."""
+        budget, at most slo_bank_max of them) minus the decodes' predicted cost, of which
+        fine-tune work may not use the reserve the cost model's safety factor asks for (what the
+        recent iterations took beyond their prediction); KV blocks free or evictable (none when
+        the decodes preempted); fine-tune activation memory."""
         base = self._base_budget()
         seqs = [s.seq for s in decodes]
         predicted = self.cost_model.predict(IterationShape(num_decodes=len(seqs),
@@ -278,7 +284,8 @@ class MacePolicy(Policy):
         pool = self.queues.pool
         mem_total = max(1, int(self.weights.tau_mem * (pool.num_free_blocks + pool.num_cached_blocks)))
         ft_mem = self._finetune_token_cap()
-        return _Room(capacity_s=capacity, latency_s=capacity - predicted, mem_total=mem_total,
+        reserve = capacity * (1.0 - 1.0 / self.cost_model.safety_factor())
+        return _Room(capacity_s=capacity, latency_s=capacity - predicted, reserve_s=reserve, mem_total=mem_total,
                      mem=mem_total if not preempted else 0, tokens=self.config.max_num_batched_tokens - len(decodes),
                      slots=self.config.max_num_seqs - len(self.queues.running), finetune_mem_total=ft_mem,
                      finetune_mem=ft_mem)
@@ -309,9 +316,10 @@ class MacePolicy(Policy):
                     break
                 if cand.seq is None:
                     whole_s = self._finetune_cost(offer)  # one unit: a pair or a part
-                    if room.latency_s < whole_s or room.finetune_mem < offer.min_tokens:
+                    room_s = room.latency_s - room.reserve_s
+                    if room_s < whole_s or room.finetune_mem < offer.min_tokens:
                         continue
-                    size = min(self._max_finetune_tokens(offer), self._finetune_size(offer, room.latency_s),
+                    size = min(self._max_finetune_tokens(offer), self._finetune_size(offer, room_s),
                                room.finetune_mem)
                     seconds, blocks = whole_s + (size - offer.min_tokens) * per_token, 0
                 else:

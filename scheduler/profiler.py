@@ -116,7 +116,7 @@ def profile(runner: ModelRunner, max_model_len: int, quick: bool = False, repeat
     if runner.finetune_executor is not None:
         runner.finetune_executor.optimizer.zero_grad(set_to_none=True)
         runner.finetune_executor._chosen_part = None  # the profiled parts' halves
-        runner.finetune_executor._job = None
+        runner.finetune_executor._job = runner.finetune_executor._ref_job = None
         model.finetune_bytes_per_token = bytes_per_token
     return model, rows
 

@@ -177,7 +177,7 @@ async def test_the_trainer_cuts_parts_into_the_units_the_room_prices(tmp_path):
 
 
 async def test_a_failed_iteration_mid_cut_trains_the_pair_again_from_its_first_unit(make_engine, tmp_path):
-    """The smallest room only: one unit a chunk. The iteration carrying the chosen part's second
+    """The smallest room only: one unit a chunk (the reference pass's too). The iteration carrying the chosen part's second
     unit fails; the pair goes back, its next gradient chunk drops what was accumulated and the
     part starts over at unit 0; then it trains to the end: one step, one pair trained."""
     store = FeedbackStore(tmp_path / "f.sqlite3")
@@ -195,11 +195,56 @@ async def test_a_failed_iteration_mid_cut_trains_the_pair_again_from_its_first_u
             trainer.on_failure(chunk.task_id)
         else:
             trainer.on_result(ex.run(chunk))
-    assert seen[:4] == [("reference", None, None, False, False), ("gradient", "chosen", (0, 1), False, False),
+    layers = ex.stages.num_layers
+    assert [s[2] for s in seen[:layers + 1]] == [(k, k + 1) for k in range(layers + 1)]  # the reference pass, cut too
+    assert all(s[0] == "reference" for s in seen[:layers + 1])
+    seen = seen[layers + 1:]
+    assert seen[:3] == [("gradient", "chosen", (0, 1), False, False),
                         ("gradient", "chosen", (1, 2), False, True), ("gradient", "chosen", (0, 1), True, False)]
-    rest = seen[4:]
+    rest = seen[3:]
     assert [s[2] for s in rest] == [(k, k + 1) for k in range(1, n)] + [(k, k + 1) for k in range(n)]
     assert ex._job is None and core.training.adapter_version == 1 and trainer.num_pairs_stepped == 1
     await trainer.flush()
     assert store.stats()["trained"] == 1
+    store.close()
+
+
+def test_a_reference_pass_cut_at_any_layer_gives_the_whole_passs_log_probs(executor):
+    ex = executor
+    (p,) = _pairs(ex, 1)  # referenced by one whole pass
+    want = (p.ref_chosen, p.ref_rejected)
+    units = ex.stages.num_layers + 1
+    for cuts in [[k, units] for k in range(1, units)] + [list(range(1, units + 1))]:
+        start = 0
+        for end in cuts:
+            result = ex.run(FinetuneChunk(1, "reference", [p], units=(start, end)))
+            assert (result.ref_logprobs == {}) == (end < units)
+            start = end
+        got = result.ref_logprobs["p0"]
+        assert got == pytest.approx(want, abs=1e-4)
+    assert ex._ref_job is None
+    with pytest.raises(RuntimeError, match="out of order"):
+        ex.run(FinetuneChunk(2, "reference", [p], units=(1, 2)))
+
+
+async def test_the_trainer_cuts_a_reference_pass_and_starts_it_over_after_a_failure(tmp_path):
+    # 2 layers; the no-grad head half the layers' 4 per token: a 44-token pair weighs [44, 44, 88]
+    store = FeedbackStore(tmp_path / "f.sqlite3")
+    store.add([NewPair("p" * 9, "c" * 9, "r" * 17, id="a")])
+    trainer = Trainer(store, _Tok(), TrainingConfig(grad_accum=1), None, unit_costs=UnitCosts(2, 4.0))
+    await trainer.refill()
+    assert trainer.next_pair_tokens() == 11 and not trainer.next_unit_has_grad()  # 44 x 44/176
+    first = trainer.next_chunk(20)
+    assert (first.kind, first.units, first.num_tokens) == ("reference", (0, 1), 11)
+    trainer.on_result(FinetuneResult(first.task_id, "reference"))
+    assert trainer.next_pair_tokens() == 11 and trainer.next_whole_tokens() == 33  # the rest: 44 x 132/176
+    second = trainer.next_chunk(100)
+    assert second.units == (1, 3)
+    trainer.on_failure(second.task_id)  # its iteration failed: the pass starts over
+    again = trainer.next_chunk(1000)
+    assert again.units == (0, 3) and again.share == 1.0
+    trainer.on_result(FinetuneResult(again.task_id, "reference", ref_logprobs={"a": (-1.0, -2.0)}))
+    assert trainer._ref_pair is None and trainer.next_unit_has_grad()  # ready to train
+    await trainer.flush()
+    assert store.get("a").ref_chosen == -1.0
     store.close()

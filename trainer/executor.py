@@ -76,6 +76,7 @@ class FinetuneExecutor:
         # A part cut at decoder layers, part-way: ((pair id, part), its job) until its last unit.
         self.stages = LayerStages(peft_model.base_model.model, self.params)
         self._job: tuple[tuple[str, str], SequenceJob] | None = None
+        self._ref_job: tuple[str, SequenceJob] | None = None  # a reference pass cut at layers
 
     def run(self, chunk: FinetuneChunk) -> FinetuneResult:
         t0 = time.perf_counter()
@@ -121,10 +122,30 @@ class FinetuneExecutor:
 
     @torch.no_grad()
     def _reference(self, chunk: FinetuneChunk) -> FinetuneResult:
+        if chunk.units is not None:
+            return self._reference_units(chunk)
         with self.model.disable_adapter():
             chosen, rejected = self._logprobs(chunk.pairs)
         refs = {p.pair_id: (c, r) for p, c, r in zip(chunk.pairs, chosen.tolist(), rejected.tolist())}
         return FinetuneResult(chunk.task_id, "reference", ref_logprobs=refs)
+
+    def _reference_units(self, chunk: FinetuneChunk) -> FinetuneResult:
+        """Units [start, end) of one pair's reference pass (both sequences as one batch), cut at
+        decoder layers; its log-probs once the head has run."""
+        (p,) = chunk.pairs
+        start, end = chunk.units
+        with self.model.disable_adapter():
+            if start == 0:
+                self._ref_job = (p.pair_id, self.stages.start_forward(*self._batch([p])))
+            if self._ref_job is None or self._ref_job[0] != p.pair_id or self._ref_job[1].next_unit != start:
+                raise RuntimeError(f"reference units [{start}, {end}) of pair {p.pair_id} came out of order")
+            job = self._ref_job[1]
+            self.stages.run_forward(job, end)
+        result = FinetuneResult(chunk.task_id, "reference")
+        if job.logps is not None:
+            self._ref_job = None
+            result.ref_logprobs = {p.pair_id: (job.logps[0], job.logps[1])}
+        return result
 
     def _sequence_logprob(self, prompt: list[int], response: list[int]) -> torch.Tensor:
         ids = torch.tensor([prompt + response], device=self._device)

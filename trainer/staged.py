@@ -32,6 +32,8 @@ import torch
 
 from trl.trainer.utils import selective_log_softmax
 
+from trainer.dpo import response_logprobs
+
 
 class _StopForward(Exception):
     pass
@@ -83,6 +85,10 @@ class UnitCosts:
         tokens = prompt_len + response_len
         return [float(tokens)] * self.num_layers + [self.head_ratio * response_len] + [float(tokens)] * self.num_layers
 
+    def forward_weights(self, num_tokens: int) -> list[float]:
+        """A no-grad pass's L + 1 units over ``num_tokens`` tokens (its head over all of them)."""
+        return [float(num_tokens)] * self.num_layers + [self.head_ratio / 2 * num_tokens]
+
 
 @dataclass(eq=False)
 class SequenceJob:
@@ -97,6 +103,7 @@ class SequenceJob:
     grad: torch.Tensor | None = None  # d logp / d output of the layer whose backward runs next
     logp: float | None = None
     grads: list[torch.Tensor | None] | None = None  # per trainable parameter
+    logps: list[float] | None = None  # a no-grad job's result: each row's response log-prob
 
 
 class LayerStages:
@@ -116,18 +123,48 @@ class LayerStages:
 
     # -- a job's units --------------------------------------------------------------------------
 
-    def start(self, input_ids: torch.Tensor, response_mask: torch.Tensor) -> SequenceJob:
-        """A job for one sequence (input_ids and response_mask of shape (1, T))."""
+    def _capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, list]:
+        """The embeddings, and how the model's forward calls each decoder layer on them."""
         calls: list = []
         saved = self.decoder.layers
         self.decoder.layers = torch.nn.ModuleList(_Capture(layer, calls) for layer in saved)
         try:
             with torch.no_grad():
-                self.decoder(input_ids=input_ids, use_cache=False)
+                self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         finally:
             self.decoder.layers = saved
-        hidden = calls[0][0]
-        return SequenceJob(input_ids, response_mask, [(args, kwargs) for _, args, kwargs in calls], hidden=hidden)
+        return calls[0][0], [(args, kwargs) for _, args, kwargs in calls]
+
+    def start(self, input_ids: torch.Tensor, response_mask: torch.Tensor) -> SequenceJob:
+        """A gradient job for one sequence (input_ids and response_mask of shape (1, T))."""
+        hidden, calls = self._capture(input_ids, None)
+        return SequenceJob(input_ids, response_mask, calls, hidden=hidden)
+
+    # -- forward only: log-probs without a gradient (reference passes) --------------------------
+
+    def start_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      response_mask: torch.Tensor) -> SequenceJob:
+        """A no-grad job over right-padded rows (B, T): L layer units, then the head (unit L),
+        which leaves each row's summed response log-prob in ``job.logps``."""
+        hidden, calls = self._capture(input_ids, attention_mask)
+        return SequenceJob(input_ids, response_mask, calls, hidden=hidden)
+
+    @torch.no_grad()
+    def run_forward(self, job: SequenceJob, end: int) -> None:
+        """Run a no-grad job's units from ``job.next_unit`` up to (not including) ``end``."""
+        if not job.next_unit < end <= self.num_layers + 1:
+            raise ValueError(f"units [{job.next_unit}, {end}) of {self.num_layers + 1}")
+        while job.next_unit < end:
+            i = job.next_unit
+            if i < self.num_layers:
+                args, kwargs = job.calls[i]
+                y = self.layers[i](job.hidden, *args, **kwargs)
+                job.hidden = y[0] if isinstance(y, tuple) else y
+            else:
+                logits = self.lm_head(self.norm(job.hidden))  # (B, T, V)
+                job.logps = response_logprobs(logits, job.input_ids, job.response_mask).tolist()
+                job.hidden = None
+            job.next_unit += 1
 
     def run(self, job: SequenceJob, end: int) -> None:
         """Run the job's units from ``job.next_unit`` up to (not including) ``end``."""

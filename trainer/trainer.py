@@ -73,6 +73,9 @@ class Trainer:
         self._split: PreferencePair | None = None
         self._split_part = "chosen"
         self._split_unit = 0
+        # A reference pass cut at decoder layers, part-way: the pair and its next unit.
+        self._ref_pair: PreferencePair | None = None
+        self._ref_unit = 0
         self.unit_costs = unit_costs
         self._reset = False  # the next gradient chunk drops the gradients accumulated so far
         self._pair_losses: dict[str, float] = {}  # last DPO loss per pair (the scheduler's priority)
@@ -141,7 +144,7 @@ class Trainer:
 
     @property
     def has_work(self) -> bool:
-        return bool(self._needs_reference or self._ready or self._split) and not self._in_flight
+        return bool(self._needs_reference or self._ready or self._split or self._ref_pair) and not self._in_flight
 
     @property
     def mean_recent_loss(self) -> float | None:
@@ -170,8 +173,13 @@ class Trainer:
             return None
         if self._split is not None:
             return self._part_chunk(0, max_tokens=0).num_tokens
+        if self._ref_pair is not None:
+            return self._reference_chunk(0, self._ref_pair, self._ref_unit, max_tokens=0).num_tokens
         if not self._ready:
-            return self._needs_reference[0].num_tokens
+            head = self._needs_reference[0]
+            if self.unit_costs is None:
+                return head.num_tokens
+            return self._reference_chunk(0, head, 0, max_tokens=0).num_tokens
         head = self._ready[0]
         chosen = len(head.prompt_ids) + len(head.chosen_ids)
         if self.unit_costs is not None:  # the first layer unit of its chosen part
@@ -186,11 +194,13 @@ class Trainer:
             return None
         if self._split is not None:
             return self._part_chunk(0).num_tokens
+        if self._ref_pair is not None:
+            return self._reference_chunk(0, self._ref_pair, self._ref_unit).num_tokens
         return (self._ready or self._needs_reference)[0].num_tokens
 
     def next_unit_has_grad(self) -> bool:
         """Whether the smallest chunk (``next_pair_tokens``) runs a backward."""
-        return self._split is not None or bool(self._ready)  # else a reference pass
+        return self._split is not None or (self._ref_pair is None and bool(self._ready))  # else a reference pass
 
     def head_loss(self) -> float | None:
         """The last DPO loss of the pair trained next, else the recent mean (None: no losses yet)."""
@@ -225,6 +235,18 @@ class Trainer:
             chunk.checkpoint = chunk.step and is_last
         return chunk
 
+    def _reference_chunk(self, task_id: int, pair: PreferencePair, start: int,
+                         max_tokens: int | None = None) -> FinetuneChunk:
+        """A reference pass of ``pair`` cut at decoder layers: its units from ``start``, as many as
+        ``max_tokens`` prices (at least one; None: all that remain)."""
+        weights = self.unit_costs.forward_weights(pair.num_tokens)
+        end = len(weights) if max_tokens is None else start + 1
+        per_weight = pair.num_tokens / sum(weights)
+        while max_tokens is not None and end < len(weights) and per_weight * sum(weights[start : end + 1]) <= max_tokens:
+            end += 1
+        return FinetuneChunk(task_id, "reference", [pair], units=(start, end),
+                             share=sum(weights[start:end]) / sum(weights))
+
     def next_chunk(self, max_tokens: int) -> FinetuneChunk | None:
         """The next piece of fine-tune work, of at most ``max_tokens`` (at least one pair), or
         None. One chunk at a time: the next waits for this one's result."""
@@ -232,6 +254,11 @@ class Trainer:
             return None
         if self._split is not None:
             chunk = self._part_chunk(next(self._task_ids), max_tokens)
+        elif self._ref_pair is not None:
+            chunk = self._reference_chunk(next(self._task_ids), self._ref_pair, self._ref_unit, max_tokens)
+        elif not self._ready and self.unit_costs is not None and self._needs_reference[0].num_tokens > max_tokens:
+            self._ref_pair, self._ref_unit = self._needs_reference.popleft(), 0  # too big: cut at layers
+            chunk = self._reference_chunk(next(self._task_ids), self._ref_pair, 0, max_tokens)
         elif not self._ready:
             pairs = self._take(self._needs_reference, max_tokens, len(self._needs_reference))
             chunk = FinetuneChunk(next(self._task_ids), "reference", pairs)
@@ -267,6 +294,12 @@ class Trainer:
         chunk = self._in_flight.pop(result.task_id)
         self.num_tokens += result.num_tokens
         if result.kind == "reference":
+            if chunk.units is not None:
+                if chunk.units[1] < self.unit_costs.num_layers + 1:  # the pass goes on from there
+                    self._ref_unit = chunk.units[1]
+                    self._on_new_work()
+                    return
+                self._ref_pair = None
             for p in chunk.pairs:
                 p.ref_chosen, p.ref_rejected = result.ref_logprobs[p.pair_id]
                 self._io(self.store.set_reference, p.pair_id, p.ref_chosen, p.ref_rejected)
@@ -339,7 +372,10 @@ class Trainer:
         if chunk is None:
             return
         if chunk.kind == "reference":
-            self._needs_reference.extendleft(reversed(chunk.pairs))
+            if chunk.units is not None:  # a pass cut at layers starts over
+                self._ref_unit = 0
+            else:
+                self._needs_reference.extendleft(reversed(chunk.pairs))
             return
         self._ready.extendleft(reversed(self._accumulated))
         self._accumulated, self._split, self._reset = [], None, True
