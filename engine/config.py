@@ -78,9 +78,11 @@ class MaceConfig:
     alpha_ft: float = 0.05  # priority per second fine-tune work has waited
     gamma_loss: float = 1.0  # priority per unit of DPO loss
     # Longest iteration, in TBT budgets, when every running request has banked the slack for it
-    # (TPOT is a mean: a request ahead of its pace can absorb one long iteration). 6 lets a
-    # one-sequence DPO part of a 64-token exchange (~130 ms on the CPU base model) fit a 50 ms SLO.
-    slo_bank_max: float = 6.0
+    # (TPOT is a mean: a request ahead of its pace can absorb one long iteration). 1: every gap
+    # between two tokens within one budget, which keeps the token gaps' p99 near inference
+    # alone's; fine-tune work cut at decoder layers fits that (more banks slack for longer pieces,
+    # at the cost of longer gaps: BENCHMARKS.md).
+    slo_bank_max: float = 1.0
     # The starvation guard: a fine-tune piece at least once every this many iterations.
     finetune_min_every: int = 50
     # Memory fine-tune work may hold at once (activations for the backward), times tau_mem; the

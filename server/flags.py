@@ -60,7 +60,7 @@ def add_engine_flags(parser: argparse.ArgumentParser, device_default: str) -> No
                    help="a `mace profile` file (default with --policy mace: a brief profile at start)")
     g.add_argument("--tau-mem", type=float, default=0.9, help="mace: share of free KV blocks one iteration may claim")
     g.add_argument("--pack-top-k", type=int, default=4, help="mace: best fit among this many top-priority candidates")
-    g.add_argument("--slo-bank-max", type=float, default=6.0,
+    g.add_argument("--slo-bank-max", type=float, default=1.0,
                    help="mace: longest iteration, in TBT budgets, that requests ahead of their pace may absorb")
     g.add_argument("--finetune-memory-bytes", type=int, default=None,
                    help="mace: activation memory fine-tune work may hold (default: no cap; the profile measures bytes per token)")

@@ -97,7 +97,7 @@ def test_set_overrides_parse_each_fields_type_and_name_bad_input():
         apply_overrides(QUICK, ["policies=mace,fastest"])
     with pytest.raises(SystemExit, match="latency_policies: unknown fastest"):
         apply_overrides(QUICK, ["latency_policies=fastest"])
-    assert apply_overrides(QUICK, ["policies=mace-strict-tbt"]).policies == ("mace-strict-tbt",)
+    assert apply_overrides(QUICK, ["policies=mace-banked"]).policies == ("mace-banked",)
 
 
 def test_targets_need_the_policies_they_compare():
