@@ -175,8 +175,15 @@ class TrainingConfig:
     # Cut a pair's sequence at decoder layers when the room is smaller than the sequence
     # (trainer/staged.py); off, the smallest piece is one sequence's whole forward and backward.
     layer_cuts: bool = True
+    # Pairs trained highest estimated DPO loss first (the paper's P_ft = P + gamma * L_DPO, per
+    # pair): once the adapter has stepped, a pair's reference pass also runs it under the serving
+    # adapter, and references run ahead until this many pairs are ready to choose from. 0: first
+    # come, first served, one pair at a time.
+    rank_window: int = 8
 
     def __post_init__(self) -> None:
+        if self.rank_window < 0:
+            raise ValueError(f"rank_window must be >= 0, got {self.rank_window}")
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
         if self.checkpoint_every < 1:

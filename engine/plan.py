@@ -129,6 +129,9 @@ class FinetuneChunk:
     # None: the whole part, or the whole pass.
     units: tuple[int, int] | None = None
     share: float = 1.0
+    # reference: also a no-grad pass under the serving adapter, for the pair's DPO loss now (the
+    # trainer ranks pairs by it); its units follow the reference pass's
+    estimate: bool = False
     # Drop the gradients accumulated so far before this chunk (an iteration carrying part of
     # the accumulation failed; the trainer sent its pairs round again).
     reset: bool = False
@@ -136,7 +139,7 @@ class FinetuneChunk:
     @property
     def num_tokens(self) -> int:
         if self.part is None:
-            whole = sum(p.num_tokens for p in self.pairs)
+            whole = sum(p.num_tokens for p in self.pairs) * (2 if self.estimate else 1)
         else:
             p = self.pairs[0]
             whole = len(p.prompt_ids) + len(p.chosen_ids if self.part == "chosen" else p.rejected_ids)
@@ -221,8 +224,10 @@ class SequenceResult:
 class FinetuneResult:
     task_id: int
     kind: str
-    # reference: per pair (chosen, rejected) summed response log-probs with the adapter off.
+    # reference: per pair (chosen, rejected) summed response log-probs with the adapter off, and
+    # (``estimate``) under the serving adapter.
     ref_logprobs: dict[str, tuple[float, float]] = field(default_factory=dict)
+    policy_logprobs: dict[str, tuple[float, float]] = field(default_factory=dict)
     # gradient: DPO loss per pair (feeds the scheduler's fine-tune priority and the outlier guard).
     losses: dict[str, float] = field(default_factory=dict)
     num_tokens: int = 0

@@ -81,6 +81,9 @@ def add_engine_flags(parser: argparse.ArgumentParser, device_default: str) -> No
     g.add_argument("--checkpoint-every", type=int, default=10, help="adapter checkpoint every N steps (and at shutdown)")
     g.add_argument("--no-layer-cuts", dest="layer_cuts", action="store_false",
                    help="never cut a sequence's forward and backward at decoder layers (the smallest piece is a whole sequence)")
+    g.add_argument("--rank-window", type=int, default=8,
+                   help="train the pair the adapter gets most wrong among up to N ready pairs (their DPO loss "
+                        "estimated beside the reference pass); 0: first come, first served")
 
 
 def engine_config(args: argparse.Namespace, **overrides: Any) -> EngineConfig:

@@ -14,6 +14,7 @@ Only the worker thread calls ``run`` (the runner does, after its inference forwa
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -76,7 +77,9 @@ class FinetuneExecutor:
         # A part cut at decoder layers, part-way: ((pair id, part), its job) until its last unit.
         self.stages = LayerStages(peft_model.base_model.model, self.params)
         self._job: tuple[tuple[str, str], SequenceJob] | None = None
-        self._ref_job: tuple[str, SequenceJob] | None = None  # a reference pass cut at layers
+        # a reference pass cut at layers: (pair id, which pass, its job), and the first pass's result
+        self._ref_job: tuple[str, int, SequenceJob] | None = None
+        self._ref_logps: tuple[float, float] | None = None
 
     def run(self, chunk: FinetuneChunk) -> FinetuneResult:
         t0 = time.perf_counter()
@@ -126,25 +129,42 @@ class FinetuneExecutor:
             return self._reference_units(chunk)
         with self.model.disable_adapter():
             chosen, rejected = self._logprobs(chunk.pairs)
-        refs = {p.pair_id: (c, r) for p, c, r in zip(chunk.pairs, chosen.tolist(), rejected.tolist())}
-        return FinetuneResult(chunk.task_id, "reference", ref_logprobs=refs)
+        result = FinetuneResult(chunk.task_id, "reference",
+                                ref_logprobs={p.pair_id: (c, r) for p, c, r in zip(chunk.pairs, chosen.tolist(), rejected.tolist())})
+        if chunk.estimate:  # the serving adapter is the active one
+            chosen, rejected = self._logprobs(chunk.pairs)
+            result.policy_logprobs = {p.pair_id: (c, r) for p, c, r in zip(chunk.pairs, chosen.tolist(), rejected.tolist())}
+        return result
 
     def _reference_units(self, chunk: FinetuneChunk) -> FinetuneResult:
         """Units [start, end) of one pair's reference pass (both sequences as one batch), cut at
-        decoder layers; its log-probs once the head has run."""
+        decoder layers: L + 1 with the adapter off, then (``estimate``) L + 1 more under the
+        serving adapter; the log-probs once the last has run."""
         (p,) = chunk.pairs
         start, end = chunk.units
-        with self.model.disable_adapter():
-            if start == 0:
-                self._ref_job = (p.pair_id, self.stages.start_forward(*self._batch([p])))
-            if self._ref_job is None or self._ref_job[0] != p.pair_id or self._ref_job[1].next_unit != start:
-                raise RuntimeError(f"reference units [{start}, {end}) of pair {p.pair_id} came out of order")
-            job = self._ref_job[1]
-            self.stages.run_forward(job, end)
+        per_pass = self.stages.num_layers + 1
         result = FinetuneResult(chunk.task_id, "reference")
-        if job.logps is not None:
+        unit = start
+        while unit < end:
+            which, local = divmod(unit, per_pass)
+            stop = min(end, (which + 1) * per_pass)
+            with self.model.disable_adapter() if which == 0 else contextlib.nullcontext():
+                if local == 0:
+                    self._ref_job = (p.pair_id, which, self.stages.start_forward(*self._batch([p])))
+                if self._ref_job is None or self._ref_job[:2] != (p.pair_id, which) or self._ref_job[2].next_unit != local:
+                    raise RuntimeError(f"reference units [{start}, {end}) of pair {p.pair_id} came out of order")
+                job = self._ref_job[2]
+                self.stages.run_forward(job, stop - which * per_pass)
+            if job.logps is not None:
+                logps = (job.logps[0], job.logps[1])
+                if which == 0:
+                    self._ref_logps = logps
+                else:
+                    result.policy_logprobs = {p.pair_id: logps}
+            unit = stop
+        if end == per_pass * (2 if chunk.estimate else 1):
             self._ref_job = None
-            result.ref_logprobs = {p.pair_id: (job.logps[0], job.logps[1])}
+            result.ref_logprobs = {p.pair_id: self._ref_logps}
         return result
 
     def _sequence_logprob(self, prompt: list[int], response: list[int]) -> torch.Tensor:

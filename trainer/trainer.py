@@ -9,6 +9,14 @@ first: a pair whose reference is known trains before the next pair's reference i
 the work in progress is one pair at a time and steps come as early as the room allows
 (references computed ahead would be work not yet worth anything).
 
+Ranking (``rank_window`` > 0, once the adapter has stepped): a pair's reference pass also runs
+it under the serving adapter, which gives its DPO loss as the adapter stands, and references run
+ahead until ``rank_window`` pairs are ready; the ready pair with the highest loss trains first
+(ties, and pairs whose loss is not known, first come, first served: an unknown loss counts as
+ln 2, an unmoved adapter's). A pair the adapter already gets right waits behind those it gets
+wrong. The estimate is the adapter's when the pass ran: later steps may move it, and it is not
+renewed (a fresh estimate would cost a pass per pair per step).
+
 A pair is marked trained only once a step that included it was taken; a step skipped for a
 non-finite value sends its pairs back. With checkpoints on, "trained" is written only once a
 checkpoint holds the step, so a crash in between trains those pairs again. A pair whose loss is
@@ -76,6 +84,8 @@ class Trainer:
         # A reference pass cut at decoder layers, part-way: the pair and its next unit.
         self._ref_pair: PreferencePair | None = None
         self._ref_unit = 0
+        self._ref_estimate = False  # that pass runs the serving adapter too (the loss estimate)
+        self.rank_window = config.rank_window
         self.unit_costs = unit_costs
         self._reset = False  # the next gradient chunk drops the gradients accumulated so far
         self._pair_losses: dict[str, float] = {}  # last DPO loss per pair (the scheduler's priority)
@@ -128,6 +138,7 @@ class Trainer:
             self._known.add(p.id)
             pair = self._tokenize(p)
             (self._ready if pair.ref_chosen is not None else self._needs_reference).append(pair)
+        self._rank()
         if pairs:
             self._on_new_work()
         return len(pairs)
@@ -174,12 +185,12 @@ class Trainer:
         if self._split is not None:
             return self._part_chunk(0, max_tokens=0).num_tokens
         if self._ref_pair is not None:
-            return self._reference_chunk(0, self._ref_pair, self._ref_unit, max_tokens=0).num_tokens
-        if not self._ready:
+            return self._reference_chunk(0, self._ref_pair, self._ref_unit, self._ref_estimate, max_tokens=0).num_tokens
+        if self._reference_next():
             head = self._needs_reference[0]
             if self.unit_costs is None:
-                return head.num_tokens
-            return self._reference_chunk(0, head, 0, max_tokens=0).num_tokens
+                return head.num_tokens * (2 if self._estimating() else 1)
+            return self._reference_chunk(0, head, 0, self._estimating(), max_tokens=0).num_tokens
         head = self._ready[0]
         chosen = len(head.prompt_ids) + len(head.chosen_ids)
         if self.unit_costs is not None:  # the first layer unit of its chosen part
@@ -195,12 +206,40 @@ class Trainer:
         if self._split is not None:
             return self._part_chunk(0).num_tokens
         if self._ref_pair is not None:
-            return self._reference_chunk(0, self._ref_pair, self._ref_unit).num_tokens
-        return (self._ready or self._needs_reference)[0].num_tokens
+            return self._reference_chunk(0, self._ref_pair, self._ref_unit, self._ref_estimate).num_tokens
+        if self._reference_next():
+            return self._needs_reference[0].num_tokens * (2 if self._estimating() else 1)
+        return self._ready[0].num_tokens
 
     def next_unit_has_grad(self) -> bool:
         """Whether the smallest chunk (``next_pair_tokens``) runs a backward."""
-        return self._split is not None or (self._ref_pair is None and bool(self._ready))  # else a reference pass
+        return self._split is not None or (self._ref_pair is None and not self._reference_next())  # else a reference pass
+
+    def _ranking(self) -> bool:
+        """Whether pairs are ranked now: an adapter that has stepped gives losses worth comparing
+        (an unmoved one gives every pair ln 2)."""
+        return self.rank_window > 0 and self.adapter_version > 0
+
+    def _reference_next(self) -> bool:
+        """Whether the next pair's reference pass comes before training a ready pair: when none is
+        ready, or (ranking) fewer than ``rank_window`` are."""
+        if not self._needs_reference:
+            return False
+        return not self._ready or (self._ranking() and len(self._ready) < self.rank_window)
+
+    def _estimating(self) -> bool:
+        """Whether the next reference pass estimates its pair's loss too: ranking, and another pair
+        is waiting (else there is nothing to rank it against)."""
+        return self._ranking() and len(self._needs_reference) + len(self._ready) > 1
+
+    def estimated_loss(self, pair_id: str) -> float:
+        """The pair's DPO loss as last estimated or trained; ln 2 when not known."""
+        return self._pair_losses.get(pair_id, _LN2)
+
+    def _rank(self) -> None:
+        """Ready pairs by estimated loss, highest first (stable: FIFO among equals)."""
+        if self.rank_window > 0 and len(self._ready) > 1:
+            self._ready = deque(sorted(self._ready, key=lambda p: -self.estimated_loss(p.pair_id)))
 
     def head_loss(self) -> float | None:
         """The last DPO loss of the pair trained next, else the recent mean (None: no losses yet)."""
@@ -235,17 +274,18 @@ class Trainer:
             chunk.checkpoint = chunk.step and is_last
         return chunk
 
-    def _reference_chunk(self, task_id: int, pair: PreferencePair, start: int,
+    def _reference_chunk(self, task_id: int, pair: PreferencePair, start: int, estimate: bool,
                          max_tokens: int | None = None) -> FinetuneChunk:
-        """A reference pass of ``pair`` cut at decoder layers: its units from ``start``, as many as
-        ``max_tokens`` prices (at least one; None: all that remain)."""
-        weights = self.unit_costs.forward_weights(pair.num_tokens)
+        """A reference pass of ``pair`` cut at decoder layers (with ``estimate``, followed by the
+        same pass under the serving adapter): its units from ``start``, as many as ``max_tokens``
+        prices (at least one; None: all that remain)."""
+        weights = self.unit_costs.forward_weights(pair.num_tokens) * (2 if estimate else 1)
         end = len(weights) if max_tokens is None else start + 1
-        per_weight = pair.num_tokens / sum(weights)
+        per_weight = pair.num_tokens * (2 if estimate else 1) / sum(weights)
         while max_tokens is not None and end < len(weights) and per_weight * sum(weights[start : end + 1]) <= max_tokens:
             end += 1
         return FinetuneChunk(task_id, "reference", [pair], units=(start, end),
-                             share=sum(weights[start:end]) / sum(weights))
+                             share=sum(weights[start:end]) / sum(weights), estimate=estimate)
 
     def next_chunk(self, max_tokens: int) -> FinetuneChunk | None:
         """The next piece of fine-tune work, of at most ``max_tokens`` (at least one pair), or
@@ -255,13 +295,18 @@ class Trainer:
         if self._split is not None:
             chunk = self._part_chunk(next(self._task_ids), max_tokens)
         elif self._ref_pair is not None:
-            chunk = self._reference_chunk(next(self._task_ids), self._ref_pair, self._ref_unit, max_tokens)
-        elif not self._ready and self.unit_costs is not None and self._needs_reference[0].num_tokens > max_tokens:
-            self._ref_pair, self._ref_unit = self._needs_reference.popleft(), 0  # too big: cut at layers
-            chunk = self._reference_chunk(next(self._task_ids), self._ref_pair, 0, max_tokens)
-        elif not self._ready:
-            pairs = self._take(self._needs_reference, max_tokens, len(self._needs_reference))
-            chunk = FinetuneChunk(next(self._task_ids), "reference", pairs)
+            chunk = self._reference_chunk(next(self._task_ids), self._ref_pair, self._ref_unit, self._ref_estimate, max_tokens)
+        elif self._reference_next():
+            estimate = self._estimating()
+            scale = 2 if estimate else 1  # the estimate is a second pass as big
+            if self.unit_costs is not None and self._needs_reference[0].num_tokens * scale > max_tokens:
+                # too big: cut at layers
+                self._ref_pair, self._ref_unit, self._ref_estimate = self._needs_reference.popleft(), 0, estimate
+                chunk = self._reference_chunk(next(self._task_ids), self._ref_pair, 0, estimate, max_tokens)
+            else:
+                room = self.rank_window - len(self._ready) if self._ranking() else len(self._needs_reference)
+                pairs = self._take(self._needs_reference, max_tokens // scale, max(1, room))
+                chunk = FinetuneChunk(next(self._task_ids), "reference", pairs, estimate=estimate)
         elif self._ready[0].num_tokens > max_tokens:  # too big for the room: cut in two parts
             self._split, self._split_part, self._split_unit = self._ready.popleft(), "chosen", 0
             self._accumulated.append(self._split)
@@ -295,15 +340,20 @@ class Trainer:
         self.num_tokens += result.num_tokens
         if result.kind == "reference":
             if chunk.units is not None:
-                if chunk.units[1] < self.unit_costs.num_layers + 1:  # the pass goes on from there
-                    self._ref_unit = chunk.units[1]
+                if chunk.units[1] < (self.unit_costs.num_layers + 1) * (2 if chunk.estimate else 1):
+                    self._ref_unit = chunk.units[1]  # the pass goes on from there
                     self._on_new_work()
                     return
                 self._ref_pair = None
             for p in chunk.pairs:
                 p.ref_chosen, p.ref_rejected = result.ref_logprobs[p.pair_id]
                 self._io(self.store.set_reference, p.pair_id, p.ref_chosen, p.ref_rejected)
+                if p.pair_id in result.policy_logprobs:
+                    logp_c, logp_r = result.policy_logprobs[p.pair_id]
+                    margin = self.config.dpo_beta * ((logp_c - p.ref_chosen) - (logp_r - p.ref_rejected))
+                    self._pair_losses[p.pair_id] = _softplus(-margin)  # -log sigmoid(margin)
             self._ready.extend(chunk.pairs)
+            self._rank()
             return
         if chunk.part is not None:
             if chunk.units is not None and chunk.units[1] < self.unit_costs.num_units:
@@ -345,6 +395,7 @@ class Trainer:
         else:  # skipped: the pairs go round again (those set aside excepted)
             self.num_skipped_steps += 1
             self._ready.extendleft(reversed(kept))
+            self._rank()
         if self._ready or self._needs_reference:
             self._on_new_work()
 
@@ -379,6 +430,7 @@ class Trainer:
             return
         self._ready.extendleft(reversed(self._accumulated))
         self._accumulated, self._split, self._reset = [], None, True
+        self._rank()
 
     def _io(self, fn, *args) -> asyncio.Task:
         """Store writes off the loop, in order of submission per call site."""
@@ -394,3 +446,7 @@ class Trainer:
 
 
 _LN2 = 0.6931471805599453  # the DPO loss of a pair the adapter has not moved yet
+
+
+def _softplus(x: float) -> float:
+    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
