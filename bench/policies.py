@@ -8,6 +8,9 @@ and adapters over the same weights, the same arrivals and prompts. Engine-level 
 A rated request posts (its prompt, its answer, another answer of the same length): a pair of
 about 2 x (prompt + output) tokens, so feedback is real work. The mace runs use one cost profile
 measured at the start (``mace profile --quick``, as ``mace serve`` does), corrected online.
+
+``--closed-loop``: instead, a real ``mace serve`` per policy with its defaults, under N streaming
+chat clients in a closed loop (``bench/closed_loop.py``).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ POLICIES = ("inference-only", "synchronous", "periodic", "mace")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="models/demo-base")
     p.add_argument("--shares", default="0.1,0.3,0.5", help="shares of requests that produce feedback")
-    p.add_argument("--policies", default=",".join(POLICIES), help="which policies to run, comma-separated")
+    p.add_argument("--policies", default=None, help="which policies to run, comma-separated (default: all; "
+                   "--closed-loop: inference-only,synchronous,mace)")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--rates", default="1.0,2.0",
                    help="Poisson arrival rates (requests/s), comma-separated: one load per rate")
@@ -41,7 +45,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retrain-period", type=float, default=10.0)
     p.add_argument("--finetune-tokens", type=int, default=256, help="fine-tune tokens per iteration (at most)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench-results/policies.json")
+    p.add_argument("--out", default=None, help="the JSON report (default: bench-results/policies.json; "
+                   "--closed-loop: bench-results/policies-closed-loop.json)")
+    g = p.add_argument_group("closed loop (real `mace serve` per run, its defaults; ignores the engine-level flags "
+                             "but --model, --policies, --output-len, --seed)")
+    g.add_argument("--closed-loop", action="store_true",
+                   help="N streaming chat clients in a closed loop against `mace serve --policy P` (bench/closed_loop.py)")
+    g.add_argument("--clients", default="4,12", help="client counts, comma-separated: one run per count and policy")
+    g.add_argument("--duration", type=float, default=75.0, help="seconds each client keeps sending")
+    g.add_argument("--max-requests-per-client", type=int, default=1000)
 
 
 async def _run(core, runner, store, args, prompts, arrivals, share: float) -> dict:
@@ -110,6 +122,14 @@ def _verdicts(rows: list[dict]) -> list[dict]:
 
 
 def main(args: argparse.Namespace) -> dict:
+    if args.closed_loop:
+        from bench.closed_loop import main as closed_loop_main
+
+        args.policies = args.policies or "inference-only,synchronous,mace"
+        args.out = args.out or "bench-results/policies-closed-loop.json"
+        return closed_loop_main(args)
+    args.policies = args.policies or ",".join(POLICIES)
+    args.out = args.out or "bench-results/policies.json"
     import torch
 
     from engine.config import EngineConfig

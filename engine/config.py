@@ -123,6 +123,9 @@ class SchedulerConfig:
     slo_ttft_ms: float | None = None
     slo_tbt_ms: float | None = None
     slo_margin: float = 0.1
+    # The SLOs ``with_slos`` filled in (neither given): a policy that plans by time (mace)
+    # replaces them with ones learned from the load it measures (scheduler/slos.py).
+    learned_slos: tuple[str, ...] = ()
     # Fine-tune tokens (DPO pairs, both responses with their prompts) per iteration when training.
     finetune_tokens_per_iteration: int = 512
     retrain_period_s: float = 60.0  # periodic: seconds from one burst's start to the next's
@@ -146,8 +149,10 @@ class SchedulerConfig:
         """Both SLOs set: those left None take ``suggested_ms`` (TTFT, TBT) from a measured
         profile, else the defaults."""
         ttft, tbt = suggested_ms or (DEFAULT_SLO_TTFT_MS, DEFAULT_SLO_TBT_MS)
+        learned = tuple(name for name in ("ttft", "tbt") if getattr(self, f"slo_{name}_ms") is None)
         return dataclasses.replace(self, slo_ttft_ms=self.slo_ttft_ms if self.slo_ttft_ms is not None else ttft,
-                                   slo_tbt_ms=self.slo_tbt_ms if self.slo_tbt_ms is not None else tbt)
+                                   slo_tbt_ms=self.slo_tbt_ms if self.slo_tbt_ms is not None else tbt,
+                                   learned_slos=self.learned_slos + learned)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,9 @@ One iteration is one bin with two capacities:
   either is unknown).
 
 Decodes run first, every iteration (their blocks come first too; when the pool is short the
-lowest-priority running sequence is preempted and recomputed later). What they leave of ``L``
+lowest-priority running sequence is preempted and recomputed later), most urgent first, as many
+as ``slo_bank_max`` TBT budgets hold by the cost model (at least one): under overload the rest
+wait their turn (next iteration they are the most urgent) rather than stretch every gap. What they leave of ``L``
 and ``M`` goes to the candidates: prefill chunks (running sequences part-way through their
 prompt, and waiting requests) and the trainer's next fine-tune piece. Each has a priority:
 
@@ -23,7 +25,10 @@ prompt, and waiting requests) and the trainer's next fine-tune piece. Each has a
     fine-tune: delta_ft + alpha_ft * wait + gamma_loss * L_dpo
 
 where a prefill is URGENT once the iterations it still needs no longer fit before its TTFT
-deadline (urgent prefills are placed first, before anything else), and ``L_dpo`` is the last
+deadline (urgent prefills are placed first, before anything else, and may run the iteration past
+its capacity up to the longest iteration planned, ``slo_bank_max`` TBT budgets, never further: a
+prompt forced through at any length would stretch every running request's token gap, which under
+overload is how an SLO-aware planner loses the requests it has admitted), and ``L_dpo`` is the last
 DPO loss seen for the pair (the running mean for unseen pairs): higher loss, sooner. Then,
 repeatedly: among the ``pack_top_k`` highest-priority candidates that fit, take the one with the
 smallest ``f = lambda_mem * |M_rem - m_i| / M + lambda_lat * |L_rem - l_i| / L`` (best fit; a
@@ -57,8 +62,12 @@ from scheduler.cost_model import CostModel, IterationShape
 from scheduler.policy import FinetuneOffer, Policy, ScheduledSequence, SchedulerOutput
 from scheduler.queues import SequenceQueues
 from scheduler.request import RequestOptions, Sequence, SequenceStatus
+from scheduler.slos import Slos
 
 URGENT = 100.0
+# With a TBT SLO inference alone does not meet, fine-tune work's smallest piece at least once
+# every this many iterations (the guaranteed share; the starvation guard's period otherwise).
+INFEASIBLE_FINETUNE_EVERY = 10
 _NO_CAP = 1 << 40
 
 
@@ -86,6 +95,7 @@ class _Room:
     mem_total: int  # M: KV blocks new prefill may claim
     mem: int  # of M, not yet claimed
     tokens: int  # of max_num_batched_tokens, not yet used
+    urgent_s: float  # what urgent prefills may take beyond L: up to the longest iteration planned
     slots: int  # sequence slots left for waiting requests
     finetune_mem_total: int  # fine-tune tokens the activation memory allows (_NO_CAP: no cap)
     finetune_mem: int
@@ -101,15 +111,38 @@ class MacePolicy(Policy):
         super().__init__(queues, config, cost_model, clock)
         self.weights = config.mace
         self._iterations_without_finetune = 0  # the starvation guard's count
+        self.slos = Slos(config, cost_model)  # the defaults, learned when none was given
+        self._decode_cost_s = 0.0  # the running decodes' predicted cost, all of them (last plan)
 
     # -- SLOs and priorities ----------------------------------------------------------------------
 
+    def default_slos_ms(self) -> tuple[float, float]:
+        return self.slos.ttft_ms, self.slos.tbt_ms
+
+    @property
+    def slo_infeasible(self) -> bool:
+        return self.slos.infeasible
+
+    def predicted_ttft_s(self, num_prompt_tokens: int) -> float:
+        """When a request arriving now with this prompt would see its first token: the prefill
+        work queued ahead of it and its own, at what each iteration leaves after the running
+        decodes (one TBT budget an iteration; a tenth of it when the decodes take more)."""
+        q = self.queues
+        work = self._prefill_cost(num_prompt_tokens, 0)
+        for seq in q.running:
+            if seq.num_tokens - seq.num_computed_tokens > 1:
+                work += self._prefill_cost(seq.num_tokens - seq.num_computed_tokens, seq.num_computed_tokens)
+        for seq in q.waiting:
+            work += self._prefill_cost(seq.num_tokens - seq.num_computed_tokens, 0)
+        budget = self._base_budget()
+        return work * budget / max(budget - self._decode_cost_s, 0.1 * budget)
+
     def _tbt_budget(self, options: RequestOptions) -> float:
-        tbt = options.slo_tbt_ms if options.slo_tbt_ms is not None else self.config.slo_tbt_ms
+        tbt = options.slo_tbt_ms if options.slo_tbt_ms is not None else self.slos.tbt_ms
         return tbt / 1e3 * (1 - self.config.slo_margin)
 
     def _ttft(self, options: RequestOptions) -> float:
-        return (options.slo_ttft_ms if options.slo_ttft_ms is not None else self.config.slo_ttft_ms) / 1e3
+        return (options.slo_ttft_ms if options.slo_ttft_ms is not None else self.slos.ttft_ms) / 1e3
 
     def decode_slack(self, seq: Sequence, now: float) -> float:
         """Seconds until the deadline of ``seq``'s next token (negative: behind its pace)."""
@@ -203,8 +236,11 @@ class MacePolicy(Policy):
 
     def schedule(self, offer: FinetuneOffer | None) -> SchedulerOutput:
         now = self.clock()
-        force = offer is not None and self._iterations_without_finetune >= self.weights.finetune_min_every
-        scheduled, preempted = self._schedule_decodes(now)
+        every = INFEASIBLE_FINETUNE_EVERY if self.slos.infeasible else self.weights.finetune_min_every
+        force = offer is not None and self._iterations_without_finetune >= min(every, self.weights.finetune_min_every)
+        # the guard's piece comes out of what the decodes may take: under overload too, the
+        # iteration stays within the longest one planned
+        scheduled, preempted = self._schedule_decodes(now, self._finetune_cost(offer) if force else 0.0)
         room = self._room(scheduled, preempted, now)
         candidates = self._candidates(now)
         if offer is not None:
@@ -232,26 +268,39 @@ class MacePolicy(Policy):
 
     def _base_budget(self) -> float:
         """One TBT budget of the server's default SLO, in seconds."""
-        return self.config.slo_tbt_ms / 1e3 * (1 - self.config.slo_margin)
+        return self.slos.tbt_ms / 1e3 * (1 - self.config.slo_margin)
 
     def _max_finetune_tokens(self, offer: FinetuneOffer) -> int:
         """The largest piece one iteration may carry: the per-iteration cap, even on an idle
         engine (an arrival waits for the piece in flight), or the smallest unit if larger."""
         return max(offer.min_tokens, self.config.finetune_tokens_per_iteration)
 
-    def _schedule_decodes(self, now: float) -> tuple[list[ScheduledSequence], bool]:
-        """1. Every running decode, most urgent first, with its block; when the pool is short the
-        lowest-priority running sequence is preempted. Returns the decodes and whether any
-        sequence was preempted."""
+    def _schedule_decodes(self, now: float, reserved_s: float = 0.0) -> tuple[list[ScheduledSequence], bool]:
+        """1. The running decodes, most urgent first, with their blocks, as many as the longest
+        iteration (slo_bank_max TBT budgets) holds by the cost model, at least one; when the pool
+        is short the lowest-priority running sequence is preempted; ``reserved_s`` of the iteration
+        is kept for a fine-tune piece. Returns the decodes and whether any sequence was preempted."""
         q = self.queues
         scheduled: list[ScheduledSequence] = []
         tokens = self.config.max_num_batched_tokens
         decodes = sorted((s for s in q.running if s.num_tokens - s.num_computed_tokens == 1),
                          key=lambda s: self.decode_slack(s, now))
+        limit = self.weights.slo_bank_max * self._base_budget() - reserved_s
         preempted = False
+        context = 0
+        if decodes:  # what inference alone takes at this load, before the cap
+            self._decode_cost_s = self.cost_model.predict(IterationShape(
+                num_decodes=len(decodes), decode_context=sum(s.num_kv_tokens + 1 for s in decodes)))
+            self.slos.observe_decodes(self._decode_cost_s)
+        else:
+            self._decode_cost_s = 0.0
         for seq in decodes:
             if seq.status is not SequenceStatus.RUNNING or tokens == 0:
                 continue
+            if scheduled:
+                shape = IterationShape(num_decodes=len(scheduled) + 1, decode_context=context + seq.num_kv_tokens + 1)
+                if self.cost_model.predict(shape) > limit:
+                    break  # overload: the rest are the most urgent next time
             if q.pruning is not None and seq.num_output_tokens > 0:
                 q.prune(seq)
             while not q.grow(seq, 1):
@@ -262,6 +311,7 @@ class MacePolicy(Policy):
                     break
             if seq.status is SequenceStatus.RUNNING:
                 scheduled.append(ScheduledSequence(seq, 1))
+                context += seq.num_kv_tokens + 1
                 tokens -= 1
         # a victim may be a decode planned earlier in this loop: its blocks are gone, drop it
         return [s for s in scheduled if s.seq.status is SequenceStatus.RUNNING], preempted
@@ -287,6 +337,7 @@ class MacePolicy(Policy):
         reserve = capacity * (1.0 - 1.0 / self.cost_model.safety_factor())
         return _Room(capacity_s=capacity, latency_s=capacity - predicted, reserve_s=reserve, mem_total=mem_total,
                      mem=mem_total if not preempted else 0, tokens=self.config.max_num_batched_tokens - len(decodes),
+                     urgent_s=max(0.0, self.weights.slo_bank_max * base - capacity),
                      slots=self.config.max_num_seqs - len(self.queues.running), finetune_mem_total=ft_mem,
                      finetune_mem=ft_mem)
 
@@ -326,7 +377,8 @@ class MacePolicy(Policy):
                     if cand.waiting and room.slots <= 0:
                         continue
                     urgent = cand.priority >= URGENT
-                    size, seconds, blocks = self._prefill_fit(cand, room.latency_s, room.mem, room.tokens, force=urgent)
+                    size, seconds, blocks = self._prefill_fit(cand, room.latency_s + urgent * room.urgent_s, room.mem,
+                                                              room.tokens, force=False)
                     if size == 0:
                         continue
                     if urgent:  # placed before anything else
@@ -385,6 +437,7 @@ class MacePolicy(Policy):
             return False
         if cand.waiting:
             q.admit(seq)
+            self.slos.observe_prompt(self._prefill_cost(cand.remaining, cand.kv))
         scheduled.append(ScheduledSequence(seq, num_new))
         return True
 

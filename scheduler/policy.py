@@ -90,6 +90,19 @@ class Policy(abc.ABC):
         self.cost_model = cost_model
         self.clock = clock
 
+    def default_slos_ms(self) -> tuple[float, float]:
+        """(TTFT, TBT) for requests that set none: the configured ones (a policy may learn its own)."""
+        return self.config.slo_ttft_ms, self.config.slo_tbt_ms
+
+    @property
+    def slo_infeasible(self) -> bool:
+        """Whether inference alone takes longer than the TBT SLO set allows (policies that measure it)."""
+        return False
+
+    def predicted_ttft_s(self, num_prompt_tokens: int) -> float | None:
+        """When a request arriving now would see its first token (None: the policy cannot tell)."""
+        return None
+
     @abc.abstractmethod
     def schedule(self, offer: FinetuneOffer | None) -> SchedulerOutput:
         """Plan the next iteration. ``offer``: the fine-tune work ready now (None: none, or no

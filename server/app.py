@@ -91,6 +91,7 @@ def build_app(
     model_name: str | None = None,
     api_key: str | None = None,
     max_waiting_requests: int = 256,
+    refuse_late_requests: bool = False,
     max_request_bytes: int = 4 << 20,
     shutdown_grace_s: float = 30.0,
     feedback_store: FeedbackStore | None = None,
@@ -107,7 +108,7 @@ def build_app(
     engine = AsyncEngine(core, runner, observers)
     app = web.Application(client_max_size=max_request_bytes, middlewares=[_errors, _auth])
     app[STATE] = state = ServerState(
-        engine=engine, serving=Serving(engine, metrics_, max_waiting_requests), metrics=metrics_, model_name=name,
+        engine=engine, serving=Serving(engine, metrics_, max_waiting_requests, refuse_late_requests), metrics=metrics_, model_name=name,
         model_aliases=aliases, created=int(time.time()), api_key=api_key, shutdown_grace_s=shutdown_grace_s,
         feedback=feedback_store,
     )
@@ -164,14 +165,17 @@ def serve(args: argparse.Namespace) -> None:
     feedback_store = FeedbackStore(state_dir / "feedback.sqlite3")
     core, runner = build_engine(engine_config(args), training_config(args, str(state_dir)), feedback_store)
     sched = core.config.scheduler
-    log.info("default SLOs: TTFT %.0f ms, TBT %.0f ms", sched.slo_ttft_ms, sched.slo_tbt_ms)
+    ttft, tbt = core.policy.default_slos_ms()
+    learned = " (learned from the load as it runs; this is the start)" if sched.learned_slos and core.policy.plans_by_time else ""
+    log.info("default SLOs: TTFT %.0f ms, TBT %.0f ms%s", ttft, tbt, learned)
     with contextlib.ExitStack() as files:
         trace = None
         if args.trace_iterations:
             trace = files.enter_context(open(args.trace_iterations, "a", buffering=1 << 16))
         app = build_app(
             core, runner, model_name=args.served_model_name, api_key=api_key or None,
-            max_waiting_requests=args.max_waiting_requests, max_request_bytes=args.max_request_bytes,
+            max_waiting_requests=args.max_waiting_requests, refuse_late_requests=args.refuse_late_requests,
+            max_request_bytes=args.max_request_bytes,
             shutdown_grace_s=args.shutdown_grace, feedback_store=feedback_store, trace=trace,
         )
         uvloop.run(_serve_forever(app, args.host, args.port))

@@ -109,6 +109,9 @@ def build_parser(bench_name: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every route but /health")
     g.add_argument("--api-key-file", default=None, help="read the API key from this file")
     g.add_argument("--max-waiting-requests", type=int, default=256, help="queued sequences before answering 429")
+    g.add_argument("--refuse-late-requests", action="store_true",
+                   help="answer 429 (with Retry-After) to a request whose first token is predicted past its TTFT SLO "
+                        "(policies that plan by time); without it such a request queues and is counted late")
     g.add_argument("--max-request-bytes", type=int, default=4 << 20, help="larger bodies get 413")
     g.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     g.add_argument("--state-dir", default="./mace-state",

@@ -62,7 +62,7 @@ def classify(exc: BaseException, is_tgi: bool) -> tuple[int, str, str | None, st
     if isinstance(exc, InvalidRequestError):
         return (422 if is_tgi else 400), str(exc), exc.param, exc.code, "validation"
     if isinstance(exc, Overloaded):
-        return 429, str(exc), None, "queue_full", "overloaded"
+        return 429, str(exc), None, exc.code, "overloaded"
     if isinstance(exc, ShuttingDown):
         return 503, str(exc), None, "shutting_down", "unavailable"
     if isinstance(exc, EngineError):
@@ -86,6 +86,10 @@ def error_body(status: int, message: str, param: str | None, code: str | None, k
 def error_response(exc: BaseException, is_tgi: bool) -> web.Response:
     status, message, param, code, kind = classify(exc, is_tgi)
     # 429 (queue full) and 503 (draining) are worth retrying; say when
-    headers = {"Retry-After": "1"} if code in ("queue_full", "shutting_down") else None
+    headers = None
+    if isinstance(exc, Overloaded):
+        headers = {"Retry-After": str(exc.retry_after_s)}
+    elif code == "shutting_down":
+        headers = {"Retry-After": "1"}
     return web.Response(status=status, body=error_body(status, message, param, code, kind, is_tgi),
                         content_type="application/json", headers=headers)

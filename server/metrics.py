@@ -42,6 +42,17 @@ class ServerMetrics:
             self.requests.labels(outcome)  # every series exists from the start, at 0
         self.slo_attained = Counter("mace_slo_attained", "Finished requests within their TTFT and TBT SLOs.", registry=r)
         self.slo_violated = Counter("mace_slo_violated", "Finished requests past their TTFT or TBT SLO.", registry=r)
+        self.late_requests = Counter(
+            "mace_requests_late", "Requests whose first token was predicted past their TTFT SLO at arrival, by "
+            "what became of them (queued, or refused with --refuse-late-requests).", ["action"], registry=r)
+        for action in ("queued", "refused"):
+            self.late_requests.labels(action)
+        Gauge("mace_slo_ttft_ms", "The default TTFT SLO (learned from the load when none was given).",
+              registry=r).set_function(lambda: core.policy.default_slos_ms()[0])
+        Gauge("mace_slo_tbt_ms", "The default TBT SLO (learned from the load when none was given).",
+              registry=r).set_function(lambda: core.policy.default_slos_ms()[1])
+        Gauge("mace_slo_infeasible", "1 while inference alone takes longer than the TBT SLO set allows.",
+              registry=r).set_function(lambda: float(core.policy.slo_infeasible))
         self.plan_s = Histogram("mace_scheduler_plan_seconds", "Time to build one iteration's plan.",
                                 buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1), registry=r)
         self.iteration_s = Histogram("mace_iteration_seconds", "One iteration on the worker (inference and fine-tune).",

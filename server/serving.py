@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -22,7 +23,13 @@ from server.metrics import ServerMetrics
 
 
 class Overloaded(RuntimeError):
-    """The waiting queue is full: answer 429 now rather than let memory grow."""
+    """The waiting queue is full, or (``--refuse-late-requests``) the request's first token
+    would come past its TTFT SLO: answer 429 now, saying when to retry."""
+
+    def __init__(self, message: str, retry_after_s: int = 1, code: str = "queue_full") -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.code = code
 
 
 class ShuttingDown(RuntimeError):
@@ -38,10 +45,12 @@ class SequenceSpec:
 
 
 class Serving:
-    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, max_waiting_requests: int) -> None:
+    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, max_waiting_requests: int,
+                 refuse_late_requests: bool = False) -> None:
         self.engine = engine
         self.metrics = metrics
         self.max_waiting_requests = max_waiting_requests
+        self.refuse_late_requests = refuse_late_requests
         self.config = engine.core.config.scheduler  # its SLOs are the defaults for requests that set none
         self.is_draining = False
         self._token_text: dict[int, str] = {}
@@ -70,6 +79,25 @@ class Serving:
                 f"the queue is full ({waiting} sequences waiting, limit {self.max_waiting_requests}); retry later"
             )
 
+    def check_ttft(self, specs: list[SequenceSpec], options: RequestOptions) -> None:
+        """A request whose first token the policy predicts past its TTFT SLO (the prefill queued
+        ahead of it at what the running decodes leave) is counted late; with
+        ``refuse_late_requests`` it is refused (``Overloaded``, retry when the queue ahead has
+        drained), else it queues knowing it."""
+        policy = self.engine.core.policy
+        predicted = policy.predicted_ttft_s(sum(len(s.prompt_token_ids) for s in specs))
+        if predicted is None:
+            return
+        slo_s = (options.slo_ttft_ms if options.slo_ttft_ms is not None else policy.default_slos_ms()[0]) / 1e3
+        if predicted <= slo_s:
+            return
+        self.metrics.late_requests.labels("refused" if self.refuse_late_requests else "queued").inc()
+        if self.refuse_late_requests:
+            self.metrics.requests.labels("rejected").inc(len(specs))
+            raise Overloaded(f"the first token would come in about {predicted * 1e3:.0f} ms, past the TTFT SLO of "
+                             f"{slo_s * 1e3:.0f} ms; retry later", retry_after_s=max(1, math.ceil(predicted - slo_s)),
+                             code="ttft_unattainable")
+
     async def submit(self, specs: list[SequenceSpec], options: RequestOptions) -> RequestStream:
         """Validate and queue every sequence of a request, or raise (``InvalidRequestError``,
         ``Overloaded``, ``ShuttingDown``) having queued none. The caller iterates the returned
@@ -77,6 +105,7 @@ class Serving:
 
         Engine ids are ours (the client's x-request-id need not be unique)."""
         self.admit(len(specs))
+        self.check_ttft(specs, options)
         request_id = self.new_request_id()
         gens = []
         try:
@@ -129,8 +158,9 @@ class Serving:
 
     def _count_slo(self, options: RequestOptions, ttft_s: float, tpot_s: float) -> None:
         """DESIGN.md's attainment: TTFT <= its SLO and TPOT <= the TBT SLO."""
-        ttft_slo = options.slo_ttft_ms if options.slo_ttft_ms is not None else self.config.slo_ttft_ms
-        tbt_slo = options.slo_tbt_ms if options.slo_tbt_ms is not None else self.config.slo_tbt_ms
+        default_ttft, default_tbt = self.engine.core.policy.default_slos_ms()
+        ttft_slo = options.slo_ttft_ms if options.slo_ttft_ms is not None else default_ttft
+        tbt_slo = options.slo_tbt_ms if options.slo_tbt_ms is not None else default_tbt
         if ttft_s * 1e3 <= ttft_slo and tpot_s * 1e3 <= tbt_slo:
             self.metrics.slo_attained.inc()
         else:

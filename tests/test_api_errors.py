@@ -177,3 +177,29 @@ async def test_sigterm_ends_streams_cleanly_and_exits_zero(demo_model_dir, tmp_p
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("refuse", [True, False])
+async def test_a_request_whose_ttft_slo_cannot_be_met_is_refused_or_queued_knowingly(start_server, refuse):
+    # the prefill of its own prompt alone is predicted past a 0.01 ms TTFT SLO
+    async with start_server(engine_overrides={"policy": "mace"}, refuse_late_requests=refuse) as (url, engine), \
+            aiohttp.ClientSession(timeout=TIMEOUT) as http:
+        late = {"prompt": "hello there", "max_tokens": 2, "slo_ttft_ms": 0.01}
+        async with http.post(f"{url}/v1/completions", json=late) as r:
+            if refuse:
+                assert r.status == 429 and int(r.headers["Retry-After"]) >= 1
+                err = (await r.json())["error"]
+                assert err["code"] == "ttft_unattainable" and "TTFT SLO" in err["message"]
+            else:
+                assert r.status == 200 and (await r.json())["choices"][0]["finish_reason"] == "length"
+        async with http.post(f"{url}/v1/completions", json={"prompt": "hello there", "max_tokens": 2}) as r:
+            assert r.status == 200  # the default SLO is met: served
+        async with http.get(f"{url}/metrics") as r:
+            text = await r.text()
+        counts = {a: f'mace_requests_late_total{{action="{a}"}} ' for a in ("queued", "refused")}
+        want = {"refused": 1.0, "queued": 0.0} if refuse else {"refused": 0.0, "queued": 1.0}
+        for action, prefix in counts.items():
+            line = next(line for line in text.splitlines() if line.startswith(prefix))
+            assert float(line.split()[-1]) == want[action]
+        assert "mace_slo_infeasible 0.0" in text
+        assert not engine.core.queues.waiting and not engine.core.queues.running

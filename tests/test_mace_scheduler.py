@@ -5,6 +5,8 @@ Costs (seconds): 10 ms per iteration, 1 ms per prefill token, 2 ms per decode, 0
 fine-tune token; TBT SLO 100 ms with a 10% margin, so one iteration may take 90 ms.
 """
 
+import dataclasses
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -277,3 +279,77 @@ def test_an_idle_engines_piece_is_as_long_as_the_longest_iteration(core_factory,
     core, _ = core_factory(slo_bank_max=bank)
     core.trainer = FakeTrainer(smallest=100)
     assert core.schedule().finetune is not None and core.trainer.asked == [asked]
+
+
+def _decoding(core, now, n: int, step_s: float) -> list:
+    """``n`` requests of 8-token prompts, run until every one is decoding."""
+    seqs = [core.add_request(f"r{i}", p, PARAMS) for i, p in enumerate(random_prompts([8] * n, seed=9))]
+    for _ in range(40):  # bounded
+        if all(s.num_output_tokens > 0 for s in seqs):
+            break
+        now[0] += step_s
+        _finish_iteration(core, core.schedule())
+    assert all(s.num_output_tokens > 0 for s in seqs)
+    return seqs
+
+
+def test_an_overload_caps_the_decodes_at_the_latency_capacity(core_factory):
+    # TBT 105 ms, 10% margin: one budget (slo_bank_max 1) of 94.5 ms holds 10 + 42 x 2 ms of decodes
+    core, now = core_factory(num_blocks=512, max_num_seqs=64, slo_tbt_ms=1000.0, slo_bank_max=1.0)
+    seqs = _decoding(core, now, 60, 0.0945)  # admitted under a looser SLO, which then tightens
+    core.policy.slos.tbt_ms = 105.0
+    late = core.add_request("late", random_prompts([8], seed=10)[0], PARAMS, RequestOptions(slo_ttft_ms=1.0))
+    first = core.schedule()
+    assert first.capacity_s == pytest.approx(0.0945) and first.predicted_s <= first.capacity_s
+    assert len(first.chunks) == 42 and late.seq_id not in _sizes(first)  # urgent, but nothing may overrun
+    _finish_iteration(core, first)
+    now[0] += 0.0945
+    second = core.schedule()
+    left_out = {s.seq_id for s in seqs} - set(_sizes(first))
+    assert len(second.chunks) == 42 and left_out <= set(_sizes(second))  # their turn comes next
+    _finish_iteration(core, second)
+    core.trainer = FakeTrainer(smallest=40)  # 10 ms
+    core.policy.weights.finetune_min_every = 1
+    now[0] += 0.0945
+    guarded = core.schedule()  # the guard's smallest piece comes out of the decodes' share
+    assert guarded.finetune is not None and core.trainer.asked == [40]
+    assert len(guarded.chunks) == 37 and guarded.predicted_s <= guarded.capacity_s + 1e-12
+
+
+def test_default_slos_are_learned_from_the_load(core_factory):
+    from scheduler.slos import MIN_SAMPLES, Slos
+
+    core, now = core_factory(slo_tbt_ms=None, slo_ttft_ms=None)
+    slos = core.policy.slos
+    assert core.config.scheduler.learned_slos == ("ttft", "tbt")
+    # at the start: one decode (10 + 2 ms a step) and a 256-token prompt (256 ms of prefill)
+    assert slos.tbt_ms == pytest.approx(36.0) and slos.ttft_ms == pytest.approx(3 * 256 + 2 * 36)
+    _decoding(core, now, 16, 0.02)
+    for _ in range(2 * MIN_SAMPLES):
+        now[0] += 0.02
+        _finish_iteration(core, core.schedule())
+    # 16 decodes: 10 + 32 = 42 ms a step; 8-token prompts: 8 ms each
+    assert slos.tbt_ms == pytest.approx(3 * 42.0) and slos.ttft_ms == pytest.approx(3 * 8.0 + 2 * 126.0)
+    assert core.policy.default_slos_ms() == (slos.ttft_ms, slos.tbt_ms) and not slos.infeasible
+
+    # a TBT SLO set that inference alone does not meet: reported, and the guaranteed share
+    config = core.config.scheduler.with_slos((1000.0, 20.0))
+    set_slos = Slos(dataclasses.replace(config, slo_tbt_ms=20.0, learned_slos=()), core.cost_model)
+    for _ in range(MIN_SAMPLES):
+        set_slos.observe_decodes(0.026)
+    assert set_slos.infeasible and set_slos.tbt_ms == 20.0
+
+
+def test_a_tbt_slo_inference_cannot_meet_gives_fine_tune_its_guaranteed_share(core_factory, caplog):
+    core, now = core_factory(slo_tbt_ms=20.0, finetune_min_every=50)  # 8 decodes take 26 ms > 18
+    _decoding(core, now, 8, 0.05)  # (prompts join when urgent: the decodes fill each budget)
+    core.trainer = FakeTrainer(smallest=20)
+    with caplog.at_level("WARNING", logger="scheduler.slos"):
+        trained = []
+        for _ in range(40):
+            now[0] += 0.03
+            plan = core.schedule()
+            trained.append(plan.finetune is not None)
+            _finish_iteration(core, plan)
+    assert core.policy.slo_infeasible and "past what inference alone takes" in caplog.text
+    assert sum(trained[-20:]) == 2  # one piece every 10 iterations, not every 50
