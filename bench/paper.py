@@ -44,11 +44,13 @@ from clients.workload import OutputLengths, RequestSpec, default_prompts, poisso
 from bench.common import cpu_name, spawned_server
 
 POLICIES = ("mace", "periodic", "synchronous", "inference-only")
-# mace serve flags per configuration name: the four policies, and mace letting requests ahead of
+# mace serve flags per configuration name: the four policies; mace letting requests ahead of
 # their pace bank slack for iterations up to 6 TBT budgets (--slo-bank-max 6), to show what banking
-# trades (the latency experiment runs it too)
+# trades (the latency experiment runs it too); mace training pairs first come, first served rather
+# than highest estimated loss first (--rank-window 0), to show what the ranking does to recovery
 POLICY_FLAGS = {**{p: ("--policy", p) for p in POLICIES},
-                "mace-banked": ("--policy", "mace", "--slo-bank-max", "6")}
+                "mace-banked": ("--policy", "mace", "--slo-bank-max", "6"),
+                "mace-fifo": ("--policy", "mace", "--rank-window", "0")}
 PRETRAINED_MODEL = "models/demo-tiny-pretrained"
 PRETRAIN_STEPS = 400
 

@@ -10,7 +10,7 @@ from typing import Any
 BEGIN = "<!-- mace bench paper: begin (generated; edit outside these markers) -->"
 END = "<!-- mace bench paper: end -->"
 COLORS = {"mace": "tab:red", "periodic": "tab:blue", "synchronous": "tab:green", "inference-only": "tab:gray",
-          "mace-banked": "tab:pink"}
+          "mace-banked": "tab:pink", "mace-fifo": "tab:orange"}
 
 
 def _ms(v: float | None) -> str:
