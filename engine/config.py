@@ -85,6 +85,11 @@ class MaceConfig:
     slo_bank_max: float = 1.0
     # The starvation guard: a fine-tune piece at least once every this many iterations.
     finetune_min_every: int = 50
+    # Fine-tune work never makes an iteration longer than this many times the p99 of what
+    # inference alone has taken per iteration lately, nor, on an idle engine, longer than the
+    # median such iteration (an arrival then waits no longer behind it than behind a decode
+    # step); within the SLO's capacity either way. 0: the SLO's capacity only.
+    finetune_max_slowdown: float = 1.2
     # Memory fine-tune work may hold at once (activations for the backward), times tau_mem; the
     # profile measures bytes per token. None: no cap (on CPU activations live in host memory,
     # outside the KV pool).
@@ -95,6 +100,8 @@ class MaceConfig:
             raise ValueError(f"tau_mem must be in (0, 1], got {self.tau_mem}")
         if self.pack_top_k < 1:
             raise ValueError(f"pack_top_k must be >= 1, got {self.pack_top_k}")
+        if self.finetune_max_slowdown != 0 and self.finetune_max_slowdown < 1.0:
+            raise ValueError(f"finetune_max_slowdown must be 0 or >= 1, got {self.finetune_max_slowdown}")
         if self.slo_bank_max < 1.0:
             raise ValueError(f"slo_bank_max must be >= 1, got {self.slo_bank_max}")
 

@@ -54,6 +54,7 @@ planning time flat in the queue length.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -65,6 +66,7 @@ from scheduler.request import RequestOptions, Sequence, SequenceStatus
 from scheduler.slos import Slos
 
 URGENT = 100.0
+INFERENCE_WINDOW, MIN_INFERENCE_SAMPLES = 512, 64
 # With a TBT SLO inference alone does not meet, fine-tune work's smallest piece at least once
 # every this many iterations (the guaranteed share; the starvation guard's period otherwise).
 INFEASIBLE_FINETUNE_EVERY = 10
@@ -92,6 +94,9 @@ class _Room:
     # Of L, what fine-tune work may not use: the share the cost model's safety factor says the
     # iteration may run over its prediction. Inference is planned on L, as it must run anyway.
     reserve_s: float
+    # How long fine-tune work may make the iteration (finetune_max_slowdown x the p99 of recent
+    # inference-alone iterations; the capacity when not set or not yet measured).
+    finetune_limit_s: float
     mem_total: int  # M: KV blocks new prefill may claim
     mem: int  # of M, not yet claimed
     tokens: int  # of max_num_batched_tokens, not yet used
@@ -100,6 +105,7 @@ class _Room:
     finetune_mem_total: int  # fine-tune tokens the activation memory allows (_NO_CAP: no cap)
     finetune_mem: int
     finetune_tokens: int = 0  # the fine-tune piece placed (0: none)
+    finetune_s: float = 0.0  # its price
 
 
 class MacePolicy(Policy):
@@ -112,6 +118,9 @@ class MacePolicy(Policy):
         self.weights = config.mace
         self._iterations_without_finetune = 0  # the starvation guard's count
         self.slos = Slos(config, cost_model)  # the defaults, learned when none was given
+        # predicted inference-alone cost of recent iterations that had inference work
+        self._inference_s: deque[float] = deque(maxlen=INFERENCE_WINDOW)
+        self._inference_quantiles: tuple[float, float] | None = None  # (p50, p99), None: not enough
         self._decode_cost_s = 0.0  # the running decodes' predicted cost, all of them (last plan)
 
     # -- SLOs and priorities ----------------------------------------------------------------------
@@ -247,14 +256,18 @@ class MacePolicy(Policy):
             if not scheduled and not candidates:
                 # nothing running: a piece as long as the longest iteration the planner ever
                 # plans (slo_bank_max TBT budgets), so that a request arriving meanwhile waits no
-                # longer behind fine-tune work than behind a banked iteration (and memory allows)
-                longest = self.weights.slo_bank_max * self._base_budget() / self.cost_model.safety_factor()
+                # longer behind fine-tune work than behind a banked iteration (and memory allows);
+                # with a slowdown bound, no longer than a median inference-alone iteration
+                longest = self.weights.slo_bank_max * self._base_budget()
+                if self.weights.finetune_max_slowdown and self._inference_quantiles is not None:
+                    longest = min(longest, self._inference_quantiles[0])
+                longest /= self.cost_model.safety_factor()
                 fits = self._finetune_size(offer, longest)
                 room.finetune_tokens = max(offer.min_tokens, min(self._max_finetune_tokens(offer), fits,
                                                                  room.finetune_mem))
             elif force:  # the starvation guard: the smallest piece, SLO or not
-                room.finetune_tokens = offer.min_tokens
-                room.latency_s -= self._finetune_cost(offer)
+                room.finetune_tokens, room.finetune_s = offer.min_tokens, self._finetune_cost(offer)
+                room.latency_s -= room.finetune_s
             else:
                 candidates.append(_Candidate(self.finetune_priority(offer), None))
         candidates.sort(key=lambda cand: -cand.priority)
@@ -263,8 +276,20 @@ class MacePolicy(Policy):
             self._move_an_idle_engine(candidates, room, scheduled, offer)
         if scheduled or room.finetune_tokens:
             self._iterations_without_finetune = 0 if room.finetune_tokens else self._iterations_without_finetune + 1
+        if scheduled:
+            self._observe_inference(room)
         return SchedulerOutput(scheduled, room.finetune_tokens, predicted_s=room.capacity_s - room.latency_s,
                                capacity_s=room.capacity_s)
+
+    def _observe_inference(self, room: _Room) -> None:
+        """Record the predicted cost of the iteration's inference work (what it would take alone)."""
+        spent = room.capacity_s - room.latency_s
+        if room.finetune_tokens:
+            spent -= room.finetune_s
+        self._inference_s.append(spent)
+        if len(self._inference_s) >= MIN_INFERENCE_SAMPLES and len(self._inference_s) % 16 == 0:
+            ordered = sorted(self._inference_s)
+            self._inference_quantiles = (ordered[len(ordered) // 2], ordered[int(0.99 * (len(ordered) - 1))])
 
     def _base_budget(self) -> float:
         """One TBT budget of the server's default SLO, in seconds."""
@@ -335,7 +360,11 @@ class MacePolicy(Policy):
         mem_total = max(1, int(self.weights.tau_mem * (pool.num_free_blocks + pool.num_cached_blocks)))
         ft_mem = self._finetune_token_cap()
         reserve = capacity * (1.0 - 1.0 / self.cost_model.safety_factor())
-        return _Room(capacity_s=capacity, latency_s=capacity - predicted, reserve_s=reserve, mem_total=mem_total,
+        limit = capacity
+        if self.weights.finetune_max_slowdown and self._inference_quantiles is not None:
+            limit = min(capacity, self.weights.finetune_max_slowdown * self._inference_quantiles[1])
+        return _Room(capacity_s=capacity, latency_s=capacity - predicted, reserve_s=reserve, finetune_limit_s=limit,
+                     mem_total=mem_total,
                      mem=mem_total if not preempted else 0, tokens=self.config.max_num_batched_tokens - len(decodes),
                      urgent_s=max(0.0, self.weights.slo_bank_max * base - capacity),
                      slots=self.config.max_num_seqs - len(self.queues.running), finetune_mem_total=ft_mem,
@@ -367,7 +396,9 @@ class MacePolicy(Policy):
                     break
                 if cand.seq is None:
                     whole_s = self._finetune_cost(offer)  # one unit: a pair or a part
-                    room_s = room.latency_s - room.reserve_s
+                    spent = room.capacity_s - room.latency_s
+                    room_s = min(room.latency_s - room.reserve_s,
+                                 room.finetune_limit_s / self.cost_model.safety_factor() - spent)
                     if room_s < whole_s or room.finetune_mem < offer.min_tokens:
                         continue
                     size = min(self._max_finetune_tokens(offer), self._finetune_size(offer, room_s),
@@ -402,7 +433,7 @@ class MacePolicy(Policy):
             _, _, i, size, seconds, blocks = choice
             cand = candidates.pop(i)
             if cand.seq is None:
-                room.finetune_tokens = size
+                room.finetune_tokens, room.finetune_s = size, seconds
                 room.finetune_mem -= size
             elif not self._commit(cand, size, scheduled):
                 continue

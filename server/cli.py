@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from server.flags import add_engine_flags
+from server.flags import add_engine_flags, add_threads_flag
 
 
 def _demo_model(args: argparse.Namespace) -> None:
@@ -25,9 +25,11 @@ def _demo_model(args: argparse.Namespace) -> None:
 
 def _serve(args: argparse.Namespace) -> None:
     from server.app import serve
+    from server.flags import apply_threads
 
     if args.model is None:
         args.model = str(_default_model())
+    apply_threads(args)
     serve(args)
 
 
@@ -50,11 +52,12 @@ def _profile(args: argparse.Namespace) -> None:
 
     from scheduler.builder import build_engine
     from scheduler.profiler import profile
-    from server.flags import engine_config, training_config
+    from server.flags import apply_threads, engine_config, training_config
     from trainer.feedback import FeedbackStore
 
     if args.model is None:
         args.model = str(_default_model())
+    apply_threads(args)  # the threads mace serve uses, so that the profile prices what it runs
     training = training_config(args, state_dir=None)  # the fine-tune measurements need an executor
     core, runner = build_engine(engine_config(args, enable_prefix_caching=False), training,
                                 FeedbackStore(tempfile.mkdtemp() + "/unused.sqlite3") if training else None)
@@ -125,6 +128,7 @@ def build_parser(bench_name: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--kv-cache-bytes", type=int, default=512 << 20)
+    add_threads_flag(p)
     p.add_argument("--no-training", action="store_true", help="skip the fine-tune measurements")
     p.add_argument("--quick", action="store_true", help="a smaller grid (what mace serve runs on its own)")
     p.add_argument("--out", default="mace-profile.json")

@@ -38,8 +38,31 @@ def test_every_engine_flag_is_a_field_of_the_configuration():
     add_engine_flags(parser, device_default="cpu")
     dests = {a.dest for a in parser._actions} - {"help"}
     fields = EngineConfig.field_names() | TRAINING_FIELDS
-    # --model is ModelConfig.path; --no-training turns training off
-    assert dests - fields == {"model", "no_training"}
+    # --model is ModelConfig.path; --no-training turns training off; --threads is the process's
+    assert dests - fields == {"model", "no_training", "threads"}
+
+
+def test_threads_default_to_the_cores_less_one_on_cpu_only(monkeypatch):
+    import os
+
+    import torch
+
+    from server.flags import apply_threads, default_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert default_threads() == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert default_threads() == 1
+    before = torch.get_num_threads()
+    try:
+        apply_threads(argparse.Namespace(threads=None, device="cuda"))
+        assert torch.get_num_threads() == before  # torch's own
+        apply_threads(argparse.Namespace(threads=None, device="cpu"))
+        assert torch.get_num_threads() == 1
+        apply_threads(argparse.Namespace(threads=2, device="cpu"))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_mace_serve_defaults_are_the_configurations():

@@ -285,22 +285,41 @@ def test_the_cached_serving_weights_snapshot_equals_pefts_state_dict(tiny):
 
 @pytest.mark.parametrize("lora_dropout", [0.0, 0.1])
 def test_the_fast_adapter_switch_leaves_what_pefts_set_adapter_leaves(tiny, lora_dropout):
+    """The same active adapter and the same outputs as PEFT's set_adapter and disable_adapter;
+    requires_grad stays as set at start (the trainable adapter's weights on, the serving's off)."""
     model, _ = tiny
     config = TrainingConfig(lr=5e-3, grad_accum=1, lora_dropout=lora_dropout)
     executor = FinetuneExecutor(attach_adapters(model, config), config, pad_id=0)
     peft_model = executor.model
     assert executor._needs_train_mode == (lora_dropout > 0)  # the demo model has no dropout of its own
+    with torch.no_grad():  # the two adapters apart, so that which one is active shows
+        for p in executor.params:
+            p.add_(0.05 * torch.randn_like(p))
+    ids = torch.tensor([[5, 17, 99, 3, 250]])
+    grads = {n: p.requires_grad for n, p in peft_model.named_parameters()}
+    assert {n for n, g in grads.items() if g} == {n for n, p in peft_model.named_parameters()
+                                                  if any(p is q for q in executor.params)}
 
     def state():
-        return (peft_model.active_adapter, [tuple(m.active_adapters) for m in executor._lora_layers],
-                {n: p.requires_grad for n, p in peft_model.named_parameters()})
+        with torch.no_grad():
+            logits = peft_model(input_ids=ids).logits
+        return peft_model.active_adapter, [tuple(m.active_adapters) for m in executor._lora_layers], logits
 
     for name in (TRAIN, SERVING, TRAIN):
         peft_model.set_adapter(name)
-        expected = state()
+        want = state()
         peft_model.set_adapter(SERVING if name == TRAIN else TRAIN)
         executor._use(name)
-        assert state() == expected
+        got = state()
+        assert got[:2] == want[:2]
+        torch.testing.assert_close(got[2], want[2])
+    with peft_model.disable_adapter():
+        base = state()[2]
+    for p, g in zip(peft_model.parameters(), grads.values()):
+        p.requires_grad_(g)  # PEFT's calls above moved them
+    with executor._adapters_off():
+        torch.testing.assert_close(state()[2], base)
+    assert {n: p.requires_grad for n, p in peft_model.named_parameters()} == grads
     executor._use(SERVING)
     pairs = _pairs(1)
     executor.run(FinetuneChunk(1, "gradient", _referenced(executor, pairs)))

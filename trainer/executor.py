@@ -62,11 +62,19 @@ class FinetuneExecutor:
         self.params = adapter_parameters(peft_model, TRAIN)
         self.optimizer = _make_adamw(self.params, config)
         self._publish = adapter_pairs(peft_model, SERVING, TRAIN)  # (serving, trainable) per weight
-        # Fixed costs of every gradient chunk, kept small (they are most of a small chunk's time
-        # on a small model): the adapter switch walks only the LoRA layers, found once (1.4
-        # against 3.7 ms there and back for the tiny demo model here), and train mode, which only
-        # dropout reads, is set only for a model that has dropout (2.8 ms there and back).
+        # Fixed costs of every fine-tune chunk, kept small (they are most of a small chunk's time
+        # on a small model, whose layer units run in a millisecond or two): the adapter switch
+        # and the adapters-off toggle set the LoRA layers' active adapter and disabled flag
+        # directly, not through PEFT's set_adapter / disable_adapter, which also walk every
+        # adapter weight to reset requires_grad (1 ms a switch for the tiny demo model here,
+        # half of a one-unit chunk); so requires_grad is set once: the trainable adapter's
+        # weights on, the serving adapter's off. Train mode, which only dropout reads, is set only
+        # for a model that has dropout (2.8 ms there and back).
         self._lora_layers = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
+        for p in adapter_parameters(peft_model, SERVING):
+            p.requires_grad_(False)
+        for p in self.params:
+            p.requires_grad_(True)
         self._needs_train_mode = _has_dropout(peft_model)
         peft_model.eval()  # inference's mode, between gradient chunks
         self._device = self.params[0].device
@@ -127,7 +135,7 @@ class FinetuneExecutor:
     def _reference(self, chunk: FinetuneChunk) -> FinetuneResult:
         if chunk.units is not None:
             return self._reference_units(chunk)
-        with self.model.disable_adapter():
+        with self._adapters_off():
             chosen, rejected = self._logprobs(chunk.pairs)
         result = FinetuneResult(chunk.task_id, "reference",
                                 ref_logprobs={p.pair_id: (c, r) for p, c, r in zip(chunk.pairs, chosen.tolist(), rejected.tolist())})
@@ -148,7 +156,7 @@ class FinetuneExecutor:
         while unit < end:
             which, local = divmod(unit, per_pass)
             stop = min(end, (which + 1) * per_pass)
-            with self.model.disable_adapter() if which == 0 else contextlib.nullcontext():
+            with self._adapters_off() if which == 0 else contextlib.nullcontext():
                 if local == 0:
                     self._ref_job = (p.pair_id, which, self.stages.start_forward(*self._batch([p])))
                 if self._ref_job is None or self._ref_job[:2] != (p.pair_id, which) or self._ref_job[2].next_unit != local:
@@ -269,16 +277,28 @@ class FinetuneExecutor:
             else:
                 self._whole(chunk, result)
         finally:
-            self._use(SERVING)  # also leaves only `serving` marked trainable
+            self._use(SERVING)
             if self._needs_train_mode:
                 self.model.eval()
         return self._maybe_step(chunk, result)
 
     def _use(self, name: str) -> None:
-        """``PeftModel.set_adapter(name)`` over the LoRA layers found at start."""
+        """The adapter ``name`` active, as ``PeftModel.set_adapter(name)`` leaves it, but
+        requires_grad (set once at start)."""
         for layer in self._lora_layers:
-            layer.set_adapter(name)
+            layer._active_adapter = [name]
         self.model.active_adapter = self.model.base_model.active_adapter = name
+
+    @contextlib.contextmanager
+    def _adapters_off(self):
+        """The base model alone, as ``PeftModel.disable_adapter()`` gives it, but requires_grad."""
+        for layer in self._lora_layers:
+            layer._disable_adapters = True
+        try:
+            yield
+        finally:
+            for layer in self._lora_layers:
+                layer._disable_adapters = False
 
     def _maybe_step(self, chunk: FinetuneChunk, result: FinetuneResult) -> FinetuneResult:
         if chunk.step:
