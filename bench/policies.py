@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import cpu_name, save_results
+from server.flags import add_threads_flag
 
 POLICIES = ("inference-only", "synchronous", "periodic", "mace")
 
@@ -45,6 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retrain-period", type=float, default=10.0)
     p.add_argument("--finetune-tokens", type=int, default=256, help="fine-tune tokens per iteration (at most)")
     p.add_argument("--seed", type=int, default=0)
+    add_threads_flag(p)
     p.add_argument("--out", default=None, help="the JSON report (default: bench-results/policies.json; "
                    "--closed-loop: bench-results/policies-closed-loop.json)")
     g = p.add_argument_group("closed loop (real `mace serve` per run, its defaults; ignores the engine-level flags "
@@ -129,6 +131,9 @@ def main(args: argparse.Namespace) -> dict:
         args.out = args.out or "bench-results/policies-closed-loop.json"
         return closed_loop_main(args)
     args.policies = args.policies or ",".join(POLICIES)
+    from server.flags import apply_threads
+
+    apply_threads(args)  # as mace serve: the engine shares this process with the load
     args.out = args.out or "bench-results/policies.json"
     import torch
 

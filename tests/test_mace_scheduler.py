@@ -74,6 +74,17 @@ def _sizes(plan) -> dict[int, int]:
     return {c.seq_id: len(c.token_ids) for c in plan.chunks}
 
 
+def _carries_finetune(core: EngineCore, now: list[float], n: int, step_s: float) -> list[bool]:
+    """``n`` iterations ``step_s`` apart: whether each carried fine-tune work."""
+    trained = []
+    for _ in range(n):
+        now[0] += step_s
+        plan = core.schedule()
+        trained.append(plan.finetune is not None)
+        _finish_iteration(core, plan)
+    return trained
+
+
 def _finish_iteration(core: EngineCore, plan) -> None:
     """The worker's part, without a model: token 7 wherever a chunk samples; zero time, so the
     cost model keeps its fixed costs."""
@@ -121,13 +132,7 @@ def test_no_room_no_fine_tune_until_the_starvation_guard(core_factory):
     assert trained == [True] * 8 and set(core.trainer.asked) == {192}
 
     core.trainer = FakeTrainer(smallest=400)  # a unit of 100 ms never fits: only the guard runs it
-    trained = []
-    for i in range(8):
-        now[0] += 0.09
-        plan = core.schedule()
-        trained.append(plan.finetune is not None)
-        _finish_iteration(core, plan)
-    assert trained == [False, False, False, True, False, False, False, True]
+    assert _carries_finetune(core, now, 8, 0.09) == [False, False, False, True, False, False, False, True]
     assert core.trainer.asked == [400, 400]  # the smallest unit, SLO or not
     assert all(s.status is SequenceStatus.RUNNING for s in seqs)
 
@@ -345,11 +350,6 @@ def test_a_tbt_slo_inference_cannot_meet_gives_fine_tune_its_guaranteed_share(co
     _decoding(core, now, 8, 0.05)  # (prompts join when urgent: the decodes fill each budget)
     core.trainer = FakeTrainer(smallest=20)
     with caplog.at_level("WARNING", logger="scheduler.slos"):
-        trained = []
-        for _ in range(40):
-            now[0] += 0.03
-            plan = core.schedule()
-            trained.append(plan.finetune is not None)
-            _finish_iteration(core, plan)
+        trained = _carries_finetune(core, now, 40, 0.03)
     assert core.policy.slo_infeasible and "past what inference alone takes" in caplog.text
     assert sum(trained[-20:]) == 2  # one piece every 10 iterations, not every 50
