@@ -24,6 +24,9 @@ prompt, and waiting requests) and the trainer's next fine-tune piece. Each has a
     prefill:   w_prefill + request priority + alpha_wait * wait / slo_ttft  (+ URGENT)
     fine-tune: delta_ft + alpha_ft * wait + gamma_loss * L_dpo
 
+(with ``finetune_max_slowdown`` set, the default, fine-tune work only fills what the prefills
+leave: it is packed after them, so it never cuts a prompt's chunk and delays a first token)
+
 where a prefill is URGENT once the iterations it still needs no longer fit before its TTFT
 deadline (urgent prefills are placed first, before anything else, and may run the iteration past
 its capacity up to the longest iteration planned, ``slo_bank_max`` TBT budgets, never further: a
@@ -252,6 +255,7 @@ class MacePolicy(Policy):
         scheduled, preempted = self._schedule_decodes(now, self._finetune_cost(offer) if force else 0.0)
         room = self._room(scheduled, preempted, now)
         candidates = self._candidates(now)
+        later: list[_Candidate] = []
         if offer is not None:
             if not scheduled and not candidates:
                 # nothing running: a piece as long as the longest iteration the planner ever
@@ -268,10 +272,15 @@ class MacePolicy(Policy):
             elif force:  # the starvation guard: the smallest piece, SLO or not
                 room.finetune_tokens, room.finetune_s = offer.min_tokens, self._finetune_cost(offer)
                 room.latency_s -= room.finetune_s
+            elif self.weights.finetune_max_slowdown:
+                later = [_Candidate(self.finetune_priority(offer), None)]  # it fills what prefills leave
             else:
                 candidates.append(_Candidate(self.finetune_priority(offer), None))
         candidates.sort(key=lambda cand: -cand.priority)
         self._pack(candidates, room, scheduled, offer)
+        if later:
+            self._pack(later, room, scheduled, offer)
+            candidates += later  # not placed
         if not scheduled and not room.finetune_tokens and candidates:
             self._move_an_idle_engine(candidates, room, scheduled, offer)
         if scheduled or room.finetune_tokens:
