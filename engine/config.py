@@ -85,10 +85,12 @@ class MaceConfig:
     slo_bank_max: float = 1.0
     # The starvation guard: a fine-tune piece at least once every this many iterations.
     finetune_min_every: int = 50
-    # Fine-tune work never makes an iteration longer than this many times the p99 of what
-    # inference alone has taken per iteration lately, nor, on an idle engine, longer than the
-    # median such iteration (an arrival then waits no longer behind it than behind a decode
-    # step); within the SLO's capacity either way. 0: the SLO's capacity only.
+    # Fine-tune work never makes an iteration longer than this many times the p90 of what
+    # inference alone has taken per iteration lately, and an idle engine's piece is at most
+    # (this - 1) times a typical first token alone (the median prompt's prefill after a median
+    # iteration), which an arrival may wait behind; within the SLO's capacity either way, and
+    # packed after the prefills. 0: the SLO's capacity only, fine-tune work competing with
+    # prefills by priority (the paper's planner).
     finetune_max_slowdown: float = 1.2
     # Memory fine-tune work may hold at once (activations for the backward), times tau_mem; the
     # profile measures bytes per token. None: no cap (on CPU activations live in host memory,

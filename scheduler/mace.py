@@ -123,7 +123,9 @@ class MacePolicy(Policy):
         self.slos = Slos(config, cost_model)  # the defaults, learned when none was given
         # predicted inference-alone cost of recent iterations that had inference work
         self._inference_s: deque[float] = deque(maxlen=INFERENCE_WINDOW)
-        self._inference_quantiles: tuple[float, float] | None = None  # (p50, p99), None: not enough
+        # (p50, p90) of those, and the longest piece an idle engine runs; None: too few yet
+        self._inference_quantiles: tuple[float, float] | None = None
+        self._idle_piece_s: float | None = None
         self._decode_cost_s = 0.0  # the running decodes' predicted cost, all of them (last plan)
 
     # -- SLOs and priorities ----------------------------------------------------------------------
@@ -263,8 +265,8 @@ class MacePolicy(Policy):
                 # longer behind fine-tune work than behind a banked iteration (and memory allows);
                 # with a slowdown bound, no longer than a median inference-alone iteration
                 longest = self.weights.slo_bank_max * self._base_budget()
-                if self.weights.finetune_max_slowdown and self._inference_quantiles is not None:
-                    longest = min(longest, self._inference_quantiles[0])
+                if self.weights.finetune_max_slowdown and self._idle_piece_s is not None:
+                    longest = min(longest, self._idle_piece_s)
                 longest /= self.cost_model.safety_factor()
                 fits = self._finetune_size(offer, longest)
                 room.finetune_tokens = max(offer.min_tokens, min(self._max_finetune_tokens(offer), fits,
@@ -298,7 +300,13 @@ class MacePolicy(Policy):
         self._inference_s.append(spent)
         if len(self._inference_s) >= MIN_INFERENCE_SAMPLES and len(self._inference_s) % 16 == 0:
             ordered = sorted(self._inference_s)
-            self._inference_quantiles = (ordered[len(ordered) // 2], ordered[int(0.99 * (len(ordered) - 1))])
+            median, p90 = ordered[len(ordered) // 2], ordered[int(0.9 * (len(ordered) - 1))]
+            self._inference_quantiles = (median, p90)
+            # an arrival waits behind an idle engine's piece: at most (slowdown - 1) of a typical
+            # first token alone (its prompt's prefill after an iteration in progress)
+            prompt = self.slos.median_prompt_s()
+            if prompt is not None:
+                self._idle_piece_s = (self.weights.finetune_max_slowdown - 1.0) * (prompt + median)
 
     def _base_budget(self) -> float:
         """One TBT budget of the server's default SLO, in seconds."""
@@ -371,7 +379,7 @@ class MacePolicy(Policy):
         reserve = capacity * (1.0 - 1.0 / self.cost_model.safety_factor())
         limit = capacity
         if self.weights.finetune_max_slowdown and self._inference_quantiles is not None:
-            limit = min(capacity, self.weights.finetune_max_slowdown * self._inference_quantiles[1])
+            limit = min(capacity, self.weights.finetune_max_slowdown * self._inference_quantiles[1])  # x p90
         return _Room(capacity_s=capacity, latency_s=capacity - predicted, reserve_s=reserve, finetune_limit_s=limit,
                      mem_total=mem_total,
                      mem=mem_total if not preempted else 0, tokens=self.config.max_num_batched_tokens - len(decodes),

@@ -66,6 +66,10 @@ class Slos:
         """The predicted cost of an admitted request's prompt, prefilled alone."""
         self._prompt_s.append(seconds)
 
+    def median_prompt_s(self) -> float | None:
+        """The median predicted prefill of recent admitted prompts (None: too few yet)."""
+        return statistics.median(self._prompt_s) if len(self._prompt_s) >= MIN_SAMPLES else None
+
     def _update(self, decode_s: float, prompt_s: float | None) -> None:
         if self.learn_tbt:
             self.tbt_ms = round(max(MIN_TBT_MS, TBT_FACTOR * decode_s * 1e3), 1)

@@ -70,8 +70,9 @@ def add_engine_flags(parser: argparse.ArgumentParser, device_default: str) -> No
     g.add_argument("--finetune-min-every", type=int, default=50,
                    help="mace: fine-tune work at least once every N iterations (the starvation guard)")
     g.add_argument("--finetune-max-slowdown", type=float, default=1.2,
-                   help="mace: fine-tune work keeps an iteration within this many times the p99 of inference-alone "
-                        "iterations (on an idle engine, their median); 0: the SLO's capacity only")
+                   help="mace: fine-tune work keeps an iteration within this many times the p90 of inference-alone "
+                        "iterations, and delays a first token by at most (this - 1) of a typical one; 0: the SLO's "
+                        "capacity only")
 
     g = parser.add_argument_group("alignment (DPO on feedback, LoRA)")
     g.add_argument("--no-training", action="store_true", help="store feedback but never train")
