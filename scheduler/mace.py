@@ -265,8 +265,9 @@ class MacePolicy(Policy):
                 # longer behind fine-tune work than behind a banked iteration (and memory allows);
                 # with a slowdown bound, no longer than a median inference-alone iteration
                 longest = self.weights.slo_bank_max * self._base_budget()
-                if self.weights.finetune_max_slowdown and self._idle_piece_s is not None:
-                    longest = min(longest, self._idle_piece_s)
+                if self.weights.finetune_max_slowdown and self._inference_s:
+                    # requests have come: until what they take is measured, the smallest piece
+                    longest = min(longest, self._idle_piece_s or 0.0)
                 longest /= self.cost_model.safety_factor()
                 fits = self._finetune_size(offer, longest)
                 room.finetune_tokens = max(offer.min_tokens, min(self._max_finetune_tokens(offer), fits,
@@ -378,8 +379,9 @@ class MacePolicy(Policy):
         ft_mem = self._finetune_token_cap()
         reserve = capacity * (1.0 - 1.0 / self.cost_model.safety_factor())
         limit = capacity
-        if self.weights.finetune_max_slowdown and self._inference_quantiles is not None:
-            limit = min(capacity, self.weights.finetune_max_slowdown * self._inference_quantiles[1])  # x p90
+        if self.weights.finetune_max_slowdown:  # until inference alone is measured, nothing beside it
+            p90 = self._inference_quantiles[1] if self._inference_quantiles is not None else 0.0
+            limit = min(capacity, self.weights.finetune_max_slowdown * p90)
         return _Room(capacity_s=capacity, latency_s=capacity - predicted, reserve_s=reserve, finetune_limit_s=limit,
                      mem_total=mem_total,
                      mem=mem_total if not preempted else 0, tokens=self.config.max_num_batched_tokens - len(decodes),

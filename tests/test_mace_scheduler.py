@@ -2,7 +2,8 @@
 at what size, in which order, the slack that decodes bank, the starvation guard, preemption.
 
 Costs (seconds): 10 ms per iteration, 1 ms per prefill token, 2 ms per decode, 0.25 ms per
-fine-tune token; TBT SLO 100 ms with a 10% margin, so one iteration may take 90 ms.
+fine-tune token; TBT SLO 100 ms with a 10% margin, so one iteration may take 90 ms. The paper's
+planner (``finetune_max_slowdown`` 0) unless a test says otherwise.
 """
 
 import dataclasses
@@ -60,7 +61,7 @@ def core_factory(demo_model_dir):
     def make(num_blocks: int = 64, cost_model: CostModel | None = None, **overrides) -> tuple[EngineCore, list[float]]:
         settings = dict(policy="mace", slo_tbt_ms=100.0, slo_margin=0.1, slo_ttft_ms=1000.0,
                         max_num_batched_tokens=256, max_num_seqs=16, finetune_tokens_per_iteration=512,
-                        max_model_len=1024, vocab_size=8192, slo_bank_max=3.0)
+                        max_model_len=1024, vocab_size=8192, slo_bank_max=3.0, finetune_max_slowdown=0.0)
         config = EngineConfig.build(demo_model_dir, **{**settings, **overrides})
         now = [0.0]
         core = EngineCore(config, tokenizer, frozenset(), num_blocks=num_blocks,
@@ -353,3 +354,27 @@ def test_a_tbt_slo_inference_cannot_meet_gives_fine_tune_its_guaranteed_share(co
         trained = _carries_finetune(core, now, 40, 0.03)
     assert core.policy.slo_infeasible and "past what inference alone takes" in caplog.text
     assert sum(trained[-20:]) == 2  # one piece every 10 iterations, not every 50
+
+
+def test_the_slowdown_bound_keeps_fine_tune_within_what_inference_alone_takes(core_factory):
+    from scheduler.mace import MIN_INFERENCE_SAMPLES
+
+    core, now = core_factory(finetune_max_slowdown=1.2, slo_bank_max=1.0, finetune_min_every=1000)
+    core.trainer = FakeTrainer(smallest=4)  # 1 ms
+    assert core.schedule().finetune is not None and core.trainer.asked == [360]  # no request yet: 90 ms
+    core.trainer.asked.clear()
+    seqs = _decoding(core, now, 8, 0.09)
+    # requests came: until what inference alone takes is measured, nothing beside it
+    trained = _carries_finetune(core, now, MIN_INFERENCE_SAMPLES - len(core.policy._inference_s), 0.09)
+    assert not any(trained) and core.policy._inference_quantiles is not None  # measured now
+    trained = _carries_finetune(core, now, 32, 0.09)
+    median, p90 = core.policy._inference_quantiles
+    assert median == p90 == pytest.approx(0.010 + 8 * 0.002)  # every iteration: the 8 decodes
+    # beside them, up to 1.2 x 26 ms: 5.2 ms of fine-tune work, 20 tokens; never the SLO's 64 ms
+    assert all(trained) and set(core.trainer.asked) == {20}
+    # a prompt arriving takes what it needs first; fine-tune work gets what is left
+    waiting = core.add_request("new", random_prompts([40], seed=11)[0], PARAMS)
+    now[0] += 0.09
+    plan = core.schedule()
+    assert _sizes(plan)[waiting.seq_id] == 40 and plan.finetune is None  # 26 + 40 ms: past 31.2
+    assert all(s.status is SequenceStatus.RUNNING for s in seqs)
