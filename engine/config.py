@@ -85,6 +85,10 @@ class MaceConfig:
     slo_bank_max: float = 1.0
     # The starvation guard: a fine-tune piece at least once every this many iterations.
     finetune_min_every: int = 50
+    # The guaranteed share: fine-tune work's smallest piece whenever it has had less than this
+    # share of the time since the pairs began to wait (pieces beyond the latency bounds, so
+    # training goes on under any load, as a duty cycle). 0: none.
+    finetune_min_share: float = 0.05
     # Fine-tune work never makes an iteration longer than this many times the p90 of what
     # inference alone has taken per iteration lately, and an idle engine's piece is at most
     # (this - 1) times a typical first token alone (the median prompt's prefill after a median
@@ -102,6 +106,8 @@ class MaceConfig:
             raise ValueError(f"tau_mem must be in (0, 1], got {self.tau_mem}")
         if self.pack_top_k < 1:
             raise ValueError(f"pack_top_k must be >= 1, got {self.pack_top_k}")
+        if not 0.0 <= self.finetune_min_share < 1.0:
+            raise ValueError(f"finetune_min_share must be in [0, 1), got {self.finetune_min_share}")
         if self.finetune_max_slowdown != 0 and self.finetune_max_slowdown < 1.0:
             raise ValueError(f"finetune_max_slowdown must be 0 or >= 1, got {self.finetune_max_slowdown}")
         if self.slo_bank_max < 1.0:

@@ -44,7 +44,9 @@ With nothing running and nothing waiting, the fine-tune piece may take ``slo_ban
 budgets (the longest iteration planned at all), as memory allows: an arrival waits behind it.
 
 Starvation guards: a fine-tune piece is forced into an iteration after ``finetune_min_every``
-iterations without one; a prefill's priority grows with its wait until it wins; and when the
+iterations without one, and whenever fine-tune work has had less than ``finetune_min_share`` of
+the time since pairs began to wait (a credit that grows with the clock and that every piece
+placed spends: the guaranteed share, so training goes on under a load that leaves no slack); a prefill's priority grows with its wait until it wins; and when the
 cost model says nothing fits while nothing is running, the top candidate runs anyway (an idle
 engine never waits on a wrong prediction).
 
@@ -70,6 +72,7 @@ from scheduler.slos import Slos
 
 URGENT = 100.0
 INFERENCE_WINDOW, MIN_INFERENCE_SAMPLES = 512, 64
+MAX_CREDIT_S = 0.5  # the guaranteed share's credit, at most and (owed the other way) at least
 # With a TBT SLO inference alone does not meet, fine-tune work's smallest piece at least once
 # every this many iterations (the guaranteed share; the starvation guard's period otherwise).
 INFEASIBLE_FINETUNE_EVERY = 10
@@ -120,6 +123,9 @@ class MacePolicy(Policy):
         super().__init__(queues, config, cost_model, clock)
         self.weights = config.mace
         self._iterations_without_finetune = 0  # the starvation guard's count
+        # the guaranteed share's credit, seconds of fine-tune work owed (and when it last grew)
+        self._finetune_credit_s = 0.0
+        self._credit_at: float | None = None
         self.slos = Slos(config, cost_model)  # the defaults, learned when none was given
         # predicted inference-alone cost of recent iterations that had inference work
         self._inference_s: deque[float] = deque(maxlen=INFERENCE_WINDOW)
@@ -233,6 +239,10 @@ class MacePolicy(Policy):
         return offer.min_cost_factor * (self.cost_model.finetune_chunk_overhead()
                                         + offer.min_tokens * self.cost_model.cost_per_finetune_token())
 
+    def _finetune_piece_cost(self, offer: FinetuneOffer, tokens: int) -> float:
+        """Seconds of a piece of ``tokens`` (the smallest unit's price, the tokens past it at full price)."""
+        return self._finetune_cost(offer) + max(0, tokens - offer.min_tokens) * self.cost_model.cost_per_finetune_token()
+
     def _finetune_size(self, offer: FinetuneOffer, seconds: float) -> int:
         """Tokens of the largest piece whose price fits ``seconds`` (at least the smallest unit;
         tokens past it at full price), before the offer's and memory's caps."""
@@ -251,7 +261,8 @@ class MacePolicy(Policy):
     def schedule(self, offer: FinetuneOffer | None) -> SchedulerOutput:
         now = self.clock()
         every = INFEASIBLE_FINETUNE_EVERY if self.slos.infeasible else self.weights.finetune_min_every
-        force = offer is not None and self._iterations_without_finetune >= min(every, self.weights.finetune_min_every)
+        force = offer is not None and (self._iterations_without_finetune >= min(every, self.weights.finetune_min_every)
+                                       or self._credit(offer, now) >= self._finetune_cost(offer))
         # the guard's piece comes out of what the decodes may take: under overload too, the
         # iteration stays within the longest one planned
         scheduled, preempted = self._schedule_decodes(now, self._finetune_cost(offer) if force else 0.0)
@@ -272,6 +283,7 @@ class MacePolicy(Policy):
                 fits = self._finetune_size(offer, longest)
                 room.finetune_tokens = max(offer.min_tokens, min(self._max_finetune_tokens(offer), fits,
                                                                  room.finetune_mem))
+                room.finetune_s = self._finetune_piece_cost(offer, room.finetune_tokens)
             elif force:  # the starvation guard: the smallest piece, SLO or not
                 room.finetune_tokens, room.finetune_s = offer.min_tokens, self._finetune_cost(offer)
                 room.latency_s -= room.finetune_s
@@ -290,8 +302,22 @@ class MacePolicy(Policy):
             self._iterations_without_finetune = 0 if room.finetune_tokens else self._iterations_without_finetune + 1
         if scheduled:
             self._observe_inference(room)
+        if room.finetune_tokens:  # what the piece costs comes out of the credit
+            self._finetune_credit_s = max(-MAX_CREDIT_S, self._finetune_credit_s - room.finetune_s)
         return SchedulerOutput(scheduled, room.finetune_tokens, predicted_s=room.capacity_s - room.latency_s,
                                capacity_s=room.capacity_s)
+
+    def _credit(self, offer: FinetuneOffer, now: float) -> float:
+        """The guaranteed share's credit now: finetune_min_share of the time since it last grew,
+        while work waits (at most MAX_CREDIT_S, so a long wait does not come due at once)."""
+        if offer is None or not self.weights.finetune_min_share:
+            self._credit_at = None
+            return 0.0
+        if self._credit_at is not None:
+            grown = self.weights.finetune_min_share * (now - self._credit_at)
+            self._finetune_credit_s = min(MAX_CREDIT_S, self._finetune_credit_s + grown)
+        self._credit_at = now
+        return self._finetune_credit_s
 
     def _observe_inference(self, room: _Room) -> None:
         """Record the predicted cost of the iteration's inference work (what it would take alone)."""
@@ -422,7 +448,7 @@ class MacePolicy(Policy):
                         continue
                     size = min(self._max_finetune_tokens(offer), self._finetune_size(offer, room_s),
                                room.finetune_mem)
-                    seconds, blocks = whole_s + (size - offer.min_tokens) * per_token, 0
+                    seconds, blocks = self._finetune_piece_cost(offer, size), 0
                 else:
                     if cand.waiting and room.slots <= 0:
                         continue
@@ -468,8 +494,8 @@ class MacePolicy(Policy):
         so the top candidate runs anyway."""
         for cand in candidates:
             if cand.seq is None:
-                room.finetune_tokens = offer.min_tokens
-                room.latency_s -= self._finetune_cost(offer)
+                room.finetune_tokens, room.finetune_s = offer.min_tokens, self._finetune_cost(offer)
+                room.latency_s -= room.finetune_s
                 return
             size, seconds, _ = self._prefill_fit(cand, room.latency_s, room.mem_total, room.tokens, force=True)
             if size and self._commit(cand, size, scheduled):

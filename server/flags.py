@@ -69,6 +69,9 @@ def add_engine_flags(parser: argparse.ArgumentParser, device_default: str) -> No
                    help="mace: activation memory fine-tune work may hold (default: no cap; the profile measures bytes per token)")
     g.add_argument("--finetune-min-every", type=int, default=50,
                    help="mace: fine-tune work at least once every N iterations (the starvation guard)")
+    g.add_argument("--finetune-min-share", type=float, default=0.05,
+                   help="mace: the share of time fine-tune work is guaranteed while pairs wait, in its smallest "
+                        "pieces, whatever the load (0: none)")
     g.add_argument("--finetune-max-slowdown", type=float, default=1.2,
                    help="mace: fine-tune work keeps an iteration within this many times the p90 of inference-alone "
                         "iterations, and delays a first token by at most (this - 1) of a typical one; 0: the SLO's "

@@ -3,7 +3,7 @@ at what size, in which order, the slack that decodes bank, the starvation guard,
 
 Costs (seconds): 10 ms per iteration, 1 ms per prefill token, 2 ms per decode, 0.25 ms per
 fine-tune token; TBT SLO 100 ms with a 10% margin, so one iteration may take 90 ms. The paper's
-planner (``finetune_max_slowdown`` 0) unless a test says otherwise.
+planner (``finetune_max_slowdown`` 0, no guaranteed share) unless a test says otherwise.
 """
 
 import dataclasses
@@ -61,7 +61,8 @@ def core_factory(demo_model_dir):
     def make(num_blocks: int = 64, cost_model: CostModel | None = None, **overrides) -> tuple[EngineCore, list[float]]:
         settings = dict(policy="mace", slo_tbt_ms=100.0, slo_margin=0.1, slo_ttft_ms=1000.0,
                         max_num_batched_tokens=256, max_num_seqs=16, finetune_tokens_per_iteration=512,
-                        max_model_len=1024, vocab_size=8192, slo_bank_max=3.0, finetune_max_slowdown=0.0)
+                        max_model_len=1024, vocab_size=8192, slo_bank_max=3.0, finetune_max_slowdown=0.0,
+                        finetune_min_share=0.0)
         config = EngineConfig.build(demo_model_dir, **{**settings, **overrides})
         now = [0.0]
         core = EngineCore(config, tokenizer, frozenset(), num_blocks=num_blocks,
@@ -378,3 +379,15 @@ def test_the_slowdown_bound_keeps_fine_tune_within_what_inference_alone_takes(co
     plan = core.schedule()
     assert _sizes(plan)[waiting.seq_id] == 40 and plan.finetune is None  # 26 + 40 ms: past 31.2
     assert all(s.status is SequenceStatus.RUNNING for s in seqs)
+
+
+def test_fine_tune_work_gets_its_guaranteed_share_when_no_slack_is_left(core_factory):
+    # 16 decodes fill every 90 ms budget but 48 ms; a 400-token unit (100 ms) never fits
+    core, now = core_factory(finetune_min_share=0.05, finetune_min_every=1000)
+    _decoding(core, now, 16, 0.09)
+    core.trainer = FakeTrainer(smallest=400)
+    trained = _carries_finetune(core, now, 100, 0.09)
+    # 4.5 ms owed per 90 ms iteration from the first offer on: the first piece once 100 ms are
+    # owed (23 iterations later), then one every 22 or 23 (what is left over carries on)
+    assert [i for i, t in enumerate(trained) if t] == [23, 45, 67, 89]
+    assert core.trainer.asked == [400] * 4
