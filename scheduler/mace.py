@@ -28,10 +28,11 @@ prompt, and waiting requests) and the trainer's next fine-tune piece. Each has a
 leave: it is packed after them, so it never cuts a prompt's chunk and delays a first token)
 
 where a prefill is URGENT once the iterations it still needs no longer fit before its TTFT
-deadline (urgent prefills are placed first, before anything else, and may run the iteration past
-its capacity up to the longest iteration planned, ``slo_bank_max`` TBT budgets, never further: a
-prompt forced through at any length would stretch every running request's token gap, which under
-overload is how an SLO-aware planner loses the requests it has admitted), and ``L_dpo`` is the last
+deadline (or its own prefill and two budgets no longer fit) and the deadline has not passed:
+urgent prefills are placed first and may run the iteration past its capacity; a prompt already
+past its deadline gains nothing from being forced and waits for room, first by its wait (under
+overload the head of the queue is such a prompt, so nothing stretches the admitted requests'
+token gaps); and ``L_dpo`` is the last
 DPO loss seen for the pair (the running mean for unseen pairs): higher loss, sooner. Then,
 repeatedly: among the ``pack_top_k`` highest-priority candidates that fit, take the one with the
 smallest ``f = lambda_mem * |M_rem - m_i| / M + lambda_lat * |L_rem - l_i| / L`` (best fit; a
@@ -84,6 +85,7 @@ class _Candidate:
     priority: float
     seq: Sequence | None  # None: the fine-tune piece
     waiting: bool = False
+    urgent: bool = False  # placed first, and allowed past the capacity (MacePolicy._is_urgent)
     # A prefill's state, taken once per plan (a waiting one's cache lookup included): KV entries
     # it holds or would reuse, prompt tokens left, blocks it holds or would share.
     kv: int = 0
@@ -106,7 +108,6 @@ class _Room:
     mem_total: int  # M: KV blocks new prefill may claim
     mem: int  # of M, not yet claimed
     tokens: int  # of max_num_batched_tokens, not yet used
-    urgent_s: float  # what urgent prefills may take beyond L: up to the longest iteration planned
     slots: int  # sequence slots left for waiting requests
     finetune_mem_total: int  # fine-tune tokens the activation memory allows (_NO_CAP: no cap)
     finetune_mem: int
@@ -174,14 +175,20 @@ class MacePolicy(Policy):
         w = self.weights
         ttft = self._ttft(seq.options)
         priority = w.w_prefill + seq.options.priority + w.alpha_wait * (now - seq.arrival_s) / ttft
+        return priority + URGENT * self._is_urgent(seq, now)
+
+    def _is_urgent(self, seq: Sequence, now: float) -> bool:
+        """The iterations its prompt still needs no longer fit before its TTFT deadline, which has
+        not passed (past it, forcing the prompt in saves nothing)."""
         # iterations still needed at one TBT budget each, at most max_num_batched_tokens a chunk
+        # (iterations may run up to slo_bank_max budgets when decodes have banked slack), or the
+        # prompt's own prefill and two budgets when that is longer
         remaining = seq.num_tokens - seq.num_computed_tokens
-        # (iterations may run up to slo_bank_max budgets when decodes have banked slack)
         chunks = math.ceil(remaining / self.config.max_num_batched_tokens)
-        needed = (chunks + 1) * self._tbt_budget(seq.options) * w.slo_bank_max
-        if seq.arrival_s + ttft - now <= needed:
-            priority += URGENT
-        return priority
+        budget = self._tbt_budget(seq.options)
+        needed = max((chunks + 1) * budget * self.weights.slo_bank_max,
+                     self._prefill_cost(remaining, seq.num_computed_tokens) + 2 * budget)
+        return 0 < seq.arrival_s + self._ttft(seq.options) - now <= needed
 
     def finetune_priority(self, offer: FinetuneOffer) -> float:
         w = self.weights
@@ -200,7 +207,7 @@ class MacePolicy(Policy):
         cached = self.queues.num_cached_prefix_tokens(seq) if waiting else 0
         done = max(seq.num_computed_tokens, cached)
         held = len(seq.block_table) if not waiting else cached // self.queues.pool.block_size
-        return _Candidate(self.prefill_priority(seq, now), seq, waiting,
+        return _Candidate(self.prefill_priority(seq, now), seq, waiting, self._is_urgent(seq, now),
                           kv=done - seq.num_pruned_tokens, remaining=seq.num_tokens - done, held=held)
 
     def _prefill_cost_blocks(self, cand: _Candidate, n: int) -> tuple[float, int]:
@@ -411,7 +418,6 @@ class MacePolicy(Policy):
         return _Room(capacity_s=capacity, latency_s=capacity - predicted, reserve_s=reserve, finetune_limit_s=limit,
                      mem_total=mem_total,
                      mem=mem_total if not preempted else 0, tokens=self.config.max_num_batched_tokens - len(decodes),
-                     urgent_s=max(0.0, self.weights.slo_bank_max * base - capacity),
                      slots=self.config.max_num_seqs - len(self.queues.running), finetune_mem_total=ft_mem,
                      finetune_mem=ft_mem)
 
@@ -452,9 +458,8 @@ class MacePolicy(Policy):
                 else:
                     if cand.waiting and room.slots <= 0:
                         continue
-                    urgent = cand.priority >= URGENT
-                    size, seconds, blocks = self._prefill_fit(cand, room.latency_s + urgent * room.urgent_s, room.mem,
-                                                              room.tokens, force=False)
+                    urgent = cand.urgent
+                    size, seconds, blocks = self._prefill_fit(cand, room.latency_s, room.mem, room.tokens, force=urgent)
                     if size == 0:
                         continue
                     if urgent:  # placed before anything else

@@ -306,9 +306,10 @@ def test_an_overload_caps_the_decodes_at_the_latency_capacity(core_factory):
     seqs = _decoding(core, now, 60, 0.0945)  # admitted under a looser SLO, which then tightens
     core.policy.slos.tbt_ms = 105.0
     late = core.add_request("late", random_prompts([8], seed=10)[0], PARAMS, RequestOptions(slo_ttft_ms=1.0))
+    now[0] += 0.002  # past its deadline: forcing it in would save nothing
     first = core.schedule()
     assert first.capacity_s == pytest.approx(0.0945) and first.predicted_s <= first.capacity_s
-    assert len(first.chunks) == 42 and late.seq_id not in _sizes(first)  # urgent, but nothing may overrun
+    assert len(first.chunks) == 42 and late.seq_id not in _sizes(first)
     _finish_iteration(core, first)
     now[0] += 0.0945
     second = core.schedule()
@@ -321,6 +322,12 @@ def test_an_overload_caps_the_decodes_at_the_latency_capacity(core_factory):
     guarded = core.schedule()  # the guard's smallest piece comes out of the decodes' share
     assert guarded.finetune is not None and core.trainer.asked == [40]
     assert len(guarded.chunks) == 37 and guarded.predicted_s <= guarded.capacity_s + 1e-12
+    _finish_iteration(core, guarded)
+    # a prompt still able to make its TTFT is forced in
+    soon = core.add_request("soon", random_prompts([8], seed=12)[0], PARAMS, RequestOptions(slo_ttft_ms=150.0))
+    now[0] += 0.0945
+    plan = core.schedule()
+    assert _sizes(plan)[soon.seq_id] == 8 and plan.predicted_s > plan.capacity_s
 
 
 def test_default_slos_are_learned_from_the_load(core_factory):
