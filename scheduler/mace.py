@@ -172,10 +172,11 @@ class MacePolicy(Policy):
         return seq.first_token_s + seq.num_output_tokens * self._tbt_budget(seq.options) - now
 
     def prefill_priority(self, seq: Sequence, now: float) -> float:
+        return self._wait_priority(seq, now) + URGENT * self._is_urgent(seq, now)
+
+    def _wait_priority(self, seq: Sequence, now: float) -> float:
         w = self.weights
-        ttft = self._ttft(seq.options)
-        priority = w.w_prefill + seq.options.priority + w.alpha_wait * (now - seq.arrival_s) / ttft
-        return priority + URGENT * self._is_urgent(seq, now)
+        return w.w_prefill + seq.options.priority + w.alpha_wait * (now - seq.arrival_s) / self._ttft(seq.options)
 
     def _is_urgent(self, seq: Sequence, now: float) -> bool:
         """The iterations its prompt still needs no longer fit before its TTFT deadline, which has
@@ -207,7 +208,8 @@ class MacePolicy(Policy):
         cached = self.queues.num_cached_prefix_tokens(seq) if waiting else 0
         done = max(seq.num_computed_tokens, cached)
         held = len(seq.block_table) if not waiting else cached // self.queues.pool.block_size
-        return _Candidate(self.prefill_priority(seq, now), seq, waiting, self._is_urgent(seq, now),
+        urgent = self._is_urgent(seq, now)
+        return _Candidate(self._wait_priority(seq, now) + URGENT * urgent, seq, waiting, urgent,
                           kv=done - seq.num_pruned_tokens, remaining=seq.num_tokens - done, held=held)
 
     def _prefill_cost_blocks(self, cand: _Candidate, n: int) -> tuple[float, int]:
@@ -267,9 +269,12 @@ class MacePolicy(Policy):
 
     def schedule(self, offer: FinetuneOffer | None) -> SchedulerOutput:
         now = self.clock()
-        every = INFEASIBLE_FINETUNE_EVERY if self.slos.infeasible else self.weights.finetune_min_every
-        force = offer is not None and (self._iterations_without_finetune >= min(every, self.weights.finetune_min_every)
-                                       or self._credit(offer, now) >= self._finetune_cost(offer))
+        every = self.weights.finetune_min_every
+        if self.slos.infeasible:
+            every = min(every, INFEASIBLE_FINETUNE_EVERY)
+        credit = self._credit(offer, now)
+        force = offer is not None and (self._iterations_without_finetune >= every
+                                       or credit >= self._finetune_cost(offer))
         # the guard's piece comes out of what the decodes may take: under overload too, the
         # iteration stays within the longest one planned
         scheduled, preempted = self._schedule_decodes(now, self._finetune_cost(offer) if force else 0.0)
@@ -364,16 +369,16 @@ class MacePolicy(Policy):
         limit = self.weights.slo_bank_max * self._base_budget() - reserved_s
         preempted = False
         context = 0
+        self._decode_cost_s = 0.0
         if decodes:  # what inference alone takes at this load, before the cap
             self._decode_cost_s = self.cost_model.predict(IterationShape(
                 num_decodes=len(decodes), decode_context=sum(s.num_kv_tokens + 1 for s in decodes)))
             self.slos.observe_decodes(self._decode_cost_s)
-        else:
-            self._decode_cost_s = 0.0
+        capped = self._decode_cost_s > limit  # else every decode fits: no pricing one by one
         for seq in decodes:
             if seq.status is not SequenceStatus.RUNNING or tokens == 0:
                 continue
-            if scheduled:
+            if capped and scheduled:
                 shape = IterationShape(num_decodes=len(scheduled) + 1, decode_context=context + seq.num_kv_tokens + 1)
                 if self.cost_model.predict(shape) > limit:
                     break  # overload: the rest are the most urgent next time
