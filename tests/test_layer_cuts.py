@@ -12,7 +12,7 @@ from tests.conftest import random_prompts
 from trainer.adapters import SERVING, TRAIN, adapter_parameters, attach_adapters
 from trainer.executor import FinetuneExecutor
 from trainer.feedback import FeedbackStore, NewPair
-from trainer.staged import UnitCosts
+from trainer.staged import LayerStages, UnitCosts, block_cut
 from trainer.trainer import Trainer
 
 
@@ -48,16 +48,21 @@ def _cuts(num_units: int) -> list[list[int]]:
     return [[k, num_units] for k in range(1, num_units)] + [list(range(1, num_units + 1)), [2, 3, num_units - 1, num_units]]
 
 
-def test_a_sequence_cut_at_any_layer_gives_the_whole_gradient(executor):
+@pytest.mark.parametrize("lengths", [(20, 9), (1, 1)])  # (1, 1): fewer tokens than MLP ranges
+@pytest.mark.parametrize("cut_blocks", [True, False])
+def test_a_sequence_cut_at_any_unit_gives_the_whole_gradient(executor, cut_blocks, lengths):
     ex = executor
     ex._use(TRAIN)
-    prompt, response = random_prompts([20], seed=1)[0], random_prompts([9], seed=2)[0]
+    prompt, response = (random_prompts([n], seed=s)[0] for n, s in zip(lengths, (1, 2)))
     logp, grads = ex._sequence_gradient(prompt, response)
     ids = torch.tensor([prompt + response])
     mask = torch.zeros(ids.shape)
     mask[0, len(prompt):] = 1.0
-    stages = ex.stages
-    assert stages.num_units == 2 * stages.num_layers + 1 and len(stages.costs.weights(20, 9)) == stages.num_units
+    stages = LayerStages(ex.stages.causal_lm, ex.params, cut_blocks=cut_blocks)
+    # the demo model's layers have the Llama shape: attention, then the MLP in 3 token ranges
+    assert stages.parts == (4 if cut_blocks else 1)
+    assert stages.num_units == 2 * stages.num_layers * stages.parts + 1
+    assert len(stages.costs.weights(*lengths)) == stages.num_units
     for cuts in _cuts(stages.num_units):
         job = stages.start(ids, mask)
         for end in cuts:
@@ -66,10 +71,25 @@ def test_a_sequence_cut_at_any_layer_gives_the_whole_gradient(executor):
         for got, want in zip(job.grads, grads, strict=True):
             assert (got is None) == (want is None)
             if want is not None:
-                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     assert all(p.grad is None for p in ex.params)  # nothing reached the accumulation
     with pytest.raises(ValueError):
         stages.run(job, stages.num_units + 1)
+
+
+def test_a_layer_of_another_shape_is_run_whole(executor):
+    """A layer whose parts do not add up to its forward (here: an extra scale on its output) fails
+    the check and is one unit."""
+    model = executor.stages.causal_lm
+    assert block_cut(model)
+    layer = model.get_decoder().layers[0]
+    forward = layer.forward
+    layer.forward = lambda *args, **kwargs: 2.0 * forward(*args, **kwargs)
+    try:
+        assert not block_cut(model) and UnitCosts.of(model).parts == 1
+    finally:
+        del layer.forward
+    assert UnitCosts.of(model).parts == 4
 
 
 @pytest.mark.parametrize("cuts", [[3], [1, 4], None])
@@ -177,9 +197,10 @@ async def test_the_trainer_cuts_parts_into_the_units_the_room_prices(tmp_path):
 
 
 async def test_a_failed_iteration_mid_cut_trains_the_pair_again_from_its_first_unit(make_engine, tmp_path):
-    """The smallest room only: one unit a chunk (the reference pass's too). The iteration carrying the chosen part's second
-    unit fails; the pair goes back, its next gradient chunk drops what was accumulated and the
-    part starts over at unit 0; then it trains to the end: one step, one pair trained."""
+    """The smallest room only: the smallest chunk each time (the reference pass's too). The
+    iteration carrying the chosen part's second chunk fails; the pair goes back, its next gradient
+    chunk drops what was accumulated and the part starts over at unit 0; then it trains to the
+    end: one step, one pair trained."""
     store = FeedbackStore(tmp_path / "f.sqlite3")
     core, runner = make_engine(training=TrainingConfig(grad_accum=1), feedback_store=store)
     trainer, ex = core.trainer, runner.finetune_executor
@@ -189,31 +210,39 @@ async def test_a_failed_iteration_mid_cut_trains_the_pair_again_from_its_first_u
     seen = []
     while trainer.has_work:
         chunk = trainer.next_chunk(trainer.next_pair_tokens())
-        failed = chunk.part == "chosen" and chunk.units == (1, 2) and not any(s[-1] for s in seen)
+        failed = chunk.part == "chosen" and chunk.units[0] > 0 and not any(s[-1] for s in seen)
         seen.append((chunk.kind, chunk.part, chunk.units, chunk.reset, failed))
         if failed:
             trainer.on_failure(chunk.task_id)
         else:
             trainer.on_result(ex.run(chunk))
-    layers = ex.stages.num_layers
-    assert [s[2] for s in seen[:layers + 1]] == [(k, k + 1) for k in range(layers + 1)]  # the reference pass, cut too
-    assert all(s[0] == "reference" for s in seen[:layers + 1])
-    seen = seen[layers + 1:]
-    assert seen[:3] == [("gradient", "chosen", (0, 1), False, False),
-                        ("gradient", "chosen", (1, 2), False, True), ("gradient", "chosen", (0, 1), True, False)]
-    rest = seen[3:]
-    assert [s[2] for s in rest] == [(k, k + 1) for k in range(1, n)] + [(k, k + 1) for k in range(n)]
+    reference = [s for s in seen if s[0] == "reference"]
+    assert seen[:len(reference)] == reference and len(reference) > 1  # the reference pass first, cut too
+    assert _covers([s[2] for s in reference], ex.stages.num_forward_units)
+    first, fails, again = seen[len(reference):len(reference) + 3]
+    assert first[1:] == ("chosen", first[2], False, False) and first[2][0] == 0
+    assert fails[1:] == ("chosen", (first[2][1], fails[2][1]), False, True)
+    assert again[1:] == ("chosen", first[2], True, False)  # from unit 0, the accumulation dropped
+    rest = seen[len(reference) + 3:]
+    chosen, rejected = [s[2] for s in rest if s[1] == "chosen"], [s[2] for s in rest if s[1] == "rejected"]
+    assert rest == [s for s in rest if s[1] == "chosen"] + [s for s in rest if s[1] == "rejected"]
+    assert _covers([first[2]] + chosen, n) and _covers(rejected, n)
     assert ex._job is None and core.training.adapter_version == 1 and trainer.num_pairs_stepped == 1
     await trainer.flush()
     assert store.stats()["trained"] == 1
     store.close()
 
 
+def _covers(units: list[tuple[int, int]], n: int) -> bool:
+    """Whether the chunks' unit ranges run from 0 to ``n``, each from where the last stopped."""
+    return units[0][0] == 0 and units[-1][1] == n and all(a[1] == b[0] for a, b in zip(units, units[1:]))
+
+
 def test_a_reference_pass_cut_at_any_layer_gives_the_whole_passs_log_probs(executor):
     ex = executor
     (p,) = _pairs(ex, 1)  # referenced by one whole pass
     want = (p.ref_chosen, p.ref_rejected)
-    units = ex.stages.num_layers + 1
+    units = ex.stages.num_forward_units
     for cuts in [[k, units] for k in range(1, units)] + [list(range(1, units + 1))]:
         start = 0
         for end in cuts:
@@ -248,3 +277,13 @@ async def test_the_trainer_cuts_a_reference_pass_and_starts_it_over_after_a_fail
     await trainer.flush()
     assert store.get("a").ref_chosen == -1.0
     store.close()
+
+
+def test_unit_costs_of_cut_layers():
+    """A layer cut in its attention block and 3 MLP token ranges: the attention block is its
+    share of the layer's tokens, each range the rest over its own tokens; backward in reverse."""
+    costs = UnitCosts(2, 4.0, mlp_ranges=3, attention_share=0.25)
+    layer = [2.0, 0.75 * 2, 0.75 * 3, 0.75 * 3]  # 8 tokens: ranges [0, 2), [2, 5), [5, 8)
+    assert costs.parts == 4 and costs.num_units == 17 and costs.num_forward_units == 9
+    assert costs.weights(4, 4) == layer * 2 + [16.0] + layer[::-1] * 2
+    assert costs.forward_weights(8) == layer * 2 + [16.0]

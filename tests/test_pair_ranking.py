@@ -27,7 +27,7 @@ def test_an_estimating_reference_pass_gives_the_serving_adapters_log_probs(execu
     whole = ex.run(FinetuneChunk(1, "reference", [p], estimate=True))
     assert whole.ref_logprobs["p0"] == pytest.approx((p.ref_chosen, p.ref_rejected), abs=1e-5)
     assert whole.policy_logprobs["p0"] == pytest.approx(want, abs=1e-4)
-    units = 2 * (ex.stages.num_layers + 1)  # the reference pass's L + 1, then the estimate's
+    units = 2 * ex.stages.num_forward_units  # the reference pass, then the estimate
     for cuts in ([1, units], [units // 2, units], [units // 2 + 1, units], list(range(1, units + 1))):
         start = 0
         for end in cuts:

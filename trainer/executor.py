@@ -146,11 +146,11 @@ class FinetuneExecutor:
 
     def _reference_units(self, chunk: FinetuneChunk) -> FinetuneResult:
         """Units [start, end) of one pair's reference pass (both sequences as one batch), cut at
-        decoder layers: L + 1 with the adapter off, then (``estimate``) L + 1 more under the
+        decoder layers (and layer parts): its units with the adapter off, then (``estimate``) as many more under the
         serving adapter; the log-probs once the last has run."""
         (p,) = chunk.pairs
         start, end = chunk.units
-        per_pass = self.stages.num_layers + 1
+        per_pass = self.stages.num_forward_units
         result = FinetuneResult(chunk.task_id, "reference")
         unit = start
         while unit < end:

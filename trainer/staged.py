@@ -1,11 +1,22 @@
 """One sequence's log-prob gradient cut at decoder layers, run a piece at a time across iterations.
 
 The gradient of ``logp`` (a sequence's summed response log-prob) with respect to the LoRA weights
-is the work of 2L + 1 units for a model of L decoder layers:
+is the work of 2U + 1 units, U = L x P for a model of L decoder layers each cut in P parts:
 
-    unit 0 .. L-1      forward through layer i, the graph kept
-    unit L             the head: final norm, lm_head, logp, and its gradient at the last hidden state
-    unit L+1 .. 2L     backward through layer L-1 down to 0, each fed the gradient of the one above
+    unit 0 .. U-1      forward through layer i's part j, the graph kept
+    unit U             the head: final norm, lm_head, logp, and its gradient at the last hidden state
+    unit U+1 .. 2U     backward through the parts in reverse, each fed the gradient of the one above
+
+A layer of the common pre-norm shape (``input_layernorm``, ``self_attn``,
+``post_attention_layernorm``, ``mlp``: Llama, Mistral, Qwen and the like) is cut in P = 1 + K
+parts: its attention block ``m = x + attn(norm1(x))``, then its MLP block
+``y = m + mlp(norm2(m))`` over K token ranges (the MLP and its norm act on each token alone, so a
+range needs nothing from the others, and its backward gives the gradient at its own tokens of
+``m``). K makes an MLP range about as costly as the attention block (3 for Llama's proportions),
+so the smallest unit is about a quarter of a layer. The attention block itself is not cut by
+tokens: a range of queries reads every earlier token's keys and values, so its backward would
+have to carry their gradients between pieces. Whether a model's layers have that shape is checked
+once, numerically, against the layer's own forward (``block_cut``); other layers are one part.
 
 A piece runs any range ``[start, end)`` of units. A forward range starts from the hidden state the
 previous range left (detached, ``requires_grad``, so a later backward can hand back its gradient),
@@ -13,8 +24,8 @@ runs the decoder layers as the model's own forward calls them (the keyword argum
 embeddings and mask included, are captured from the model's forward once per sequence), and keeps
 ``(input, output)`` with the graph between them. The head computes ``logp`` from the last output
 (detached) and ``torch.autograd.grad`` gives the gradient at that output and at any trainable
-weight in the head. A backward unit calls ``torch.autograd.grad`` on a layer's output with the
-gradient from above, and gets the gradient at its input and at the layer's weights. The weight
+weight in the head. A backward unit calls ``torch.autograd.grad`` on a part's output with the
+gradient from above, and gets the gradient at its input and at the part's weights. The weight
 gradients are summed in the job's own buffer, never in ``.grad``, so the optimizer's accumulation
 is untouched until the caller adds them: what the job ends with equals ``grad logp`` of one whole
 forward and backward (up to float rounding), whatever the cuts.
@@ -35,10 +46,6 @@ from trl.trainer.utils import selective_log_softmax
 from trainer.dpo import response_logprobs
 
 
-class _StopForward(Exception):
-    pass
-
-
 class _Capture(torch.nn.Module):
     """Stands in for a decoder layer during the capture pass: records how the model calls it."""
 
@@ -55,7 +62,66 @@ class _Capture(torch.nn.Module):
 
 
 def _num_params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    """The module's own weights (LoRA's, small, left out: the same count with adapters or without)."""
+    return sum(p.numel() for name, p in module.named_parameters() if "lora_" not in name)
+
+
+MAX_MLP_RANGES = 8
+_BLOCK = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
+
+def _token_bounds(num_tokens: int, ranges: int) -> list[int]:
+    """Where ``ranges`` near-equal token ranges of a sequence start and end."""
+    return [num_tokens * k // ranges for k in range(ranges + 1)]
+
+
+def _attention_block(layer: torch.nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs)
+    return x + (out[0] if isinstance(out, tuple) else out)
+
+
+def _mlp_block(layer: torch.nn.Module, m: torch.Tensor) -> torch.Tensor:
+    return m + layer.mlp(layer.post_attention_layernorm(m))
+
+
+def block_cut(causal_lm: torch.nn.Module) -> bool:
+    """Whether the decoder layers compute ``y = m + mlp(norm2(m))`` with ``m = x +
+    attn(norm1(x))``, as checked on the first layer over a few tokens against its own forward
+    (a layer with other parts, e.g. extra norms, fails the check and is run whole)."""
+    decoder = causal_lm.get_decoder()
+    layer = decoder.layers[0]
+    if not all(hasattr(layer, name) for name in _BLOCK):
+        return False
+    param = next(causal_lm.parameters())
+    ids = torch.arange(1, 9, device=param.device).unsqueeze(0) % causal_lm.config.vocab_size
+    try:
+        hidden, calls = _capture(decoder, ids, None)
+        args, kwargs = calls[0]
+        if args:
+            return False
+        with torch.no_grad():
+            whole = layer(hidden, **kwargs)
+            whole = whole[0] if isinstance(whole, tuple) else whole
+            m = _attention_block(layer, hidden, kwargs)
+            cut = torch.cat([_mlp_block(layer, m[:, :3]), _mlp_block(layer, m[:, 3:])], dim=1)
+    except (TypeError, ValueError, RuntimeError):  # a layer whose parts take other arguments
+        return False
+    scale = whole.abs().max().clamp_min(1e-6)
+    tolerance = 1e-4 if whole.dtype == torch.float32 else 2e-2
+    return bool(((whole - cut).abs().max() / scale) <= tolerance)
+
+
+def _capture(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, list]:
+    """The embeddings, and how the decoder's forward calls each of its layers on them."""
+    calls: list = []
+    saved = decoder.layers
+    decoder.layers = torch.nn.ModuleList(_Capture(layer, calls) for layer in saved)
+    try:
+        with torch.no_grad():
+            decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        decoder.layers = saved
+    return calls[0][0], [(args, kwargs) for _, args, kwargs in calls]
 
 
 @dataclass(frozen=True)
@@ -63,31 +129,59 @@ class UnitCosts:
     """The relative cost of a sequence's units, from the weights each multiplies. A layer's
     forward and its backward cost about the same (its frozen weights need no gradient of their
     own, only its input and the small LoRA matrices do: measured 16-20 ms each for 128 tokens of
-    the base demo model here), per token of the sequence; the head's forward and backward cost
-    ``head_ratio`` layers' worth per response token (only the positions that predict the
-    response run through it)."""
+    the base demo model here), per token of the sequence; of a layer cut in parts, the attention
+    block ``attention_share`` of it and each of ``mlp_ranges`` MLP token ranges the rest in
+    proportion to its tokens; the head's forward and backward cost ``head_ratio`` layers' worth
+    per response token (only the positions that predict the response run through it)."""
 
     num_layers: int
     head_ratio: float
+    mlp_ranges: int = 0  # 0: each layer is one part
+    attention_share: float = 1.0
 
     @classmethod
-    def of(cls, causal_lm: torch.nn.Module) -> UnitCosts:
+    def of(cls, causal_lm: torch.nn.Module, cut_blocks: bool = True) -> UnitCosts:
+        """The model's costs; with ``cut_blocks``, its layers cut in parts when ``block_cut`` holds."""
         layers = causal_lm.get_decoder().layers
         layer = sum(_num_params(m) for m in layers) / len(layers)
-        return cls(len(layers), 2.0 * _num_params(causal_lm.get_output_embeddings()) / layer)
+        head_ratio = 2.0 * _num_params(causal_lm.get_output_embeddings()) / layer
+        if not cut_blocks or not block_cut(causal_lm):
+            return cls(len(layers), head_ratio)
+        first = layers[0]
+        share = (_num_params(first.self_attn) + _num_params(first.input_layernorm)) / _num_params(first)
+        ranges = min(MAX_MLP_RANGES, max(1, round((1.0 - share) / share)))
+        return cls(len(layers), head_ratio, ranges, share)
+
+    @property
+    def parts(self) -> int:
+        """Units a layer's forward (and its backward) is cut in."""
+        return 1 + self.mlp_ranges if self.mlp_ranges else 1
 
     @property
     def num_units(self) -> int:
-        return 2 * self.num_layers + 1
+        return 2 * self.num_layers * self.parts + 1
+
+    @property
+    def num_forward_units(self) -> int:
+        """Units of a no-grad pass: the layers' parts, then the head."""
+        return self.num_layers * self.parts + 1
+
+    def _layer(self, num_tokens: int) -> list[float]:
+        """A layer's parts' costs in layer-tokens, in forward order."""
+        if not self.mlp_ranges:
+            return [float(num_tokens)]
+        bounds = _token_bounds(num_tokens, self.mlp_ranges)
+        return [self.attention_share * num_tokens] + [(1.0 - self.attention_share) * (hi - lo)
+                                                      for lo, hi in zip(bounds, bounds[1:])]
 
     def weights(self, prompt_len: int, response_len: int) -> list[float]:
         """Each unit's cost in layer-tokens (a layer's forward over one token is 1)."""
-        tokens = prompt_len + response_len
-        return [float(tokens)] * self.num_layers + [self.head_ratio * response_len] + [float(tokens)] * self.num_layers
+        layer = self._layer(prompt_len + response_len)
+        return layer * self.num_layers + [self.head_ratio * response_len] + layer[::-1] * self.num_layers
 
     def forward_weights(self, num_tokens: int) -> list[float]:
-        """A no-grad pass's L + 1 units over ``num_tokens`` tokens (its head over all of them)."""
-        return [float(num_tokens)] * self.num_layers + [self.head_ratio / 2 * num_tokens]
+        """A no-grad pass's units over ``num_tokens`` tokens (its head over all of them)."""
+        return self._layer(num_tokens) * self.num_layers + [self.head_ratio / 2 * num_tokens]
 
 
 @dataclass(eq=False)
@@ -98,9 +192,11 @@ class SequenceJob:
     response_mask: torch.Tensor  # (1, T)
     calls: list  # per decoder layer: (args, kwargs) as the model's forward passes them
     next_unit: int = 0
-    hidden: torch.Tensor | None = None  # the next forward unit's input
-    kept: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (input, output) per layer run
+    hidden: torch.Tensor | None = None  # the next forward unit's input (within a cut layer: m)
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (input, output) per part run
+    outputs: list[torch.Tensor] = field(default_factory=list)  # a cut layer's MLP ranges' outputs so far
     grad: torch.Tensor | None = None  # d logp / d output of the layer whose backward runs next
+    grad_ranges: list[torch.Tensor] = field(default_factory=list)  # d logp / d m per MLP range, last first
     logp: float | None = None
     grads: list[torch.Tensor | None] | None = None  # per trainable parameter
     logps: list[float] | None = None  # a no-grad job's result: each row's response log-prob
@@ -108,58 +204,86 @@ class SequenceJob:
 
 class LayerStages:
     """Runs ``SequenceJob`` units on a causal LM (under whatever adapter is active): the decoder
-    layers of ``model.get_decoder()``, then its final norm and ``get_output_embeddings()``."""
+    layers of ``model.get_decoder()`` (in parts, see ``UnitCosts``), then its final norm and
+    ``get_output_embeddings()``."""
 
-    def __init__(self, causal_lm: torch.nn.Module, params: list[torch.nn.Parameter]) -> None:
+    def __init__(self, causal_lm: torch.nn.Module, params: list[torch.nn.Parameter], cut_blocks: bool = True) -> None:
         self.causal_lm = causal_lm
         self.decoder = causal_lm.get_decoder()
         self.layers = self.decoder.layers
         self.norm = self.decoder.norm
         self.lm_head = causal_lm.get_output_embeddings()
         self.params = params
-        self.costs = UnitCosts.of(causal_lm)
+        self.costs = UnitCosts.of(causal_lm, cut_blocks)
         self.num_layers = self.costs.num_layers
+        self.parts = self.costs.parts
         self.num_units = self.costs.num_units
+        self.num_forward_units = self.costs.num_forward_units
+        # which trainable parameters each part holds (indices into params): a backward asks
+        # autograd for those alone, not for every adapter weight of the model
+        index = {id(p): k for k, p in enumerate(params)}
+        held = lambda *modules: [index[id(p)] for m in modules for p in m.parameters() if id(p) in index]
+        self._held = [[held(layer)] if self.parts == 1 else
+                      [held(layer.input_layernorm, layer.self_attn)] + [held(layer.post_attention_layernorm, layer.mlp)] * (self.parts - 1)
+                      for layer in self.layers]
+        self._head_held = held(self.norm, self.lm_head)
 
     # -- a job's units --------------------------------------------------------------------------
 
-    def _capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, list]:
-        """The embeddings, and how the model's forward calls each decoder layer on them."""
-        calls: list = []
-        saved = self.decoder.layers
-        self.decoder.layers = torch.nn.ModuleList(_Capture(layer, calls) for layer in saved)
-        try:
-            with torch.no_grad():
-                self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        finally:
-            self.decoder.layers = saved
-        return calls[0][0], [(args, kwargs) for _, args, kwargs in calls]
-
     def start(self, input_ids: torch.Tensor, response_mask: torch.Tensor) -> SequenceJob:
         """A gradient job for one sequence (input_ids and response_mask of shape (1, T))."""
-        hidden, calls = self._capture(input_ids, None)
+        hidden, calls = _capture(self.decoder, input_ids, None)
         return SequenceJob(input_ids, response_mask, calls, hidden=hidden)
+
+    def _part(self, job: SequenceJob, i: int, part: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``i``'s ``part`` (0: the attention block, or the whole layer; k: the MLP over
+        the k-th token range of ``x``, the attention block's output): (its input, its output)."""
+        args, kwargs = job.calls[i]
+        if self.parts == 1:
+            y = self.layers[i](x, *args, **kwargs)
+            return x, y[0] if isinstance(y, tuple) else y  # layers of some versions return a tuple
+        if part == 0:
+            return x, _attention_block(self.layers[i], x, kwargs)
+        lo, hi = _token_bounds(x.shape[1], self.costs.mlp_ranges)[part - 1 : part + 1]
+        m = x[:, lo:hi]
+        if torch.is_grad_enabled():
+            m = m.detach().requires_grad_(True)
+        return m, _mlp_block(self.layers[i], m)
+
+    def _step_forward(self, job: SequenceJob, unit: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward unit ``unit``: runs its part on ``job.hidden`` and moves ``job.hidden`` on."""
+        i, part = divmod(unit, self.parts)
+        x = job.hidden
+        if part == 0 and torch.is_grad_enabled():
+            x = x.detach().requires_grad_(i > 0)  # the embeddings need no gradient
+        x, y = self._part(job, i, part, x)
+        if part == 0:
+            job.hidden = y
+        else:
+            job.outputs.append(y)
+        if part == self.parts - 1 and part > 0:  # the layer's last MLP range: its output whole
+            job.hidden = torch.cat([o.detach() for o in job.outputs], dim=1)
+            job.outputs = []
+        return x, y
 
     # -- forward only: log-probs without a gradient (reference passes) --------------------------
 
     def start_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       response_mask: torch.Tensor) -> SequenceJob:
-        """A no-grad job over right-padded rows (B, T): L layer units, then the head (unit L),
-        which leaves each row's summed response log-prob in ``job.logps``."""
-        hidden, calls = self._capture(input_ids, attention_mask)
+        """A no-grad job over right-padded rows (B, T): the layers' units, then the head (unit
+        ``num_forward_units - 1``), which leaves each row's summed response log-prob in ``job.logps``."""
+        hidden, calls = _capture(self.decoder, input_ids, attention_mask)
         return SequenceJob(input_ids, response_mask, calls, hidden=hidden)
 
     @torch.no_grad()
     def run_forward(self, job: SequenceJob, end: int) -> None:
         """Run a no-grad job's units from ``job.next_unit`` up to (not including) ``end``."""
-        if not job.next_unit < end <= self.num_layers + 1:
-            raise ValueError(f"units [{job.next_unit}, {end}) of {self.num_layers + 1}")
+        if not job.next_unit < end <= self.num_forward_units:
+            raise ValueError(f"units [{job.next_unit}, {end}) of {self.num_forward_units}")
         while job.next_unit < end:
-            i = job.next_unit
-            if i < self.num_layers:
-                args, kwargs = job.calls[i]
-                y = self.layers[i](job.hidden, *args, **kwargs)
-                job.hidden = y[0] if isinstance(y, tuple) else y
+            unit = job.next_unit
+            if unit < self.num_forward_units - 1:
+                self._step_forward(job, unit)
             else:
                 logits = self.lm_head(self.norm(job.hidden))  # (B, T, V)
                 job.logps = response_logprobs(logits, job.input_ids, job.response_mask).tolist()
@@ -170,25 +294,17 @@ class LayerStages:
         """Run the job's units from ``job.next_unit`` up to (not including) ``end``."""
         if not job.next_unit < end <= self.num_units:
             raise ValueError(f"units [{job.next_unit}, {end}) of {self.num_units}")
+        forward = self.num_layers * self.parts
         while job.next_unit < end:
             unit = job.next_unit
-            if unit < self.num_layers:
-                self._forward(job, unit)
-            elif unit == self.num_layers:
+            if unit < forward:
+                with torch.enable_grad():
+                    job.kept.append(self._step_forward(job, unit))
+            elif unit == forward:
                 self._head(job)
             else:
-                self._backward(job, 2 * self.num_layers - unit)
+                self._backward(job, 2 * forward - unit)
             job.next_unit += 1
-
-    def _forward(self, job: SequenceJob, i: int) -> None:
-        x = job.hidden.detach().requires_grad_(i > 0)  # the embeddings need no gradient
-        args, kwargs = job.calls[i]
-        with torch.enable_grad():
-            y = self.layers[i](x, *args, **kwargs)
-        if isinstance(y, tuple):  # layers of some versions return (hidden_states, ...)
-            y = y[0]
-        job.kept.append((x, y))
-        job.hidden = y
 
     def _head(self, job: SequenceJob) -> None:
         y = job.hidden.detach().requires_grad_(True)
@@ -198,19 +314,37 @@ class LayerStages:
             # at the others is zero)
             logits = self.lm_head(self.norm(y[:, first - 1 : -1]))  # (1, R, V)
             logp = selective_log_softmax(logits.float(), job.input_ids[:, first:]).sum()
-        grads = torch.autograd.grad(logp, [y, *self.params], allow_unused=True)
-        job.logp, job.grad = logp.item(), grads[0]
-        job.grads = list(grads[1:])
+        job.grads = [None] * len(self.params)
+        job.logp, job.grad = logp.item(), self._grad(job, logp, y, self._head_held, None)
         job.hidden = None
 
-    def _backward(self, job: SequenceJob, i: int) -> None:
+    def _grad(self, job: SequenceJob, y: torch.Tensor, x: torch.Tensor, held: list[int],
+              grad_out: torch.Tensor | None) -> torch.Tensor | None:
+        """The gradient at ``x`` (None when it needs none) of ``y`` fed ``grad_out``; the gradients
+        at the trainable parameters ``held`` are added to ``job.grads``."""
+        inputs = ([x] if x.requires_grad else []) + [self.params[k] for k in held]
+        grads = list(torch.autograd.grad(y, inputs, grad_outputs=grad_out, allow_unused=True)) if inputs else []
+        grad_in = grads.pop(0) if x.requires_grad else None
+        for k, g in zip(held, grads):
+            if g is not None:
+                job.grads[k] = g if job.grads[k] is None else job.grads[k] + g
+        return grad_in
+
+    def _backward(self, job: SequenceJob, index: int) -> None:
+        """The backward of forward unit ``index`` (layer ``index // parts``, its part ``index % parts``)."""
         x, y = job.kept.pop()
-        if len(job.kept) != i:
-            raise RuntimeError(f"backward of layer {i} out of order")
-        inputs = [x, *self.params] if x.requires_grad else list(self.params)
-        grads = torch.autograd.grad(y, inputs, grad_outputs=job.grad, allow_unused=True)
-        if x.requires_grad:
-            job.grad, grads = grads[0], grads[1:]
+        if len(job.kept) != index:
+            raise RuntimeError(f"backward of unit {index} out of order")
+        part = index % self.parts
+        if part > 0:  # an MLP range: the gradient at its tokens of m, kept until the attention block's
+            lo, hi = _token_bounds(job.grad.shape[1], self.costs.mlp_ranges)[part - 1 : part + 1]
+            grad_out = job.grad[:, lo:hi]
+        elif self.parts > 1:  # the attention block: fed the MLP ranges' gradients at m
+            grad_out, job.grad_ranges = torch.cat(job.grad_ranges[::-1], dim=1), []
         else:
-            job.grad = None
-        job.grads = [a if b is None else b if a is None else a + b for a, b in zip(job.grads, grads)]
+            grad_out = job.grad
+        grad_in = self._grad(job, y, x, self._held[index // self.parts][part], grad_out)
+        if part > 0:
+            job.grad_ranges.append(grad_in)
+        else:
+            job.grad = grad_in

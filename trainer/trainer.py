@@ -76,7 +76,7 @@ class Trainer:
         self._known: set[str] = set()
         self._accumulated: list[PreferencePair] = []  # in the optimizer's gradients now
         # A pair cut in two parts (FinetuneChunk): the pair, its next part, and that part's next
-        # layer unit. With ``unit_costs`` (what a sequence's 2L + 1 units cost, trainer/staged.py)
+        # layer unit. With ``unit_costs`` (what a sequence's units cost, trainer/staged.py)
         # a part is cut further, at decoder layers, to fit the room.
         self._split: PreferencePair | None = None
         self._split_part = "chosen"
@@ -340,7 +340,7 @@ class Trainer:
         self.num_tokens += result.num_tokens
         if result.kind == "reference":
             if chunk.units is not None:
-                if chunk.units[1] < (self.unit_costs.num_layers + 1) * (2 if chunk.estimate else 1):
+                if chunk.units[1] < self.unit_costs.num_forward_units * (2 if chunk.estimate else 1):
                     self._ref_unit = chunk.units[1]  # the pass goes on from there
                     self._on_new_work()
                     return
