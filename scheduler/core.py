@@ -227,7 +227,8 @@ class EngineCore:
             self.trainer.on_result(result.finetune)
         shape = self._shapes.pop(result.iteration, None)
         if shape is not None and result.total_s > 0:
-            self.cost_model.observe(shape, result.total_s)
+            finetune_s = result.finetune.elapsed_s if result.finetune is not None else None
+            self.cost_model.observe(shape, result.total_s, finetune_s)
         by_id = {r.seq_id: r for r in result.outputs}
         now = self.clock()
         outputs = []

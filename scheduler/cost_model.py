@@ -14,7 +14,10 @@ The coefficients start from a profile (``mace profile``) or a prior. While servi
 measured iteration goes into a window of the last ``window`` iterations, and the coefficients are
 the weighted least-squares fit over that window, pulled toward the profile by a ridge term
 worth ``prior_weight`` iterations of typical size (so the model follows the machine as it
-drifts, which the paper's offline profile does not). The ridge keeps a feature the load does not
+drifts, which the paper's offline profile does not). An iteration that carried a fine-tune chunk
+goes in as two rows, its inference part and its fine-tune part, timed apart by the worker: a
+piece of a few milliseconds beside a noisy 40 ms decode step is then priced from its own time
+(here the pieces cut at layer parts were priced 4x short from iteration totals). The ridge keeps a feature the load does not
 exercise (no fine-tune work for an hour) at its profiled cost, and keeps features the load moves
 together (decodes and their context at one prompt length) from trading off into large opposite
 values; the fit is projected onto c >= 0 (nothing makes an iteration faster). Weights are
@@ -35,6 +38,7 @@ import numpy as np
 FEATURES = ("intercept", "prefill_tokens", "prefill_attention_k", "decodes", "decode_context_k", "finetune_tokens",
             "finetune_chunks")
 _INDEX = {name: i for i, name in enumerate(FEATURES)}
+_FINETUNE = [_INDEX["finetune_tokens"], _INDEX["finetune_chunks"]]
 # Profiles written before the per-chunk cost existed have the first six; their c6 is 0.
 _LEGACY_FEATURES = FEATURES[:6]
 
@@ -148,8 +152,11 @@ class CostModel:
         """Seconds a fine-tune chunk costs whatever its size."""
         return max(self.coefficient("finetune_chunks"), 0.0)
 
-    def observe(self, shape: IterationShape, measured_s: float) -> None:
-        """One measured iteration: update the error ratio, then refit over the window."""
+    def observe(self, shape: IterationShape, measured_s: float, finetune_s: float | None = None) -> None:
+        """One measured iteration: update the error ratio, then refit over the window. With
+        ``finetune_s`` (what its fine-tune chunk took, measured apart), the fit gets the inference
+        part and the fine-tune part as two rows, so the small fine-tune share of an iteration is
+        priced from its own time, not guessed from the difference between iterations."""
         if not measured_s > 0 or not np.isfinite(measured_s):
             return
         x = shape.features()
@@ -159,8 +166,24 @@ class CostModel:
         if predicted > 0:
             self._ratios.append(measured_s / predicted)
             self._safety = None
+        finetune = np.zeros(len(FEATURES))
+        finetune[_FINETUNE] = x[_FINETUNE]
+        if finetune_s is not None and 0 < finetune_s < measured_s and finetune.any():
+            self._add_row(x - finetune, measured_s - finetune_s)
+            self._add_row(finetune, finetune_s)
+        else:
+            self._add_row(x, measured_s)
+        try:
+            coefficients = np.linalg.solve(self._xtx + self._ridge, self._xty + self._ridge @ self.prior)
+        except np.linalg.LinAlgError:
+            return
+        if np.isfinite(coefficients).all():
+            self.coefficients = np.maximum(coefficients, 0.0)
+
+    def _add_row(self, x: np.ndarray, measured_s: float) -> None:
+        """One row into the window (the oldest leaves it), weighted 1 / its time."""
         slot = self.num_observations % self.window
-        if self.num_observations >= self.window:  # the oldest leaves the window
+        if self.num_observations >= self.window:
             old_x, old_w = self._xs[slot], self._ws[slot]
             self._xtx -= old_w * np.outer(old_x, old_x)
             self._xty -= old_w * old_x * self._ys[slot]
@@ -169,12 +192,6 @@ class CostModel:
         self._xtx += w * np.outer(x, x)
         self._xty += w * x * measured_s
         self.num_observations += 1
-        try:
-            coefficients = np.linalg.solve(self._xtx + self._ridge, self._xty + self._ridge @ self.prior)
-        except np.linalg.LinAlgError:
-            return
-        if np.isfinite(coefficients).all():
-            self.coefficients = np.maximum(coefficients, 0.0)
 
     # -- profile files ----------------------------------------------------------------------------
 

@@ -102,8 +102,8 @@ class _Room:
     # Of L, what fine-tune work may not use: the share the cost model's safety factor says the
     # iteration may run over its prediction. Inference is planned on L, as it must run anyway.
     reserve_s: float
-    # How long fine-tune work may make the iteration (finetune_max_slowdown x the p99 of recent
-    # inference-alone iterations; the capacity when not set or not yet measured).
+    # How long fine-tune work may make the iteration (finetune_max_slowdown x the p90 of recent
+    # inference-alone iterations, both predicted; the capacity when not set or not yet measured).
     finetune_limit_s: float
     mem_total: int  # M: KV blocks new prefill may claim
     mem: int  # of M, not yet claimed
@@ -453,8 +453,9 @@ class MacePolicy(Policy):
                 if cand.seq is None:
                     whole_s = self._finetune_cost(offer)  # one unit: a pair or a part
                     spent = room.capacity_s - room.latency_s
-                    room_s = min(room.latency_s - room.reserve_s,
-                                 room.finetune_limit_s / self.cost_model.safety_factor() - spent)
+                    # the slowdown bound compares predictions with predictions (what the cost
+                    # model misses, it misses in both): no safety factor there
+                    room_s = min(room.latency_s - room.reserve_s, room.finetune_limit_s - spent)
                     if room_s < whole_s or room.finetune_mem < offer.min_tokens:
                         continue
                     size = min(self._max_finetune_tokens(offer), self._finetune_size(offer, room_s),

@@ -76,6 +76,28 @@ def test_a_fine_tune_chunks_fixed_cost_is_told_from_its_tokens():
     assert model.finetune_chunk_overhead() == pytest.approx(0.015)
 
 
+def test_small_fine_tune_pieces_are_priced_from_their_own_time():
+    """Under a steady load (4 decodes every iteration, noisy; small pieces of 5-9 tokens beside
+    two in three) with a prior that prices fine-tune work 4x low: given what each piece took,
+    the fit prices a piece within 15%, and closer than from iteration totals alone."""
+    prior = TRUE.copy()
+    prior[5:7] /= 4  # finetune_tokens, finetune_chunks
+    errors = {}
+    for timed_apart in (True, False):
+        model, rng = CostModel(prior), np.random.default_rng(3)
+        for i in range(300):
+            tokens = int(rng.integers(5, 10)) if i % 3 else 0
+            inference = IterationShape(num_decodes=4, decode_context=400 + i)
+            shape = IterationShape(num_decodes=4, decode_context=400 + i, num_finetune_tokens=tokens,
+                                   num_finetune_chunks=int(tokens > 0))
+            finetune_s = tokens * TRUE[5] + (tokens > 0) * TRUE[6]
+            inference_s = float(TRUE @ inference.features()) * (1 + 0.2 * abs(rng.standard_normal()))
+            model.observe(shape, inference_s + finetune_s, finetune_s if tokens and timed_apart else None)
+        want = 7 * TRUE[5] + TRUE[6]
+        errors[timed_apart] = abs(7 * model.cost_per_finetune_token() + model.finetune_chunk_overhead() - want) / want
+    assert errors[True] < 0.15 and errors[True] < errors[False]
+
+
 def _offer(smallest: int, whole: int | None = None) -> FinetuneOffer:
     return FinetuneOffer(smallest, whole or smallest, loss=0.69, wait_s=0.0)
 
