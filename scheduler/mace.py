@@ -453,9 +453,8 @@ class MacePolicy(Policy):
                 if cand.seq is None:
                     whole_s = self._finetune_cost(offer)  # one unit: a pair or a part
                     spent = room.capacity_s - room.latency_s
-                    # the slowdown bound compares predictions with predictions (what the cost
-                    # model misses, it misses in both): no safety factor there
-                    room_s = min(room.latency_s - room.reserve_s, room.finetune_limit_s - spent)
+                    room_s = min(room.latency_s - room.reserve_s,
+                                 room.finetune_limit_s / self.cost_model.safety_factor() - spent)
                     if room_s < whole_s or room.finetune_mem < offer.min_tokens:
                         continue
                     size = min(self._max_finetune_tokens(offer), self._finetune_size(offer, room_s),

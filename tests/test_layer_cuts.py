@@ -86,16 +86,19 @@ def test_a_layer_of_another_shape_is_run_whole(executor):
     forward = layer.forward
     layer.forward = lambda *args, **kwargs: 2.0 * forward(*args, **kwargs)
     try:
-        assert not block_cut(model) and UnitCosts.of(model).parts == 1
+        assert not block_cut(model) and UnitCosts.of(model, cut_blocks=True).parts == 1
     finally:
         del layer.forward
-    assert UnitCosts.of(model).parts == 4
+    assert UnitCosts.of(model, cut_blocks=True).parts == 4
+    assert UnitCosts.of(model).parts == 1  # by default a layer this small runs whole
 
 
+@pytest.mark.parametrize("cut_blocks", [None, True])  # whole layers (the tiny model's default), layer parts
 @pytest.mark.parametrize("cuts", [[3], [1, 4], None])
-def test_a_pair_cut_at_layers_on_top_of_an_accumulation_gives_the_whole_pairs_gradient(executor, cuts):
+def test_a_pair_cut_at_layers_on_top_of_an_accumulation_gives_the_whole_pairs_gradient(executor, cuts, cut_blocks):
     """``cuts``: the units the chosen and the rejected part stop at (None: one unit a chunk)."""
     ex = executor
+    ex.stages = LayerStages(ex.stages.causal_lm, ex.params, cut_blocks=cut_blocks)
     p, other = _pairs(ex)
     ex.run(FinetuneChunk(1, "gradient", [other]))
     whole = ex.run(FinetuneChunk(2, "gradient", [p]))
@@ -238,8 +241,10 @@ def _covers(units: list[tuple[int, int]], n: int) -> bool:
     return units[0][0] == 0 and units[-1][1] == n and all(a[1] == b[0] for a, b in zip(units, units[1:]))
 
 
-def test_a_reference_pass_cut_at_any_layer_gives_the_whole_passs_log_probs(executor):
+@pytest.mark.parametrize("cut_blocks", [None, True])
+def test_a_reference_pass_cut_at_any_layer_gives_the_whole_passs_log_probs(executor, cut_blocks):
     ex = executor
+    ex.stages = LayerStages(ex.stages.causal_lm, ex.params, cut_blocks=cut_blocks)
     (p,) = _pairs(ex, 1)  # referenced by one whole pass
     want = (p.ref_chosen, p.ref_rejected)
     units = ex.stages.num_forward_units

@@ -16,7 +16,9 @@ range needs nothing from the others, and its backward gives the gradient at its 
 so the smallest unit is about a quarter of a layer. The attention block itself is not cut by
 tokens: a range of queries reads every earlier token's keys and values, so its backward would
 have to carry their gradients between pieces. Whether a model's layers have that shape is checked
-once, numerically, against the layer's own forward (``block_cut``); other layers are one part.
+once, numerically, against the layer's own forward (``block_cut``); other layers are one part, and
+so are the layers of a small model (``MIN_CUT_LAYER_WEIGHTS``), whose whole layers are small
+enough already.
 
 A piece runs any range ``[start, end)`` of units. A forward range starts from the hidden state the
 previous range left (detached, ``requires_grad``, so a later backward can hand back its gradient),
@@ -67,6 +69,10 @@ def _num_params(module: torch.nn.Module) -> int:
 
 
 MAX_MLP_RANGES = 8
+# A layer of fewer weights runs whole by default: a layer's unit of such a model is already about
+# a millisecond for a hundred tokens, and its parts would add per-unit overhead (on the tiny demo
+# model, a 56-token sequence's gradient took 28 ms in parts against 24 ms in whole layers).
+MIN_CUT_LAYER_WEIGHTS = 1_000_000
 _BLOCK = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
 
@@ -140,11 +146,14 @@ class UnitCosts:
     attention_share: float = 1.0
 
     @classmethod
-    def of(cls, causal_lm: torch.nn.Module, cut_blocks: bool = True) -> UnitCosts:
-        """The model's costs; with ``cut_blocks``, its layers cut in parts when ``block_cut`` holds."""
+    def of(cls, causal_lm: torch.nn.Module, cut_blocks: bool | None = None) -> UnitCosts:
+        """The model's costs, its layers cut in parts when ``block_cut`` holds and ``cut_blocks``
+        says so (None: when a layer has at least MIN_CUT_LAYER_WEIGHTS weights)."""
         layers = causal_lm.get_decoder().layers
         layer = sum(_num_params(m) for m in layers) / len(layers)
         head_ratio = 2.0 * _num_params(causal_lm.get_output_embeddings()) / layer
+        if cut_blocks is None:
+            cut_blocks = layer >= MIN_CUT_LAYER_WEIGHTS
         if not cut_blocks or not block_cut(causal_lm):
             return cls(len(layers), head_ratio)
         first = layers[0]
@@ -207,7 +216,8 @@ class LayerStages:
     layers of ``model.get_decoder()`` (in parts, see ``UnitCosts``), then its final norm and
     ``get_output_embeddings()``."""
 
-    def __init__(self, causal_lm: torch.nn.Module, params: list[torch.nn.Parameter], cut_blocks: bool = True) -> None:
+    def __init__(self, causal_lm: torch.nn.Module, params: list[torch.nn.Parameter],
+                 cut_blocks: bool | None = None) -> None:
         self.causal_lm = causal_lm
         self.decoder = causal_lm.get_decoder()
         self.layers = self.decoder.layers
