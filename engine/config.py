@@ -88,7 +88,7 @@ class MaceConfig:
     # The guaranteed share: fine-tune work's smallest piece whenever it has had less than this
     # share of the time since the pairs began to wait (pieces beyond the latency bounds, so
     # training goes on under any load, as a duty cycle). 0: none.
-    finetune_min_share: float = 0.05
+    finetune_min_share: float = 0.1
     # Fine-tune work never makes an iteration longer than this many times the p90 of what
     # inference alone has taken per iteration lately, and an idle engine's piece is at most
     # (this - 1) times a typical first token alone (the median prompt's prefill after a median
@@ -200,8 +200,15 @@ class TrainingConfig:
     # adapter, and references run ahead until this many pairs are ready to choose from. 0: first
     # come, first served, one pair at a time.
     rank_window: int = 8
+    # A step is taken at most this many seconds after its accumulation's first gradient chunk,
+    # with fewer than grad_accum pairs if need be (at that share of the learning rate): under a
+    # load that leaves training a small share, feedback still reaches the serving adapter within
+    # about this long. 0: only full accumulations (and a queue run dry) step.
+    max_step_delay_s: float = 10.0
 
     def __post_init__(self) -> None:
+        if self.max_step_delay_s < 0:
+            raise ValueError(f"max_step_delay_s must be >= 0, got {self.max_step_delay_s}")
         if self.rank_window < 0:
             raise ValueError(f"rank_window must be >= 0, got {self.rank_window}")
         if self.grad_accum < 1:

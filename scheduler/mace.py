@@ -47,7 +47,9 @@ budgets (the longest iteration planned at all), as memory allows: an arrival wai
 Starvation guards: a fine-tune piece is forced into an iteration after ``finetune_min_every``
 iterations without one, and whenever fine-tune work has had less than ``finetune_min_share`` of
 the time since pairs began to wait (a credit that grows with the clock and that every piece
-placed spends: the guaranteed share, so training goes on under a load that leaves no slack); a prefill's priority grows with its wait until it wins; and when the
+placed spends: the guaranteed share, so training goes on under a load that leaves no slack;
+its pieces go into iterations without prompt work, so they lengthen a plain decode step rather
+than one a prefill already makes the longest, unless twice the piece is owed); a prefill's priority grows with its wait until it wins; and when the
 cost model says nothing fits while nothing is running, the top candidate runs anyway (an idle
 engine never waits on a wrong prediction).
 
@@ -273,8 +275,12 @@ class MacePolicy(Policy):
         if self.slos.infeasible:
             every = min(every, INFEASIBLE_FINETUNE_EVERY)
         credit = self._credit(offer, now)
-        force = offer is not None and (self._iterations_without_finetune >= every
-                                       or credit >= self._finetune_cost(offer))
+        # the guaranteed share's piece goes into an iteration without prompt work, so that it
+        # lengthens a decode step, not one a prefill already makes long (the gaps at the tail);
+        # when prompts never stop coming, once twice its price is owed
+        cost = self._finetune_cost(offer) if offer is not None else 0.0
+        owed = credit >= cost and (not self._prompt_work() or credit >= min(2 * cost, MAX_CREDIT_S))
+        force = offer is not None and (self._iterations_without_finetune >= every or owed)
         # the guard's piece comes out of what the decodes may take: under overload too, the
         # iteration stays within the longest one planned
         scheduled, preempted = self._schedule_decodes(now, self._finetune_cost(offer) if force else 0.0)
@@ -330,6 +336,11 @@ class MacePolicy(Policy):
             self._finetune_credit_s = min(MAX_CREDIT_S, self._finetune_credit_s + grown)
         self._credit_at = now
         return self._finetune_credit_s
+
+    def _prompt_work(self) -> bool:
+        """Whether a prompt waits or is part-way through its prefill."""
+        q = self.queues
+        return bool(q.waiting) or any(s.num_tokens - s.num_computed_tokens > 1 for s in q.running)
 
     def _observe_inference(self, room: _Room) -> None:
         """Record the predicted cost of the iteration's inference work (what it would take alone)."""

@@ -69,7 +69,7 @@ def add_engine_flags(parser: argparse.ArgumentParser, device_default: str) -> No
                    help="mace: activation memory fine-tune work may hold (default: no cap; the profile measures bytes per token)")
     g.add_argument("--finetune-min-every", type=int, default=50,
                    help="mace: fine-tune work at least once every N iterations (the starvation guard)")
-    g.add_argument("--finetune-min-share", type=float, default=0.05,
+    g.add_argument("--finetune-min-share", type=float, default=0.1,
                    help="mace: the share of time fine-tune work is guaranteed while pairs wait, in its smallest "
                         "pieces, whatever the load (0: none)")
     g.add_argument("--finetune-max-slowdown", type=float, default=1.2,
@@ -94,6 +94,9 @@ def add_engine_flags(parser: argparse.ArgumentParser, device_default: str) -> No
     g.add_argument("--rank-window", type=int, default=8,
                    help="train the pair the adapter gets most wrong among up to N ready pairs (their DPO loss "
                         "estimated beside the reference pass); 0: first come, first served")
+    g.add_argument("--max-step-delay", dest="max_step_delay_s", metavar="SECONDS", type=float, default=10.0,
+                   help="step at most this long after an accumulation began, with fewer than --grad-accum pairs "
+                        "if need be (at that share of the learning rate); 0: full accumulations only")
 
 
 def add_threads_flag(group) -> None:

@@ -395,6 +395,30 @@ def test_fine_tune_work_gets_its_guaranteed_share_when_no_slack_is_left(core_fac
     core.trainer = FakeTrainer(smallest=400)
     trained = _carries_finetune(core, now, 100, 0.09)
     # 4.5 ms owed per 90 ms iteration from the first offer on: the first piece once 100 ms are
-    # owed (23 iterations later), then one every 22 or 23 (what is left over carries on)
-    assert [i for i, t in enumerate(trained) if t] == [23, 45, 67, 89]
-    assert core.trainer.asked == [400] * 4
+    # owed (23 iterations later), then one every 22 or 23 (what is left over carries on); from
+    # about iteration 50 the pool is short, preempted sequences wait to be recomputed (prompt
+    # work), and the piece waits until twice its price is owed
+    assert any(s.status is SequenceStatus.WAITING for s in core.queues.waiting)
+    assert [i for i, t in enumerate(trained) if t] == [23, 45, 89]
+    assert core.trainer.asked == [400] * 3
+
+
+def test_the_guaranteed_share_waits_for_an_iteration_without_prompt_work(core_factory):
+    # as above: the share's first piece is owed at iteration 23; a prompt arrives just before it
+    core, now = core_factory(finetune_min_share=0.05, finetune_min_every=1000)
+    _decoding(core, now, 15, 0.09)
+    core.trainer = FakeTrainer(smallest=400)
+    assert not any(_carries_finetune(core, now, 22, 0.09))
+    prompt = core.add_request("late", random_prompts([200], seed=12)[0], PARAMS)
+    carried = []
+    for _ in range(20):  # bounded
+        now[0] += 0.09
+        plan = core.schedule()
+        carried.append((_sizes(plan).get(prompt.seq_id, 0) > 1, plan.finetune is not None))
+        _finish_iteration(core, plan)
+        if plan.finetune is not None:
+            break
+    # the piece never shares an iteration with the prompt's prefill, and comes right after it
+    assert not any(both for both in carried if both == (True, True))
+    prefills = [i for i, (has_prompt, _) in enumerate(carried) if has_prompt]
+    assert prefills and carried[-1] == (False, True) and len(carried) - 1 == prefills[-1] + 1

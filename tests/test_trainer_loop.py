@@ -3,12 +3,15 @@ the preferred responses gain log-prob, every pair ends up trained, serving goes 
 
 import asyncio
 
+import pytest
 import torch
 
-from engine.sampling_params import SamplingParams
 from engine.config import TrainingConfig
+from engine.plan import FinetuneResult
+from engine.sampling_params import SamplingParams
 from scheduler.async_engine import AsyncEngine
 from trainer.feedback import FeedbackStore, NewPair
+from trainer.trainer import Trainer
 
 CHOSEN, REJECTED = " Yes, gladly.", " No."
 
@@ -383,4 +386,36 @@ async def test_a_failed_checkpoint_keeps_its_pairs_pending_until_a_later_one_lan
     await training.flush()
     assert ckpt.latest_checkpoint(tmp_path / "state")[1] == 2 and store.stats()["trained"] == 2
     training.checkpoints.close()
+    store.close()
+
+
+@pytest.mark.parametrize("delay", [10.0, 0.0])
+async def test_an_accumulation_steps_with_fewer_pairs_once_it_is_overdue(tmp_path, delay):
+    """grad_accum 4: pairs a, b, c start training at t = 1, 5, 12 s. With a 10 s delay the third
+    pair's chunk steps (11 s after the first began) on three pairs; the next accumulation starts
+    afresh and steps when the queue runs dry. Without a delay, steps come at 4 pairs and at the end."""
+    from tests.test_layer_cuts import _Tok
+
+    store = FeedbackStore(tmp_path / "f.sqlite3")
+    store.add([NewPair("p" * 5, "c" * 3, "r" * 4, id=i) for i in "abcdef"])
+    trainer = Trainer(store, _Tok(), TrainingConfig(grad_accum=4, rank_window=0, max_step_delay_s=delay), None)
+    await trainer.refill()
+    trainer.offer(0.0)
+    ref = trainer.next_chunk(10_000)
+    assert ref.kind == "reference" and len(ref.pairs) == 6
+    trainer.on_result(FinetuneResult(ref.task_id, "reference", ref_logprobs={i: (-1.0, -1.0) for i in "abcdef"}))
+    steps = []
+    for now in (1.0, 5.0, 12.0, 13.0, 14.0, 15.0):
+        assert trainer.offer(now) is not None
+        chunk = trainer.next_chunk(17)  # one pair (5 + 3 + 5 + 4 tokens)
+        assert chunk.kind == "gradient" and len(chunk.pairs) == 1
+        steps.append(chunk.step)
+        trainer.on_result(FinetuneResult(chunk.task_id, "gradient", losses={chunk.pairs[0].pair_id: 0.6},
+                                         stepped=True if chunk.step else None, adapter_version=trainer.adapter_version + chunk.step))
+    if delay:
+        assert steps == [False, False, True, False, False, True]
+    else:
+        assert steps == [False, False, False, True, False, True]
+    assert trainer.num_pairs_stepped == 6 and trainer.num_steps == 2
+    await trainer.flush()
     store.close()

@@ -4,7 +4,10 @@ Each iteration the scheduler's policy prices the trainer's ``offer(now)`` and th
 ``next_chunk(tokens)`` for a chunk of that size; the worker runs it after the iteration's
 inference forward; ``on_result`` takes what came back. The order per pair: a ``reference`` chunk
 (log-probs with the adapter off, computed once and stored), then ``gradient`` chunks until
-``grad_accum`` pairs have been accumulated, the last of which asks for the optimizer step. Depth
+``grad_accum`` pairs have been accumulated, the last of which asks for the optimizer step (or,
+once the accumulation began ``max_step_delay_s`` ago, the last chunk of the pair in progress
+steps with fewer: under a load that leaves training a small share, feedback still reaches the
+serving adapter within about that long). Depth
 first: a pair whose reference is known trains before the next pair's reference is computed, so
 the work in progress is one pair at a time and steps come as early as the room allows
 (references computed ahead would be work not yet worth anything).
@@ -75,6 +78,10 @@ class Trainer:
         # known, as it stays in _set_aside, so that a refill racing its store write cannot reload it.
         self._known: set[str] = set()
         self._accumulated: list[PreferencePair] = []  # in the optimizer's gradients now
+        # when the accumulation's first gradient chunk was handed out (max_step_delay_s), and the
+        # clock as of the last offer (the scheduler's)
+        self._accumulating_since: float | None = None
+        self._now: float | None = None
         # A pair cut in two parts (FinetuneChunk): the pair, its next part, and that part's next
         # layer unit. With ``unit_costs`` (what a sequence's units cost, trainer/staged.py)
         # a part is cut further, at decoder layers, to fit the room.
@@ -166,6 +173,7 @@ class Trainer:
     def offer(self, now: float) -> FinetuneOffer | None:
         """What the next iteration may carry, as a value for the scheduler's policy (None: no
         work ready). ``now`` dates the wait: since the work became ready or a chunk last ran."""
+        self._now = now
         smallest = self.next_pair_tokens()
         if smallest is None:
             self._offered_since = None
@@ -270,7 +278,7 @@ class Trainer:
                 return chunk  # the part goes on: no step yet
         if part == "rejected":
             is_last = not (self._ready or self._needs_reference)
-            chunk.step = len(self._accumulated) >= self.config.grad_accum or is_last
+            chunk.step = len(self._accumulated) >= self.config.grad_accum or is_last or self._overdue()
             chunk.checkpoint = chunk.step and is_last
         return chunk
 
@@ -317,14 +325,21 @@ class Trainer:
             self._accumulated += pairs
             # step at a full accumulation, or when nothing else is waiting (do not sit on gradients)
             is_last = not (self._ready or self._needs_reference)
-            step = len(self._accumulated) >= self.config.grad_accum or is_last
+            step = len(self._accumulated) >= self.config.grad_accum or is_last or self._overdue()
             # running dry: checkpoint now, so the pairs are marked trained without waiting
             chunk = FinetuneChunk(next(self._task_ids), "gradient", pairs, step=step, checkpoint=step and is_last)
         if chunk.kind == "gradient" and self._reset:
             chunk.reset, self._reset = True, False
+        if chunk.kind == "gradient" and self._accumulating_since is None:
+            self._accumulating_since = self._now
         self._in_flight[chunk.task_id] = chunk
         self._offered_since = None  # the wait starts again when work is offered next
         return chunk
+
+    def _overdue(self) -> bool:
+        """Whether the accumulation began max_step_delay_s ago or more (it steps with what it has)."""
+        delay, since = self.config.max_step_delay_s, self._accumulating_since
+        return bool(delay) and since is not None and self._now is not None and self._now - since >= delay
 
     @staticmethod
     def _take(queue: deque[PreferencePair], max_tokens: int, max_pairs: int) -> list[PreferencePair]:
@@ -382,6 +397,7 @@ class Trainer:
                 self._on_new_work()
             return
         accumulated, self._accumulated = self._accumulated, []
+        self._accumulating_since = None
         for p in accumulated:
             self._pair_losses.pop(p.pair_id, None)
         self.adapter_version = result.adapter_version
@@ -430,6 +446,7 @@ class Trainer:
             return
         self._ready.extendleft(reversed(self._accumulated))
         self._accumulated, self._split, self._reset = [], None, True
+        self._accumulating_since = None
         self._rank()
 
     def _io(self, fn, *args) -> asyncio.Task:
