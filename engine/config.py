@@ -88,7 +88,7 @@ class MaceConfig:
     # The guaranteed share: fine-tune work's smallest piece whenever it has had less than this
     # share of the time since the pairs began to wait (pieces beyond the latency bounds, so
     # training goes on under any load, as a duty cycle). 0: none.
-    finetune_min_share: float = 0.1
+    finetune_min_share: float = 0.05
     # Fine-tune work never makes an iteration longer than this many times the p90 of what
     # inference alone has taken per iteration lately, and an idle engine's piece is at most
     # (this - 1) times a typical first token alone (the median prompt's prefill after a median

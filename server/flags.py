@@ -69,7 +69,7 @@ def add_engine_flags(parser: argparse.ArgumentParser, device_default: str) -> No
                    help="mace: activation memory fine-tune work may hold (default: no cap; the profile measures bytes per token)")
     g.add_argument("--finetune-min-every", type=int, default=50,
                    help="mace: fine-tune work at least once every N iterations (the starvation guard)")
-    g.add_argument("--finetune-min-share", type=float, default=0.1,
+    g.add_argument("--finetune-min-share", type=float, default=0.05,
                    help="mace: the share of time fine-tune work is guaranteed while pairs wait, in its smallest "
                         "pieces, whatever the load (0: none)")
     g.add_argument("--finetune-max-slowdown", type=float, default=1.2,
