@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import hmac
 import logging
 import signal
@@ -178,4 +179,15 @@ def serve(args: argparse.Namespace) -> None:
             max_request_bytes=args.max_request_bytes,
             shutdown_grace_s=args.shutdown_grace, feedback_store=feedback_store, trace=trace,
         )
+        _freeze_start_up_objects()
         uvloop.run(_serve_forever(app, args.host, args.port))
+
+
+def _freeze_start_up_objects() -> None:
+    """Move what start-up built (the model's modules, the tokenizer, the profile's leftovers) out
+    of the garbage collector's reach, as vLLM and SGLang do: otherwise every full collection while
+    serving walks all of it and pauses the worker and the event loop (220-280 ms per collection on
+    the tiny demo model, measured at the end of 30-second runs; a first token behind one waits
+    that long). Cycles made while serving are still collected."""
+    gc.collect()
+    gc.freeze()
