@@ -125,7 +125,7 @@ class FinetuneChunk:
     checkpoint: bool = False
     part: str | None = None  # None: whole pairs; "chosen" then "rejected" (one pair)
     # Work cut at decoder layers (trainer/staged.py): the units [start, end) this chunk runs of a
-    # part's units (or of a reference pass's, trainer/staged.py), and their share of the whole (their price).
+    # part's units (or of a reference pass's), and their share of the whole (their price).
     # None: the whole part, or the whole pass.
     units: tuple[int, int] | None = None
     share: float = 1.0

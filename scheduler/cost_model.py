@@ -17,8 +17,8 @@ worth ``prior_weight`` iterations of typical size (so the model follows the mach
 drifts, which the paper's offline profile does not). An iteration that carried a fine-tune chunk
 goes in as two rows, its inference part and its fine-tune part, timed apart by the worker: a
 piece of a few milliseconds beside a noisy 40 ms decode step is then priced from its own time
-(here the pieces cut at layer parts were priced 4x short from iteration totals). The ridge keeps a feature the load does not
-exercise (no fine-tune work for an hour) at its profiled cost, and keeps features the load moves
+(here the pieces cut at layer parts were priced 4x short from iteration totals). The ridge
+keeps a feature the load does not exercise (no fine-tune work for an hour) at its profiled cost, and keeps features the load moves
 together (decodes and their context at one prompt length) from trading off into large opposite
 values; the fit is projected onto c >= 0 (nothing makes an iteration faster). Weights are
 1 / measured time, so small iterations count as much as big ones, relatively. The solve is 7x7:

@@ -49,9 +49,10 @@ iterations without one, and whenever fine-tune work has had less than ``finetune
 the time since pairs began to wait (a credit that grows with the clock and that every piece
 placed spends: the guaranteed share, so training goes on under a load that leaves no slack;
 its pieces go into iterations without prompt work, so they lengthen a plain decode step rather
-than one a prefill already makes the longest, unless twice the piece is owed); a prefill's priority grows with its wait until it wins; and when the
-cost model says nothing fits while nothing is running, the top candidate runs anyway (an idle
-engine never waits on a wrong prediction).
+than one a prefill already makes the longest, unless twice the piece is owed); a prefill's
+priority grows with its wait until it wins; and when the cost model says nothing fits while
+nothing is running, the top candidate runs anyway (an idle engine never waits on a wrong
+prediction).
 
 Waiting requests of the default class (no per-request priority or SLO) have priorities in
 arrival order, so no more of them can be admitted than there are free sequence slots, from the
@@ -283,7 +284,7 @@ class MacePolicy(Policy):
         force = offer is not None and (self._iterations_without_finetune >= every or owed)
         # the guard's piece comes out of what the decodes may take: under overload too, the
         # iteration stays within the longest one planned
-        scheduled, preempted = self._schedule_decodes(now, self._finetune_cost(offer) if force else 0.0)
+        scheduled, preempted = self._schedule_decodes(now, cost if force else 0.0)
         room = self._room(scheduled, preempted, now)
         candidates = self._candidates(now)
         later: list[_Candidate] = []
@@ -303,7 +304,7 @@ class MacePolicy(Policy):
                                                                  room.finetune_mem))
                 room.finetune_s = self._finetune_piece_cost(offer, room.finetune_tokens)
             elif force:  # the starvation guard: the smallest piece, SLO or not
-                room.finetune_tokens, room.finetune_s = offer.min_tokens, self._finetune_cost(offer)
+                room.finetune_tokens, room.finetune_s = offer.min_tokens, cost
                 room.latency_s -= room.finetune_s
             elif self.weights.finetune_max_slowdown:
                 later = [_Candidate(self.finetune_priority(offer), None)]  # it fills what prefills leave
@@ -325,7 +326,7 @@ class MacePolicy(Policy):
         return SchedulerOutput(scheduled, room.finetune_tokens, predicted_s=room.capacity_s - room.latency_s,
                                capacity_s=room.capacity_s)
 
-    def _credit(self, offer: FinetuneOffer, now: float) -> float:
+    def _credit(self, offer: FinetuneOffer | None, now: float) -> float:
         """The guaranteed share's credit now: finetune_min_share of the time since it last grew,
         while work waits (at most MAX_CREDIT_S, so a long wait does not come due at once)."""
         if offer is None or not self.weights.finetune_min_share:
@@ -454,7 +455,6 @@ class MacePolicy(Policy):
               offer: FinetuneOffer | None) -> None:
         """4. Urgent prefills first, then best fit among the top K that fit, until nothing fits."""
         w = self.weights
-        per_token = self.cost_model.cost_per_finetune_token()
         while candidates and room.tokens > 0:
             choice = None  # (f, -priority, index, size, seconds, blocks)
             considered = 0

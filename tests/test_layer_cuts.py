@@ -58,7 +58,7 @@ def test_a_sequence_cut_at_any_unit_gives_the_whole_gradient(executor, cut_block
     ids = torch.tensor([prompt + response])
     mask = torch.zeros(ids.shape)
     mask[0, len(prompt):] = 1.0
-    stages = LayerStages(ex.stages.causal_lm, ex.params, cut_blocks=cut_blocks)
+    stages = LayerStages(ex.stages.causal_lm, ex.params, UnitCosts.of(ex.stages.causal_lm, cut_blocks))
     # the demo model's layers have the Llama shape: attention, then the MLP in 3 token ranges
     assert stages.parts == (4 if cut_blocks else 1)
     assert stages.num_units == 2 * stages.num_layers * stages.parts + 1
@@ -98,7 +98,7 @@ def test_a_layer_of_another_shape_is_run_whole(executor):
 def test_a_pair_cut_at_layers_on_top_of_an_accumulation_gives_the_whole_pairs_gradient(executor, cuts, cut_blocks):
     """``cuts``: the units the chosen and the rejected part stop at (None: one unit a chunk)."""
     ex = executor
-    ex.stages = LayerStages(ex.stages.causal_lm, ex.params, cut_blocks=cut_blocks)
+    ex.stages = LayerStages(ex.stages.causal_lm, ex.params, UnitCosts.of(ex.stages.causal_lm, cut_blocks))
     p, other = _pairs(ex)
     ex.run(FinetuneChunk(1, "gradient", [other]))
     whole = ex.run(FinetuneChunk(2, "gradient", [p]))
@@ -244,7 +244,7 @@ def _covers(units: list[tuple[int, int]], n: int) -> bool:
 @pytest.mark.parametrize("cut_blocks", [None, True])
 def test_a_reference_pass_cut_at_any_layer_gives_the_whole_passs_log_probs(executor, cut_blocks):
     ex = executor
-    ex.stages = LayerStages(ex.stages.causal_lm, ex.params, cut_blocks=cut_blocks)
+    ex.stages = LayerStages(ex.stages.causal_lm, ex.params, UnitCosts.of(ex.stages.causal_lm, cut_blocks))
     (p,) = _pairs(ex, 1)  # referenced by one whole pass
     want = (p.ref_chosen, p.ref_rejected)
     units = ex.stages.num_forward_units

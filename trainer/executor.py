@@ -27,7 +27,7 @@ from trainer.adapters import SERVING, TRAIN, adapter_pairs, adapter_parameters, 
 from trl.trainer.utils import selective_log_softmax
 
 from trainer.dpo import dpo_loss, response_logprobs
-from trainer.staged import LayerStages, SequenceJob
+from trainer.staged import LayerStages, SequenceJob, UnitCosts
 
 def _has_dropout(model: torch.nn.Module) -> bool:
     """Whether train mode changes what ``model`` computes: any dropout with p > 0 (LoRA's
@@ -49,7 +49,7 @@ def _make_adamw(params: list[torch.nn.Parameter], config: TrainingConfig) -> tor
 
 class FinetuneExecutor:
     def __init__(self, peft_model: PeftModel, config: TrainingConfig, pad_id: int, version: int = 0,
-                 checkpoints=None, checkpoint_every: int = 10) -> None:
+                 checkpoints=None, checkpoint_every: int = 10, unit_costs: UnitCosts | None = None) -> None:
         self.model = peft_model
         self.config = config
         self.pad_id = pad_id
@@ -83,7 +83,8 @@ class FinetuneExecutor:
         # A pair cut in two: (pair id, logp_c, grad logp_c per parameter) until its rejected part.
         self._chosen_part: tuple[str, float, list[torch.Tensor | None]] | None = None
         # A part cut at decoder layers, part-way: ((pair id, part), its job) until its last unit.
-        self.stages = LayerStages(peft_model.base_model.model, self.params)
+        # cut as the trainer prices it (``unit_costs``, else the model's default)
+        self.stages = LayerStages(peft_model.base_model.model, self.params, unit_costs)
         self._job: tuple[tuple[str, str], SequenceJob] | None = None
         # a reference pass cut at layers: (pair id, which pass, its job), and the first pass's result
         self._ref_job: tuple[str, int, SequenceJob] | None = None
@@ -146,8 +147,8 @@ class FinetuneExecutor:
 
     def _reference_units(self, chunk: FinetuneChunk) -> FinetuneResult:
         """Units [start, end) of one pair's reference pass (both sequences as one batch), cut at
-        decoder layers (and layer parts): its units with the adapter off, then (``estimate``) as many more under the
-        serving adapter; the log-probs once the last has run."""
+        decoder layers (and layer parts): its units with the adapter off, then (``estimate``) as
+        many more under the serving adapter; the log-probs once the last has run."""
         (p,) = chunk.pairs
         start, end = chunk.units
         per_pass = self.stages.num_forward_units

@@ -217,14 +217,14 @@ class LayerStages:
     ``get_output_embeddings()``."""
 
     def __init__(self, causal_lm: torch.nn.Module, params: list[torch.nn.Parameter],
-                 cut_blocks: bool | None = None) -> None:
+                 costs: UnitCosts | None = None) -> None:
         self.causal_lm = causal_lm
         self.decoder = causal_lm.get_decoder()
         self.layers = self.decoder.layers
         self.norm = self.decoder.norm
         self.lm_head = causal_lm.get_output_embeddings()
         self.params = params
-        self.costs = UnitCosts.of(causal_lm, cut_blocks)
+        self.costs = costs if costs is not None else UnitCosts.of(causal_lm)  # how its layers are cut
         self.num_layers = self.costs.num_layers
         self.parts = self.costs.parts
         self.num_units = self.costs.num_units
@@ -234,7 +234,8 @@ class LayerStages:
         index = {id(p): k for k, p in enumerate(params)}
         held = lambda *modules: [index[id(p)] for m in modules for p in m.parameters() if id(p) in index]
         self._held = [[held(layer)] if self.parts == 1 else
-                      [held(layer.input_layernorm, layer.self_attn)] + [held(layer.post_attention_layernorm, layer.mlp)] * (self.parts - 1)
+                      [held(layer.input_layernorm, layer.self_attn)]
+                      + [held(layer.post_attention_layernorm, layer.mlp)] * (self.parts - 1)
                       for layer in self.layers]
         self._head_held = held(self.norm, self.lm_head)
 

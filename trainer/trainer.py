@@ -278,7 +278,7 @@ class Trainer:
                 return chunk  # the part goes on: no step yet
         if part == "rejected":
             is_last = not (self._ready or self._needs_reference)
-            chunk.step = len(self._accumulated) >= self.config.grad_accum or is_last or self._overdue()
+            chunk.step = self._steps_now(is_last)
             chunk.checkpoint = chunk.step and is_last
         return chunk
 
@@ -325,7 +325,7 @@ class Trainer:
             self._accumulated += pairs
             # step at a full accumulation, or when nothing else is waiting (do not sit on gradients)
             is_last = not (self._ready or self._needs_reference)
-            step = len(self._accumulated) >= self.config.grad_accum or is_last or self._overdue()
+            step = self._steps_now(is_last)
             # running dry: checkpoint now, so the pairs are marked trained without waiting
             chunk = FinetuneChunk(next(self._task_ids), "gradient", pairs, step=step, checkpoint=step and is_last)
         if chunk.kind == "gradient" and self._reset:
@@ -336,8 +336,11 @@ class Trainer:
         self._offered_since = None  # the wait starts again when work is offered next
         return chunk
 
-    def _overdue(self) -> bool:
-        """Whether the accumulation began max_step_delay_s ago or more (it steps with what it has)."""
+    def _steps_now(self, is_last: bool) -> bool:
+        """Whether the pair completing now takes the step: a full accumulation, nothing else
+        waiting (``is_last``), or an accumulation begun max_step_delay_s ago or more."""
+        if len(self._accumulated) >= self.config.grad_accum or is_last:
+            return True
         delay, since = self.config.max_step_delay_s, self._accumulating_since
         return bool(delay) and since is not None and self._now is not None and self._now - since >= delay
 

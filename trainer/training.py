@@ -45,13 +45,14 @@ class Training:
             version = latest[1]
             log.info("resumed the adapter from %s (version %d)", latest[0], version)
         checkpointing = config.state_dir is not None
-        costs = UnitCosts.of(peft_model.base_model.model) if config.layer_cuts else None
+        costs = UnitCosts.of(peft_model.base_model.model)  # one check of the layers' shape, for both
         self.trainer = Trainer(store, tokenizer, config, tokenizer.eos_token_id, adapter_version=version,
-                               checkpointing=checkpointing, unit_costs=costs)
+                               checkpointing=checkpointing, unit_costs=costs if config.layer_cuts else None)
         self.checkpoints = (CheckpointWriter(peft_model, config.state_dir, on_saved=self.trainer.on_checkpoint_threadsafe)
                             if checkpointing else None)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.executor = FinetuneExecutor(peft_model, config, pad_id, version, self.checkpoints, config.checkpoint_every)
+        self.executor = FinetuneExecutor(peft_model, config, pad_id, version, self.checkpoints, config.checkpoint_every,
+                                         unit_costs=costs)
 
     @property
     def adapter_version(self) -> int:
