@@ -23,9 +23,11 @@ class IterationTrace:
         if record.result is None:
             return
         plan, result = record.plan, record.result
-        decodes = sum(len(c.token_ids) == 1 for c in plan.chunks)
-        line = {"iteration": plan.iteration, "t": record.planned_at_s, "plan_s": record.plan_s, "decodes": decodes,
-                "prefill_tokens": sum(len(c.token_ids) for c in plan.chunks if len(c.token_ids) > 1),
+        # A decode feeds one output token back; a prompt's last piece may be one token too (a
+        # planner that cuts prompts by time can leave one), but it samples the first output.
+        decodes = [len(c.token_ids) == 1 and c.output_index > 0 for c in plan.chunks]
+        line = {"iteration": plan.iteration, "t": record.planned_at_s, "plan_s": record.plan_s, "decodes": sum(decodes),
+                "prefill_tokens": sum(len(c.token_ids) for c, d in zip(plan.chunks, decodes) if not d),
                 "predicted_s": plan.predicted_s}
         if plan.capacity_s is not None:
             line["capacity_s"] = plan.capacity_s

@@ -128,3 +128,22 @@ async def test_the_iteration_trace_has_one_line_per_iteration(make_engine):
     assert sum(t["prefill_tokens"] for t in lines) == 100 and sum(t["decodes"] for t in lines) == 4
     assert all(t["measured_s"] > 0 and t["predicted_s"] > 0 and t["capacity_s"] > 0 for t in lines)
     assert [t["iteration"] for t in lines] == sorted(t["iteration"] for t in lines)
+
+
+def test_the_trace_counts_a_one_token_prompt_piece_as_prompt_work():
+    import io
+    import json
+
+    from engine.plan import IterationPlan, IterationResult, SequenceChunk
+    from scheduler.async_engine import IterationRecord
+    from scheduler.trace import IterationTrace
+
+    # a prompt's last token (samples output 0), a decode (samples output 3), a 4-token prompt piece
+    chunks = [SequenceChunk(seq_id=1, token_ids=[9], start_pos=99, block_table=[0], sampling=SamplingParams()),
+              SequenceChunk(seq_id=2, token_ids=[7], start_pos=12, block_table=[1], output_index=3),
+              SequenceChunk(seq_id=3, token_ids=[1, 2, 3, 4], start_pos=0, block_table=[2])]
+    text = io.StringIO()
+    plan = IterationPlan(iteration=5, chunks=chunks, predicted_s=0.01)
+    IterationTrace(text)(IterationRecord(plan, 1.0, 0.001, IterationResult(5, [], 6, total_s=0.02)))
+    line = json.loads(text.getvalue())
+    assert (line["decodes"], line["prefill_tokens"], line["iteration"]) == (1, 5, 5)
