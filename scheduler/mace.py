@@ -107,6 +107,8 @@ class _Room:
     reserve_s: float
     # How long fine-tune work may make the iteration (finetune_max_slowdown x the p90 of recent
     # inference-alone iterations, both predicted; the capacity when not set or not yet measured).
+    # Not divided by the safety factor: the noise it measures stretches inference-alone
+    # iterations as much, and a bound of 1.2 divided by a noisy machine's 1.4 left no room at all.
     finetune_limit_s: float
     mem_total: int  # M: KV blocks new prefill may claim
     mem: int  # of M, not yet claimed
@@ -465,7 +467,7 @@ class MacePolicy(Policy):
                     whole_s = self._finetune_cost(offer)  # one unit: a pair or a part
                     spent = room.capacity_s - room.latency_s
                     room_s = min(room.latency_s - room.reserve_s,
-                                 room.finetune_limit_s / self.cost_model.safety_factor() - spent)
+                                 room.finetune_limit_s - spent)
                     if room_s < whole_s or room.finetune_mem < offer.min_tokens:
                         continue
                     size = min(self._max_finetune_tokens(offer), self._finetune_size(offer, room_s),

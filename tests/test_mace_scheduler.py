@@ -388,6 +388,20 @@ def test_the_slowdown_bound_keeps_fine_tune_within_what_inference_alone_takes(co
     assert all(s.status is SequenceStatus.RUNNING for s in seqs)
 
 
+def test_the_slowdown_bound_compares_predictions_without_the_safety_factor(core_factory):
+    # as above, on a noisy machine: iterations take up to 1.5x their prediction, inference alone
+    # as much as with fine-tune work beside it, so the bound (both sides predicted) is not cut
+    from scheduler.mace import MIN_INFERENCE_SAMPLES
+
+    core, now = core_factory(finetune_max_slowdown=1.2, slo_bank_max=1.0, finetune_min_every=1000)
+    core.cost_model._safety = 1.5  # the reserve it asks of the 90 ms capacity: 30 ms
+    _decoding(core, now, 8, 0.09)
+    core.trainer = FakeTrainer(smallest=4)
+    _carries_finetune(core, now, MIN_INFERENCE_SAMPLES, 0.09)
+    core.trainer.asked.clear()
+    assert all(_carries_finetune(core, now, 16, 0.09)) and set(core.trainer.asked) == {20}
+
+
 def test_fine_tune_work_gets_its_guaranteed_share_when_no_slack_is_left(core_factory):
     # 16 decodes fill every 90 ms budget but 48 ms; a 400-token unit (100 ms) never fits
     core, now = core_factory(finetune_min_share=0.05, finetune_min_every=1000)
