@@ -136,3 +136,26 @@ async def test_an_estimating_reference_pass_is_cut_at_layers_across_both_passes(
     assert trainer.next_chunk(1000).kind == "reference"  # b's: the window is not full
     await trainer.flush()
     store.close()
+
+
+async def test_references_stop_running_ahead_once_a_step_is_max_step_delay_overdue(tmp_path):
+    trainer, store = await _trainer(tmp_path, "abcde", version=1, rank_window=8, max_step_delay_s=10.0)
+    kinds = []
+    for now in (0.0, 4.0, 14.5, 15.0, 20.0, 25.0):  # the scheduler's clock at each offer
+        assert trainer.offer(now) is not None
+        chunk = trainer.next_chunk(34)  # one pair's reference and estimate (2 x 17 tokens)
+        ids = [p.pair_id for p in chunk.pairs]
+        kinds.append((now, chunk.kind, "".join(ids)))
+        if chunk.kind == "reference":
+            trainer.on_result(FinetuneResult(chunk.task_id, "reference", ref_logprobs={i: (-1.0, -1.0) for i in ids},
+                                             policy_logprobs={i: (-1.0, -1.0 - len(kinds)) for i in ids}))
+        else:
+            trainer.on_result(FinetuneResult(chunk.task_id, "gradient", losses={i: 0.5 for i in ids}, stepped=True,
+                                             adapter_version=2))
+    # the window (8) is far from full, but 10 s after a ready pair (a) began to wait behind
+    # references the ready pairs train, the highest estimated loss first (the earlier pair here);
+    # after that step references run ahead for another 10 s
+    assert kinds == [(0.0, "reference", "a"), (4.0, "reference", "b"), (14.5, "gradient", "a"),
+                     (15.0, "reference", "c"), (20.0, "reference", "d"), (25.0, "gradient", "b")]
+    await trainer.flush()
+    store.close()

@@ -14,7 +14,9 @@ the work in progress is one pair at a time and steps come as early as the room a
 
 Ranking (``rank_window`` > 0, once the adapter has stepped): a pair's reference pass also runs
 it under the serving adapter, which gives its DPO loss as the adapter stands, and references run
-ahead until ``rank_window`` pairs are ready; the ready pair with the highest loss trains first
+ahead until ``rank_window`` pairs are ready, or for at most ``max_step_delay_s`` after a step
+(then the ready pairs train: under a small share the window would take minutes to fill and
+nothing would step meanwhile); the ready pair with the highest loss trains first
 (ties, and pairs whose loss is not known, first come, first served: an unknown loss counts as
 ln 2, an unmoved adapter's). A pair the adapter already gets right waits behind those it gets
 wrong. The estimate is the adapter's when the pass ran: later steps may move it, and it is not
@@ -82,6 +84,9 @@ class Trainer:
         # clock as of the last offer (the scheduler's)
         self._accumulating_since: float | None = None
         self._now: float | None = None
+        # since when references run ahead of ready pairs for ranking: the last step, or the
+        # first time a ready pair waited behind them
+        self._look_ahead_since: float | None = None
         # A pair cut in two parts (FinetuneChunk): the pair, its next part, and that part's next
         # layer unit. With ``unit_costs`` (what a sequence's units cost, trainer/staged.py)
         # a part is cut further, at decoder layers, to fit the room.
@@ -233,7 +238,20 @@ class Trainer:
         ready, or (ranking) fewer than ``rank_window`` are."""
         if not self._needs_reference:
             return False
-        return not self._ready or (self._ranking() and len(self._ready) < self.rank_window)
+        if not self._ready:
+            return True
+        return self._ranking() and len(self._ready) < self.rank_window and not self._look_ahead_overdue()
+
+    def _look_ahead_overdue(self) -> bool:
+        """Whether references have run ahead for max_step_delay_s since the last step (or since a
+        ready pair first waited behind them): the ready pairs train now. Under a load that leaves training a small
+        share, filling the window can take minutes, and nothing would step meanwhile."""
+        delay = self.config.max_step_delay_s
+        if not delay or self._now is None:
+            return False
+        if self._look_ahead_since is None:
+            self._look_ahead_since = self._now
+        return self._now - self._look_ahead_since >= delay
 
     def _estimating(self) -> bool:
         """Whether the next reference pass estimates its pair's loss too: ranking, and another pair
@@ -401,6 +419,7 @@ class Trainer:
             return
         accumulated, self._accumulated = self._accumulated, []
         self._accumulating_since = None
+        self._look_ahead_since = self._now
         for p in accumulated:
             self._pair_losses.pop(p.pair_id, None)
         self.adapter_version = result.adapter_version
