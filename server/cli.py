@@ -81,6 +81,7 @@ BENCHES = {
     "train": ("bench.train", "DPO pairs/s alone and while serving, and the serving TPOT with and without"),
     "plan": ("bench.plan", "the scheduler's planning time per iteration at 16, 256 and 1024 queued requests"),
     "policies": ("bench.policies", "the fine-tune policies under a chat load with 10/30/50%% feedback"),
+    "cpu": ("bench.cpu", "mace serve vs llama.cpp's llama-server on the CPU: throughput, batch-1 decode, prefill"),
     "paper": ("bench.paper", "MACE's evaluation over HTTP: recovery after drift, latency vs retrain rate, ablation"),
 }
 
@@ -166,8 +167,10 @@ def build_parser(bench_name: str | None = None) -> argparse.ArgumentParser:
     bench = p.add_subparsers(dest="bench", required=True)
     for name, (module, help_) in BENCHES.items():
         b = bench.add_parser(name, help=help_)
-        if name == bench_name:  # a benchmark's own flags: its module is imported only here
-            importlib.import_module(module).add_arguments(b)
+        if name == bench_name:  # a benchmark's own flags and its docstring: its module is imported only here
+            mod = importlib.import_module(module)
+            mod.add_arguments(b)
+            b.description, b.formatter_class = mod.__doc__, argparse.RawDescriptionHelpFormatter
         b.set_defaults(func=_run_bench, bench_module=module)
     return parser
 

@@ -1,0 +1,268 @@
+"""`mace bench cpu`: `mace serve` against llama.cpp's `llama-server` on the CPU, same model, same threads.
+
+Both servers are driven over HTTP the same way (``/v1/completions``, prompts as token ids so
+that neither tokenizer plays a part, greedy, EOS ignored, prompt caching off), one after the
+other, alternating their order round by round (the machine drifts). Per round and server:
+
+1. throughput: ``--requests`` (16) requests at once, prompts of 32-1024 random token ids, outputs
+   of 16-256 tokens (seeded, the same every round): output tokens / wall time.
+2. decode: one request alone, a 256-token prompt, 129 tokens out, minus the same request with 1
+   token out: milliseconds per decoded token at batch 1 (each the best of ``--repeats``).
+3. prefill: one request alone, a 512-token prompt, 1 token out: milliseconds per prompt token
+   (the best of ``--repeats``; it includes one sampled token and the HTTP round trip).
+
+The peer, when there is one (``--llama-cpp DIR``; without it `mace` runs alone): llama.cpp built
+from the source vendored in the ``llama-cpp-python`` sdist, with the model converted to GGUF by its
+converter. The steps, once per machine::
+
+    pip download llama-cpp-python --no-binary :all: --no-deps -d /tmp/llama
+    tar xzf /tmp/llama/llama_cpp_python-*.tar.gz -C /tmp/llama
+    cd /tmp/llama/llama_cpp_python-*/vendor/llama.cpp
+    cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \\
+          -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+    cmake --build build --target llama-server -j
+    mace bench cpu --llama-cpp /tmp/llama/llama_cpp_python-*/vendor/llama.cpp
+
+The bench converts ``--model`` to ``<out dir>/gguf/<name>-<dtype>.gguf`` with that tree's
+``convert_hf_to_gguf.py`` the first time (a tokenizer it does not know gets llama.cpp's default
+pre-tokenizer: the prompts are token ids). ``llama-server`` runs with ``--threads``, one slot per
+request, a context of ``slots x 1280`` tokens.
+
+Prints a table and writes JSON; no timing is asserted anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench.common import cpu_name, free_port, resolve_model, save_results, spawned_server
+
+SLOT_CONTEXT = 1280  # the longest request: a 1024-token prompt and 256 out
+_CONVERT = """
+import runpy, sys
+tree = sys.argv[1]
+sys.path[:0] = [tree, tree + "/gguf-py"]
+import conversion.base as base
+
+get_pre = base.TextModel.get_vocab_base_pre
+def vocab_base_pre(self, tokenizer):
+    try:
+        return get_pre(self, tokenizer)
+    except NotImplementedError:  # a tokenizer it does not know: the prompts are token ids anyway
+        return "default"
+base.TextModel.get_vocab_base_pre = vocab_base_pre
+
+sentencepiece = base.TextModel._set_vocab_sentencepiece
+def set_vocab_sentencepiece(self, *args, **kwargs):
+    if not (self.dir_model / "tokenizer.model").is_file():
+        raise FileNotFoundError("no tokenizer.model")  # the converter then tries the BPE vocab
+    return sentencepiece(self, *args, **kwargs)
+base.TextModel._set_vocab_sentencepiece = set_vocab_sentencepiece
+
+sys.argv = ["convert_hf_to_gguf.py", *sys.argv[2:]]
+runpy.run_path(tree + "/convert_hf_to_gguf.py", run_name="__main__")
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="local checkpoint directory (default: the base demo model)")
+    p.add_argument("--llama-cpp", default=None,
+                   help="a llama.cpp source tree with build/bin/llama-server built (see above); without it, mace alone")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="both servers' weights: mace --dtype, the GGUF's type (f32 or bf16)")
+    p.add_argument("--threads", type=int, default=2, help="math threads, both servers")
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="single-request measurements: the best of this many")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mace-flags", default="", help="more `mace serve` flags, one string")
+    p.add_argument("--out", default="bench-results/cpu.json")
+
+
+# -- the workload -----------------------------------------------------------------------------------
+
+def throughput_workload(n: int, vocab: int, seed: int) -> list[tuple[list[int], int]]:
+    """``n`` (prompt token ids, output length): prompts 32-1024 tokens, outputs 16-256."""
+    rng = random.Random(seed)
+    return [([rng.randrange(4, vocab) for _ in range(rng.randint(32, 1024))], rng.randint(16, 256)) for _ in range(n)]
+
+
+async def _complete(session: aiohttp.ClientSession, url: str, body: dict) -> int:
+    """One non-streamed completion; returns its completion token count."""
+    async with session.post(f"{url}/v1/completions", json=body) as r:
+        data = await r.json(content_type=None)
+        if r.status != 200:
+            raise RuntimeError(f"{url}: HTTP {r.status}: {data}")
+    return int(data["usage"]["completion_tokens"])
+
+
+class Peer:
+    """How one server is asked: its request body's fields beyond the common ones."""
+
+    def __init__(self, name: str, url: str, extra: dict) -> None:
+        self.name, self.url, self.extra = name, url, extra
+
+    def body(self, prompt: list[int], max_tokens: int) -> dict:
+        # no "model": each server answers with the one it serves
+        return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True, **self.extra}
+
+
+async def measure(peer: Peer, work: list[tuple[list[int], int]], vocab: int, repeats: int, seed: int) -> dict[str, Any]:
+    rng = random.Random(seed + 1)
+    decode_prompt = [rng.randrange(4, vocab) for _ in range(256)]
+    prefill_prompt = [rng.randrange(4, vocab) for _ in range(512)]
+    timeout = aiohttp.ClientTimeout(total=1800)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+        await _complete(session, peer.url, peer.body(decode_prompt[:16], 4))  # warm-up
+
+        async def timed(prompt: list[int], max_tokens: int) -> tuple[float, int]:
+            start = time.perf_counter()
+            tokens = await _complete(session, peer.url, peer.body(prompt, max_tokens))
+            return time.perf_counter() - start, tokens
+
+        start = time.perf_counter()
+        counts = await asyncio.gather(*(_complete(session, peer.url, peer.body(p, n)) for p, n in work))
+        wall = time.perf_counter() - start
+        long = min([await timed(decode_prompt, 129) for _ in range(repeats)])
+        short = min([await timed(decode_prompt, 1) for _ in range(repeats)])
+        prefill = min([await timed(prefill_prompt, 1) for _ in range(repeats)])
+    if long[1] != 129 or short[1] != 1 or sum(counts) != sum(n for _, n in work):
+        raise RuntimeError(f"{peer.name}: asked {sum(n for _, n in work)} tokens, got {sum(counts)}")
+    return {"throughput_tok_s": sum(counts) / wall, "throughput_wall_s": wall,
+            "decode_ms_per_token": (long[0] - short[0]) / 128 * 1e3, "prefill_ms_per_token": prefill[0] / 512 * 1e3}
+
+
+# -- the servers ------------------------------------------------------------------------------------
+
+def gguf_for(model: str, tree: Path, dtype: str, out_dir: Path) -> Path:
+    """The model converted to GGUF (once; later runs reuse the file)."""
+    outtype = {"float32": "f32", "bfloat16": "bf16"}[dtype]
+    path = out_dir / "gguf" / f"{Path(model).resolve().name}-{outtype}.gguf"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"converting {model} to {path}", flush=True)
+        subprocess.run([sys.executable, "-c", _CONVERT, str(tree), model, "--outfile", str(path), "--outtype", outtype],
+                       check=True, stdout=subprocess.DEVNULL)
+    return path
+
+
+@contextmanager
+def llama_server(binary: Path, gguf: Path, threads: int, slots: int, log_path: Path, ready_timeout_s: float = 120.0):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--threads", str(threads),
+             "--threads-batch", str(threads), "--parallel", str(slots), "--ctx-size", str(slots * SLOT_CONTEXT)],
+            stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + ready_timeout_s
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"llama-server exited with {proc.returncode}; see {log_path}")
+                try:
+                    with urllib.request.urlopen(f"{url}/health", timeout=1.0) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"llama-server was not ready in {ready_timeout_s} s; see {log_path}")
+                time.sleep(0.1)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _run_mace(args, model: str, work, vocab: int, logs: Path, round_: int) -> dict[str, Any]:
+    flags = ["--threads", str(args.threads), "--dtype", args.dtype, *args.mace_flags.split()]
+    with spawned_server(model, *flags, log_path=logs / f"mace-{round_}.log", ready_timeout_s=600.0) as url:
+        return asyncio.run(measure(Peer("mace", url, {}), work, vocab, args.repeats, args.seed))
+
+
+def _run_llama(args, binary: Path, gguf: Path, work, vocab: int, logs: Path, round_: int) -> dict[str, Any]:
+    with llama_server(binary, gguf, args.threads, args.requests, logs / f"llama-{round_}.log") as url:
+        return asyncio.run(measure(Peer("llama", url, {"cache_prompt": False}), work, vocab, args.repeats, args.seed))
+
+
+# -- the report -------------------------------------------------------------------------------------
+
+FIGURES = (("throughput_tok_s", "16-request throughput tok/s", True),
+           ("decode_ms_per_token", "batch-1 decode ms/token", False),
+           ("prefill_ms_per_token", "512-token prefill ms/token", False))
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.mean(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def report(rows: list[dict[str, Any]], args, model: str) -> str:
+    systems = sorted({r["system"] for r in rows}, key=lambda s: s != "mace")
+    lines = [f"Model `{model}`, {args.dtype}, {args.threads} threads each, {args.requests} requests at once; "
+             f"{cpu_name()}; {args.rounds} rounds, alternating. Command: `mace bench cpu {' '.join(sys.argv[3:])}`.", "",
+             "| figure | " + " | ".join(systems) + (" | mace / llama (better: >1 for tok/s, <1 for ms) |"
+                                                     if len(systems) > 1 else " |"),
+             "|---|" + "---:|" * (len(systems) + (len(systems) > 1))]
+    for key, label, _ in FIGURES:
+        cells = [_spread([r[key] for r in rows if r["system"] == s]) for s in systems]
+        if len(systems) > 1:
+            ratios = [m[key] / l[key] for m, l in zip((r for r in rows if r["system"] == "mace"),
+                                                       (r for r in rows if r["system"] == "llama"))]
+            cells.append(_spread(ratios) + "x")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> dict:
+    import json
+
+    model = resolve_model(args.model)
+    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    out = Path(args.out)
+    logs = out.with_name(out.stem + "-logs")
+    logs.mkdir(parents=True, exist_ok=True)
+    binary = gguf = None
+    if args.llama_cpp:
+        tree = Path(args.llama_cpp)
+        binary = tree / "build" / "bin" / "llama-server"
+        if not binary.exists():
+            raise SystemExit(f"{binary} not found: build it first (mace bench cpu --help)")
+        gguf = gguf_for(model, tree, args.dtype, out.parent)
+    work = throughput_workload(args.requests, vocab, args.seed)
+    rows = []
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    for round_ in range(args.rounds):
+        order = ["mace", "llama"] if binary is not None else ["mace"]
+        if round_ % 2:
+            order.reverse()
+        for system in order:
+            if system == "mace":
+                result = _run_mace(args, model, work, vocab, logs, round_)
+            else:
+                result = _run_llama(args, binary, gguf, work, vocab, logs, round_)
+            rows.append({"system": system, "round": round_, **result})
+            print(rows[-1], flush=True)
+    table = report(rows, args, model)
+    print(table)
+    result = {"command": "mace bench cpu " + " ".join(sys.argv[3:]), "processor": cpu_name(), "model": model,
+              "config": {k: v for k, v in vars(args).items() if not callable(v)}, "rows": rows}
+    save_results(out, result, table)
+    return result
