@@ -89,6 +89,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3, help="single-request measurements: the best of this many")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mace-flags", default="", help="more `mace serve` flags, one string")
+    p.add_argument("--profile", action="store_true",
+                   help="instead: where one engine step's time goes, in-process (bench/cpu_profile.py)")
     p.add_argument("--out", default="bench-results/cpu.json")
 
 
@@ -235,6 +237,15 @@ def main(args: argparse.Namespace) -> dict:
     import json
 
     model = resolve_model(args.model)
+    if args.profile:
+        from bench.cpu_profile import profile, table
+
+        result = profile(model, args.threads, args.dtype)
+        text = (f"Model `{model}`, {args.dtype}, {args.threads} threads; {cpu_name()}; ms per step, median of "
+                f"the steps. Command: `mace bench cpu {' '.join(sys.argv[3:])}`.\n\n" + table(result))
+        print(text)
+        save_results(Path(args.out).with_name(Path(args.out).stem + "-profile.json"), result, text)
+        return result
     vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
     out = Path(args.out)
     logs = out.with_name(out.stem + "-logs")
