@@ -6,8 +6,9 @@ other, alternating their order round by round (the machine drifts). Per round an
 
 1. throughput: ``--requests`` (16) requests at once, prompts of 32-1024 random token ids, outputs
    of 16-256 tokens (seeded, the same every round): output tokens / wall time.
-2. decode: one request alone, a 256-token prompt, 129 tokens out, minus the same request with 1
-   token out: milliseconds per decoded token at batch 1 (each the best of ``--repeats``).
+2. decode: one request alone, a 256-token prompt, 129 tokens out, minus one with 1 token out:
+   milliseconds per decoded token at batch 1 (each the best of ``--repeats``; every request has a
+   prompt of its own, so no prefix cache plays a part).
 3. prefill: one request alone, a 512-token prompt, 1 token out: milliseconds per prompt token
    (the best of ``--repeats``; it includes one sampled token and the HTTP round trip).
 
@@ -23,7 +24,7 @@ converter. The steps, once per machine::
     cmake --build build --target llama-server -j
     mace bench cpu --llama-cpp /tmp/llama/llama_cpp_python-*/vendor/llama.cpp
 
-The bench converts ``--model`` to ``<out dir>/gguf/<name>-<dtype>.gguf`` with that tree's
+The bench converts ``--model`` to ``~/.cache/mace-serve/gguf/<name>-<type>.gguf`` with that tree's
 ``convert_hf_to_gguf.py`` the first time (a tokenizer it does not know gets llama.cpp's default
 pre-tokenizer: the prompts are token ids). ``llama-server`` runs with ``--threads``, one slot per
 request, a context of ``slots x 1280`` tokens.
@@ -124,11 +125,12 @@ class Peer:
 
 async def measure(peer: Peer, work: list[tuple[list[int], int]], vocab: int, repeats: int, seed: int) -> dict[str, Any]:
     rng = random.Random(seed + 1)
-    decode_prompt = [rng.randrange(4, vocab) for _ in range(256)]
-    prefill_prompt = [rng.randrange(4, vocab) for _ in range(512)]
+    # a fresh prompt for every single request: nothing may come from a prefix cache
+    def prompt(n: int) -> list[int]:
+        return [rng.randrange(4, vocab) for _ in range(n)]
     timeout = aiohttp.ClientTimeout(total=1800)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
-        await _complete(session, peer.url, peer.body(decode_prompt[:16], 4))  # warm-up
+        await _complete(session, peer.url, peer.body(prompt(16), 4))  # warm-up
 
         async def timed(prompt: list[int], max_tokens: int) -> tuple[float, int]:
             start = time.perf_counter()
@@ -138,9 +140,9 @@ async def measure(peer: Peer, work: list[tuple[list[int], int]], vocab: int, rep
         start = time.perf_counter()
         counts = await asyncio.gather(*(_complete(session, peer.url, peer.body(p, n)) for p, n in work))
         wall = time.perf_counter() - start
-        long = min([await timed(decode_prompt, 129) for _ in range(repeats)])
-        short = min([await timed(decode_prompt, 1) for _ in range(repeats)])
-        prefill = min([await timed(prefill_prompt, 1) for _ in range(repeats)])
+        long = min([await timed(prompt(256), 129) for _ in range(repeats)])
+        short = min([await timed(prompt(256), 1) for _ in range(repeats)])
+        prefill = min([await timed(prompt(512), 1) for _ in range(repeats)])
     if long[1] != 129 or short[1] != 1 or sum(counts) != sum(n for _, n in work):
         raise RuntimeError(f"{peer.name}: asked {sum(n for _, n in work)} tokens, got {sum(counts)}")
     return {"throughput_tok_s": sum(counts) / wall, "throughput_wall_s": wall,
@@ -152,7 +154,7 @@ async def measure(peer: Peer, work: list[tuple[list[int], int]], vocab: int, rep
 def gguf_for(model: str, tree: Path, dtype: str, out_dir: Path) -> Path:
     """The model converted to GGUF (once; later runs reuse the file)."""
     outtype = {"float32": "f32", "bfloat16": "bf16"}[dtype]
-    path = out_dir / "gguf" / f"{Path(model).resolve().name}-{outtype}.gguf"
+    path = out_dir / f"{Path(model).resolve().name}-{outtype}.gguf"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         print(f"converting {model} to {path}", flush=True)
@@ -256,7 +258,8 @@ def main(args: argparse.Namespace) -> dict:
         binary = tree / "build" / "bin" / "llama-server"
         if not binary.exists():
             raise SystemExit(f"{binary} not found: build it first (mace bench cpu --help)")
-        gguf = gguf_for(model, tree, args.dtype, out.parent)
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mace-serve" / "gguf"
+        gguf = gguf_for(model, tree, args.dtype, cache)
     work = throughput_workload(args.requests, vocab, args.seed)
     rows = []
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))

@@ -46,10 +46,14 @@ class ModelRunner:
         # transformers returns an already-4D mask untouched; the paged path ignores it.
         self._placeholder_mask = torch.zeros(1, 1, 0, 0, dtype=torch.bool, device=self.device)
         self._scratch = torch.empty(0, device=self.device)
-        # The C decode kernel reads the pool in place (CPU, fp32); elsewhere the SDPA path.
+        # The C kernels (CPU, fp32): decode attention reads the pool in place (elsewhere the SDPA
+        # path), and linear layers at a decode step's few rows read each weight once across the
+        # threads (elsewhere torch's).
         self.decode_kernel = None
         if decode_attention == "auto" and self.device.type == "cpu" and self.dtype == torch.float32:
             self.decode_kernel = cpu_kernels.load()
+            if self.decode_kernel is not None:
+                cpu_kernels.install_small_linear(model, self.decode_kernel)
         # Heavy-hitter pruning: attention each KV slot has received from prefill queries and
         # decodes since its token was written, per layer (summed over heads): (num_layers, num_blocks * block_size). Each
         # layer keeps its own heavy hitters, as H2O does.
