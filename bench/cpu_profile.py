@@ -8,7 +8,8 @@ prefill of one 512-token prompt (all its chunks). Each is run ``steps`` times; p
 - plan: ``EngineCore.schedule`` (the policy, block tables, the chunks);
 - prepare: packing ids, positions and attention metadata (``ModelRunner._prepare``);
 - forward, split with torch's profiler (a second pass; its overhead is not counted) into
-  matmuls (``aten::mm``/``addmm``/``bmm`` self time, LoRA's included), attention (the paged
+  matmuls (``aten::mm``/``addmm``/``bmm`` self time, LoRA's included, and the C linear kernel's
+  calls as a whole), attention (the paged
   attention function, the C decode kernel or SDPA, as a whole), other tensor ops (norms, RoPE,
   activations, adds, copies) and the rest: Python and dispatch (the unprofiled forward minus the
   profiled ops);
@@ -17,7 +18,8 @@ prefill of one 512-token prompt (all its chunks). Each is run ``steps`` times; p
   detokenizing, stop checks, freeing what finished).
 
 Times are in milliseconds: for a decode, the median step; for the prefill, the sum over its chunks
-(``--max-num-batched-tokens 512``: one chunk unless the planner cuts it by time).
+(``--max-num-batched-tokens 512`` and SLOs loose enough that the planner does not cut it by
+time: one chunk).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 
 _MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
 _ATTENTION = "mace::attention"
+_LINEAR = "mace::linear"  # the C kernel for a few rows (engine/cpu_kernels.py), invisible to the profiler else
 
 
 @contextmanager
@@ -51,21 +54,29 @@ def _adapters_off(model: torch.nn.Module):
 
 
 @contextmanager
-def _labelled_attention():
-    """The registered paged attention, wrapped in a profiler label while profiling."""
+def _labelled_kernels():
+    """The registered paged attention and the C linear kernel, wrapped in profiler labels."""
     from transformers import AttentionInterface
 
-    from engine import attention
+    from engine import attention, cpu_kernels
 
     def labelled(*args, **kwargs):
         with torch.profiler.record_function(_ATTENTION):
             return attention.paged_attention_forward(*args, **kwargs)
 
+    small_linear = cpu_kernels.small_linear
+
+    def labelled_linear(*args):
+        with torch.profiler.record_function(_LINEAR):
+            return small_linear(*args)
+
     AttentionInterface.register(attention.ATTENTION_NAME, labelled)
+    cpu_kernels.small_linear = labelled_linear
     try:
         yield
     finally:
         AttentionInterface.register(attention.ATTENTION_NAME, attention.paged_attention_forward)
+        cpu_kernels.small_linear = small_linear
 
 
 def _engine(model: str, threads: int, dtype: str, max_num_batched_tokens: int):
@@ -76,7 +87,9 @@ def _engine(model: str, threads: int, dtype: str, max_num_batched_tokens: int):
 
     state = tempfile.mkdtemp(prefix="mace-profile-")
     args = build_parser().parse_args(["serve", "--model", model, "--threads", str(threads), "--dtype", dtype,
-                                      "--state-dir", state, "--max-num-batched-tokens", str(max_num_batched_tokens)])
+                                      "--state-dir", state, "--max-num-batched-tokens", str(max_num_batched_tokens),
+                                      # SLOs loose enough that the planner never cuts the 512-token prompt by time
+                                      "--slo-ttft-ms", "100000", "--slo-tbt-ms", "10000"])
     apply_threads(args)
     store = FeedbackStore(f"{state}/feedback.sqlite3")
     return build_engine(engine_config(args), training_config(args, state), store)
@@ -126,13 +139,16 @@ def _case(core, runner, vocab: int, batch: int, prompt_len: int, steps: int, dec
     model = runner.model
     for plan, plan_s in plans():
         # the same plan three times: profiled, adapters off, then for real (the state moves once)
-        with _labelled_attention(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with _labelled_kernels(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             runner._infer(plan)
         events = prof.events()
         attention = sum(e.cpu_time_total for e in events if e.name == _ATTENTION) / 1e6
         in_matmul, in_ops = _inside(events, _ATTENTION)  # counted in the attention's total
-        matmul = sum(e.self_cpu_time_total for e in events if e.name in _MATMUL) / 1e6 - in_matmul
-        ops = sum(e.self_cpu_time_total for e in events if e.name.startswith("aten::")) / 1e6 - in_ops
+        in_linear = _inside(events, _LINEAR)[1]  # its output's allocation, reshapes
+        aten_matmul = sum(e.self_cpu_time_total for e in events if e.name in _MATMUL) / 1e6 - in_matmul
+        matmul = aten_matmul + sum(e.cpu_time_total for e in events if e.name == _LINEAR) / 1e6
+        # the other tensor ops: outside the attention and the C kernel's calls, not matmuls
+        other = sum(e.self_cpu_time_total for e in events if e.name.startswith("aten::")) / 1e6 - in_ops - in_linear - aten_matmul
         with _adapters_off(model):
             off = runner._infer(plan).forward_s
         t = time.perf_counter()
@@ -142,7 +158,7 @@ def _case(core, runner, vocab: int, batch: int, prompt_len: int, steps: int, dec
         done = time.perf_counter()
         for key, value in (("plan", plan_s), ("prepare", result.prepare_s), ("forward", result.forward_s),
                            ("sampling", result.sample_s), ("results", done - t_results), ("matmul", matmul),
-                           ("attention", attention), ("other_ops", max(0.0, ops - matmul)),
+                           ("attention", attention), ("other_ops", max(0.0, other)),
                            ("lora", result.forward_s - off), ("step", done - t + plan_s)):
             rows[key].append(value)
     for s in seqs:
