@@ -76,6 +76,7 @@ from scheduler.slos import Slos
 
 URGENT = 100.0
 INFERENCE_WINDOW, MIN_INFERENCE_SAMPLES = 512, 64
+IDLE_TTFT_SHARE = 0.5  # of the default TTFT SLO: how long an iteration with no decode may take
 MAX_CREDIT_S = 0.5  # the guaranteed share's credit, at most and (owed the other way) at least
 # With a TBT SLO inference alone does not meet, fine-tune work's smallest piece at least once
 # every this many iterations (the guaranteed share; the starvation guard's period otherwise).
@@ -425,7 +426,9 @@ class MacePolicy(Policy):
             slack = min(self.decode_slack(s, now) for s in seqs)
             capacity = min(max(slack, base), self.weights.slo_bank_max * base)
         else:
-            capacity = base
+            # no token gap to protect: prompts may take half a TTFT budget (a request arriving
+            # meanwhile keeps the other half for its own prefill), in chunks as large as that
+            capacity = max(base, IDLE_TTFT_SHARE * self._ttft(_DEFAULT_OPTIONS))
         pool = self.queues.pool
         mem_total = max(1, int(self.weights.tau_mem * (pool.num_free_blocks + pool.num_cached_blocks)))
         ft_mem = self._finetune_token_cap()

@@ -155,7 +155,10 @@ def test_decodes_bank_slack_that_fine_tune_spends(core_factory):
     assert _sizes(plan) == {a.seq_id: 1}
 
 
-def test_priority_orders_the_queue_and_best_fit_decides_within_the_top_k(core_factory):
+def test_priority_orders_the_queue_and_best_fit_decides_within_the_top_k(core_factory, monkeypatch):
+    import scheduler.mace
+
+    monkeypatch.setattr(scheduler.mace, "IDLE_TTFT_SHARE", 0.0)  # no decodes: one TBT budget
     prompts = random_prompts([300, 70, 300], seed=5)
     # top-1: pure priority. The request with priority 5 goes first and takes the whole budget
     core, now = core_factory(pack_top_k=1)
@@ -170,6 +173,24 @@ def test_priority_orders_the_queue_and_best_fit_decides_within_the_top_k(core_fa
     small = core.add_request("small", prompts[1], PARAMS)
     plan = core.schedule()
     assert _sizes(plan) == {small.seq_id: 70, big.seq_id: 10}
+
+
+def test_with_nothing_decoding_a_prompt_takes_half_a_ttft_budget_at_once(core_factory):
+    # no token gap to protect: 500 ms (half the 1000 ms TTFT SLO), so the 256-token cap binds,
+    # not the 90 ms TBT budget (80 tokens at 1 ms each after the 10 ms fixed cost)
+    core, now = core_factory()
+    lone = core.add_request("lone", random_prompts([300], seed=5)[0], PARAMS)
+    plan = core.schedule()
+    assert _sizes(plan) == {lone.seq_id: 256} and plan.capacity_s == pytest.approx(0.5)
+    _finish_iteration(core, plan)
+    plan = core.schedule()
+    assert _sizes(plan) == {lone.seq_id: 44}
+    _finish_iteration(core, plan)  # its first token
+    # once it decodes, a new prompt beside it gets what the TBT budget leaves
+    core.add_request("next", random_prompts([300], seed=6)[0], PARAMS)
+    now[0] += 0.3
+    plan = core.schedule()
+    assert plan.capacity_s == pytest.approx(0.09)
 
 
 def test_a_prefill_near_its_ttft_deadline_goes_first(core_factory):

@@ -1,4 +1,4 @@
-"""The C linear kernel for a decode step's few rows, and its routing under a model's layers."""
+"""The C linear kernel for a few rows (a decode step, a small chunk), and its routing under a model's layers."""
 
 import shutil
 
@@ -12,7 +12,8 @@ pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc
 
 
 # rows in tiles of 6, weight rows in tiles of 4, K in lanes of 16: every remainder, and 16 rows
-@pytest.mark.parametrize("rows, k, n", [(1, 768, 768), (5, 64, 256), (7, 100, 33), (16, 2048, 770), (13, 17, 8)])
+@pytest.mark.parametrize("rows, k, n", [(1, 768, 768), (5, 64, 256), (7, 100, 33), (16, 2048, 770), (13, 17, 8),
+                                         (64, 768, 259)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_small_linear_matches_torch(rows, k, n, bias):
     lib = cpu_kernels.load()
@@ -41,7 +42,7 @@ def test_layers_use_it_only_for_inference_at_a_few_rows(monkeypatch):
     reference = F.linear(F.linear(x, model[0].weight, model[0].bias), model[1].weight, model[1].bias)
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
-        model(torch.randn(17, 256))  # 17 rows: torch's path
+        model(torch.randn(65, 256))  # 65 rows: torch's path
     assert len(calls) == 1
     out = model(x)  # gradients on (fine-tune work): torch's path, and the gradient flows
     out.sum().backward()

@@ -1,4 +1,4 @@
-/* y = x W^T + b for fp32 on CPU, for the few rows of a decode step (M <= 16).
+/* y = x W^T + b for fp32 on CPU, for the few rows of a decode step or a small chunk (M <= 64).
  *
  *   x: (M, K), W: (N, K), b: (N,) or NULL, y: (M, N), all contiguous
  *
