@@ -57,8 +57,6 @@ def spawned_server(model: str, *flags: str, log_path: str | Path, ready_timeout_
     import subprocess
     import sys
     import tempfile
-    import time
-    import urllib.request
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -68,25 +66,37 @@ def spawned_server(model: str, *flags: str, log_path: str | Path, ready_timeout_
              "--state-dir", state_dir, *flags],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-        try:
-            deadline = time.monotonic() + ready_timeout_s
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"mace serve exited with {proc.returncode} before it was ready; see {log_path}")
-                try:
-                    with urllib.request.urlopen(f"{url}/health", timeout=1.0) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"mace serve was not ready in {ready_timeout_s} s; see {log_path}")
-                time.sleep(0.1)
+        with serving_process(proc, url, "mace serve", log_path, ready_timeout_s):
             yield url
-        finally:
-            proc.terminate()
+
+
+@contextlib.contextmanager
+def serving_process(proc, url: str, name: str, log_path: str | Path, ready_timeout_s: float):
+    """A server subprocess (``subprocess.Popen``) at ``url``: wait until its /health answers
+    200, then hand over; on exit, also on an error, SIGTERM, then SIGKILL after 15 s."""
+    import subprocess
+    import time
+    import urllib.request
+
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode} before it was ready; see {log_path}")
             try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                with urllib.request.urlopen(f"{url}/health", timeout=1.0) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} was not ready in {ready_timeout_s} s; see {log_path}")
+            time.sleep(0.1)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

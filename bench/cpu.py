@@ -42,14 +42,20 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from bench.common import cpu_name, free_port, resolve_model, save_results, spawned_server
+from bench.common import (
+    cpu_name,
+    free_port,
+    resolve_model,
+    save_results,
+    serving_process,
+    spawned_server,
+)
 
 SLOT_CONTEXT = 1280  # the longest request: a 1024-token prompt and 256 out
 _CONVERT = """
@@ -172,28 +178,8 @@ def llama_server(binary: Path, gguf: Path, threads: int, slots: int, log_path: P
             [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--threads", str(threads),
              "--threads-batch", str(threads), "--parallel", str(slots), "--ctx-size", str(slots * SLOT_CONTEXT)],
             stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + ready_timeout_s
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"llama-server exited with {proc.returncode}; see {log_path}")
-                try:
-                    with urllib.request.urlopen(f"{url}/health", timeout=1.0) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"llama-server was not ready in {ready_timeout_s} s; see {log_path}")
-                time.sleep(0.1)
+        with serving_process(proc, url, "llama-server", log_path, ready_timeout_s):
             yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def _run_mace(args, model: str, work, vocab: int, logs: Path, round_: int) -> dict[str, Any]:
@@ -220,8 +206,9 @@ def _spread(values: list[float]) -> str:
 
 def report(rows: list[dict[str, Any]], args, model: str) -> str:
     systems = sorted({r["system"] for r in rows}, key=lambda s: s != "mace")
-    lines = [f"Model `{model}`, {args.dtype}, {args.threads} threads each, {args.requests} requests at once; "
-             f"{cpu_name()}; {args.rounds} rounds, alternating. Command: `mace bench cpu {' '.join(sys.argv[3:])}`.", "",
+    header = (f"Model `{model}`, {args.dtype}, {args.threads} threads each, {args.requests} requests at once; "
+              f"{cpu_name()}; {args.rounds} rounds, alternating. Command: `mace bench cpu {' '.join(sys.argv[3:])}`.")
+    lines = [header, "",
              "| figure | " + " | ".join(systems) + (" | mace / llama (better: >1 for tok/s, <1 for ms) |"
                                                      if len(systems) > 1 else " |"),
              "|---|" + "---:|" * (len(systems) + (len(systems) > 1))]

@@ -80,9 +80,9 @@ def _labelled_kernels():
 
 
 def _engine(model: str, threads: int, dtype: str, max_num_batched_tokens: int):
+    from scheduler.builder import build_engine
     from server.cli import build_parser
     from server.flags import apply_threads, engine_config, training_config
-    from scheduler.builder import build_engine
     from trainer.feedback import FeedbackStore
 
     state = tempfile.mkdtemp(prefix="mace-profile-")
