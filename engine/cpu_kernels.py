@@ -8,9 +8,9 @@
   matrix-vector products are bound by reading the weights, and torch reads them at one core's
   bandwidth whatever its thread count (the base demo model's 226 MB: 18 ms at one row, one or two
   threads); the kernel splits the weights' rows across the threads and reads each row once for
-  all the step's rows (11.5 ms at one row, 13 at four, 22 at sixteen, two threads, against
-  18-21, 33 and 36; at 32 rows 31 vs 37 ms, at 64 54 vs 57, and from 128 rows torch's blocked
-  GEMM is as fast or faster, so it keeps those). ``install_small_linear`` puts it under a model's ``nn.Linear`` layers for
+  all the step's rows (7-9 ms at one row, 8.6-11 at four, 18-20 at sixteen, two threads, against
+  torch's 18-21, 33 and 30-36; at 32 rows 34 vs 41 ms, at 64 62 vs 65, and from 128 rows torch's
+  blocked GEMM is as fast or faster, so it keeps those). ``install_small_linear`` puts it under a model's ``nn.Linear`` layers for
   inference; with gradients on (fine-tune work) or more rows, torch's path runs as before.
 
 Built with the system C compiler into ``$XDG_CACHE_HOME/mace-serve/kernels/<source hash>/`` (about a

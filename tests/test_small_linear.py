@@ -11,7 +11,7 @@ from engine import cpu_kernels
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
 
 
-# rows in tiles of 6, weight rows in tiles of 4, K in lanes of 16: every remainder, and 16 rows
+# rows in tiles of 3, weight rows in tiles of 8, K in lanes of 16: every remainder, and 64 rows
 @pytest.mark.parametrize("rows, k, n", [(1, 768, 768), (5, 64, 256), (7, 100, 33), (16, 2048, 770), (13, 17, 8),
                                          (64, 768, 259)])
 @pytest.mark.parametrize("bias", [False, True])
