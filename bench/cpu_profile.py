@@ -125,16 +125,14 @@ def _case(core, runner, vocab: int, batch: int, prompt_len: int, steps: int, dec
                                                     "matmul", "attention", "other_ops", "lora", "step")}
 
     def plans():
-        if decode:
-            for _ in range(steps):
-                t = time.perf_counter()
-                plan = core.schedule()
-                yield plan, time.perf_counter() - t
-        else:  # the prompt's chunks, to its first token
-            while seqs[0].num_output_tokens == 0:
-                t = time.perf_counter()
-                plan = core.schedule()
-                yield plan, time.perf_counter() - t
+        """``steps`` decode steps, or the prompt's chunks up to its first token; each with the
+        time its planning took."""
+        done = 0
+        while done < steps if decode else seqs[0].num_output_tokens == 0:
+            done += 1
+            t = time.perf_counter()
+            plan = core.schedule()
+            yield plan, time.perf_counter() - t
 
     model = runner.model
     for plan, plan_s in plans():
@@ -148,7 +146,8 @@ def _case(core, runner, vocab: int, batch: int, prompt_len: int, steps: int, dec
         aten_matmul = sum(e.self_cpu_time_total for e in events if e.name in _MATMUL) / 1e6 - in_matmul
         matmul = aten_matmul + sum(e.cpu_time_total for e in events if e.name == _LINEAR) / 1e6
         # the other tensor ops: outside the attention and the C kernel's calls, not matmuls
-        other = sum(e.self_cpu_time_total for e in events if e.name.startswith("aten::")) / 1e6 - in_ops - in_linear - aten_matmul
+        aten = sum(e.self_cpu_time_total for e in events if e.name.startswith("aten::")) / 1e6
+        other = aten - in_ops - in_linear - aten_matmul
         with _adapters_off(model):
             off = runner._infer(plan).forward_s
         t = time.perf_counter()
@@ -192,5 +191,6 @@ COLUMNS = (("steps", "steps"), ("step", "whole step"), ("plan", "plan"), ("prepa
 def table(result: dict[str, Any]) -> str:
     lines = ["| case | " + " | ".join(label for _, label in COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
     for name, med in result["cases"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{med[key]:.2f}" if key != "steps" else str(med[key]) for key, _ in COLUMNS) + " |")
+        cells = (str(med[key]) if key == "steps" else f"{med[key]:.2f}" for key, _ in COLUMNS)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

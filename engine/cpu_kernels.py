@@ -10,8 +10,9 @@
   threads); the kernel splits the weights' rows across the threads and reads each row once for
   all the step's rows (7-9 ms at one row, 8.6-11 at four, 18-20 at sixteen, two threads, against
   torch's 18-21, 33 and 30-36; at 32 rows 34 vs 41 ms, at 64 62 vs 65, and from 128 rows torch's
-  blocked GEMM is as fast or faster, so it keeps those). ``install_small_linear`` puts it under a model's ``nn.Linear`` layers for
-  inference; with gradients on (fine-tune work) or more rows, torch's path runs as before.
+  blocked GEMM is as fast or faster, so it keeps those). ``install_small_linear`` puts it under a
+  model's ``nn.Linear`` layers for inference; with gradients on (fine-tune work) or more rows,
+  torch's path runs as before.
 
 Built with the system C compiler into ``$XDG_CACHE_HOME/mace-serve/kernels/<source hash>/`` (about a
 second), once per machine. Without a compiler, or with ``MACE_NO_C_KERNELS=1``, ``load()`` returns

@@ -235,7 +235,7 @@ class Trainer:
 
     def _reference_next(self) -> bool:
         """Whether the next pair's reference pass comes before training a ready pair: when none is
-        ready, or (ranking) fewer than ``rank_window`` are."""
+        ready, or (ranking) fewer than ``rank_window`` are and the look-ahead is not overdue."""
         if not self._needs_reference:
             return False
         if not self._ready:
@@ -244,8 +244,9 @@ class Trainer:
 
     def _look_ahead_overdue(self) -> bool:
         """Whether references have run ahead for max_step_delay_s since the last step (or since a
-        ready pair first waited behind them): the ready pairs train now. Under a load that leaves training a small
-        share, filling the window can take minutes, and nothing would step meanwhile."""
+        ready pair first waited behind them): the ready pairs train now. Under a load that leaves
+        training a small share, filling the window can take minutes, and nothing would step
+        meanwhile."""
         delay = self.config.max_step_delay_s
         if not delay or self._now is None:
             return False
