@@ -7,7 +7,9 @@ prefill of one 512-token prompt (all its chunks). Each is run ``steps`` times; p
 
 - plan: ``EngineCore.schedule`` (the policy, block tables, the chunks);
 - prepare: packing ids, positions and attention metadata (``ModelRunner._prepare``);
-- forward, split with torch's profiler (a second pass; its overhead is not counted) into
+- forward: an iteration of decodes alone runs as one C call (engine/decode_step.py), timed as a
+  whole ("C step"); each decode case also runs through the model's modules ("module path"),
+  whose forward is split with torch's profiler (a second pass; its overhead is not counted) into
   matmuls (``aten::mm``/``addmm``/``bmm`` self time, LoRA's included, and the C linear kernel's
   calls as a whole), attention (the paged
   attention function, the C decode kernel or SDPA, as a whole), other tensor ops (norms, RoPE,
@@ -35,6 +37,7 @@ import torch
 _MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
 _ATTENTION = "mace::attention"
 _LINEAR = "mace::linear"  # the C kernel for a few rows (engine/cpu_kernels.py), invisible to the profiler else
+_STEP = "mace::decode_step"  # the whole-step C decode (engine/decode_step.py)
 
 
 @contextmanager
@@ -59,6 +62,7 @@ def _labelled_kernels():
     from transformers import AttentionInterface
 
     from engine import attention, cpu_kernels
+    from engine.decode_step import DecodeStep
 
     def labelled(*args, **kwargs):
         with torch.profiler.record_function(_ATTENTION):
@@ -70,13 +74,21 @@ def _labelled_kernels():
         with torch.profiler.record_function(_LINEAR):
             return small_linear(*args)
 
+    whole_step = DecodeStep.__call__
+
+    def labelled_step(*args):
+        with torch.profiler.record_function(_STEP):
+            return whole_step(*args)
+
     AttentionInterface.register(attention.ATTENTION_NAME, labelled)
     cpu_kernels.small_linear = labelled_linear
+    DecodeStep.__call__ = labelled_step
     try:
         yield
     finally:
         AttentionInterface.register(attention.ATTENTION_NAME, attention.paged_attention_forward)
         cpu_kernels.small_linear = small_linear
+        DecodeStep.__call__ = whole_step
 
 
 def _engine(model: str, threads: int, dtype: str, max_num_batched_tokens: int):
@@ -117,12 +129,12 @@ def _case(core, runner, vocab: int, batch: int, prompt_len: int, steps: int, dec
     seqs = []
     for i in range(batch):
         prompt = torch.randint(4, vocab, (prompt_len,), generator=g).tolist()
-        seqs.append(core.add_request(f"p{batch}-{prompt_len}-{i}", prompt, params))
+        seqs.append(core.add_request(f"p{batch}-{prompt_len}-{i}-{time.perf_counter_ns()}", prompt, params))
     if decode:  # prefill first: not counted
         while any(s.num_output_tokens == 0 for s in seqs):
             core.process_result(runner.execute(core.schedule()))
     rows: dict[str, list[float]] = {k: [] for k in ("plan", "prepare", "forward", "sampling", "results",
-                                                    "matmul", "attention", "other_ops", "lora", "step")}
+                                                    "matmul", "attention", "other_ops", "c_step", "lora", "step")}
 
     def plans():
         """``steps`` decode steps, or the prompt's chunks up to its first token; each with the
@@ -141,13 +153,15 @@ def _case(core, runner, vocab: int, batch: int, prompt_len: int, steps: int, dec
             runner._infer(plan)
         events = prof.events()
         attention = sum(e.cpu_time_total for e in events if e.name == _ATTENTION) / 1e6
+        c_step = sum(e.cpu_time_total for e in events if e.name == _STEP) / 1e6
+        in_step = _inside(events, _STEP)[1]  # its tensors: positions' cos/sin, ids, the logits
         in_matmul, in_ops = _inside(events, _ATTENTION)  # counted in the attention's total
         in_linear = _inside(events, _LINEAR)[1]  # its output's allocation, reshapes
         aten_matmul = sum(e.self_cpu_time_total for e in events if e.name in _MATMUL) / 1e6 - in_matmul
         matmul = aten_matmul + sum(e.cpu_time_total for e in events if e.name == _LINEAR) / 1e6
         # the other tensor ops: outside the attention and the C kernel's calls, not matmuls
         aten = sum(e.self_cpu_time_total for e in events if e.name.startswith("aten::")) / 1e6
-        other = aten - in_ops - in_linear - aten_matmul
+        other = aten - in_ops - in_linear - in_step - aten_matmul
         with _adapters_off(model):
             off = runner._infer(plan).forward_s
         t = time.perf_counter()
@@ -157,7 +171,7 @@ def _case(core, runner, vocab: int, batch: int, prompt_len: int, steps: int, dec
         done = time.perf_counter()
         for key, value in (("plan", plan_s), ("prepare", result.prepare_s), ("forward", result.forward_s),
                            ("sampling", result.sample_s), ("results", done - t_results), ("matmul", matmul),
-                           ("attention", attention), ("other_ops", max(0.0, other)),
+                           ("attention", attention), ("other_ops", max(0.0, other)), ("c_step", c_step),
                            ("lora", result.forward_s - off), ("step", done - t + plan_s)):
             rows[key].append(value)
     for s in seqs:
@@ -167,7 +181,8 @@ def _case(core, runner, vocab: int, batch: int, prompt_len: int, steps: int, dec
     else:  # the prompt's chunks, all of them
         med = {k: sum(v) * 1e3 for k, v in rows.items() if v}
     # what the profiler did not see inside the forward: Python, module calls, dispatch
-    med["python_dispatch"] = max(0.0, med["forward"] - med["matmul"] - med["attention"] - med["other_ops"])
+    med["python_dispatch"] = max(0.0, med["forward"] - med["matmul"] - med["attention"] - med["other_ops"]
+                                 - med["c_step"])
     med["steps"] = len(rows["step"])
     med["tokens"] = prompt_len if not decode else batch
     return med
@@ -176,14 +191,20 @@ def _case(core, runner, vocab: int, batch: int, prompt_len: int, steps: int, dec
 def profile(model: str, threads: int, dtype: str, steps: int = 20) -> dict[str, Any]:
     core, runner = _engine(model, threads, dtype, max_num_batched_tokens=512)
     vocab = runner.model.config.vocab_size
-    cases = {"decode, batch 1": _case(core, runner, vocab, 1, 256, steps, decode=True),
-             "decode, batch 16": _case(core, runner, vocab, 16, 256, steps, decode=True),
-             "prefill, 512 tokens": _case(core, runner, vocab, 1, 512, steps, decode=False)}
+    cases = {}
+    for batch in (1, 16):
+        cases[f"decode, batch {batch}"] = _case(core, runner, vocab, batch, 256, steps, decode=True)
+        step, runner.decode_step = runner.decode_step, None
+        try:
+            cases[f"decode, batch {batch}, module path"] = _case(core, runner, vocab, batch, 256, steps, decode=True)
+        finally:
+            runner.decode_step = step
+    cases["prefill, 512 tokens"] = _case(core, runner, vocab, 1, 512, steps, decode=False)
     return {"threads": threads, "dtype": dtype, "cases": cases}
 
 
 COLUMNS = (("steps", "steps"), ("step", "whole step"), ("plan", "plan"), ("prepare", "prepare"), ("forward", "forward"),
-           ("matmul", "matmuls"), ("attention", "attention"), ("other_ops", "other ops"),
+           ("c_step", "C step"), ("matmul", "matmuls"), ("attention", "attention"), ("other_ops", "other ops"),
            ("python_dispatch", "Python + dispatch"), ("lora", "LoRA"), ("sampling", "sampling"),
            ("results", "results + detokenize"))
 

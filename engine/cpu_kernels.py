@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-_SOURCES = ("csrc/paged_decode.c", "csrc/linear.c")
+_SOURCES = ("csrc/paged_decode.c", "csrc/linear.c", "csrc/decode_step.c")  # in this order: one unit
 SMALL_LINEAR_ROWS = 64
 # weights smaller than this stay on torch's path (LoRA's rank-8 factors): the call costs more
 MIN_SMALL_LINEAR_WEIGHTS = 1 << 16
@@ -81,6 +81,9 @@ def load() -> ctypes.CDLL | None:
     fn = lib.mace_linear_f32
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    from engine.decode_step import declare
+
+    declare(lib)
     return lib
 
 

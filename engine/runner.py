@@ -13,6 +13,8 @@ import torch
 
 from engine import cpu_kernels
 from engine.attention import PagedAttentionMetadata, PrefillSpan
+from engine.decode_step import MAX_ROWS as WHOLE_STEP_ROWS
+from engine.decode_step import DecodeStep
 from engine.plan import IterationPlan, IterationResult, KvPrune, SequenceChunk, SequenceResult
 from engine.sampling import sample, top_logprobs
 
@@ -54,6 +56,11 @@ class ModelRunner:
             self.decode_kernel = cpu_kernels.load()
             if self.decode_kernel is not None:
                 cpu_kernels.install_small_linear(model, self.decode_kernel)
+        # An iteration of one-token decodes only runs as one C call (engine/decode_step.py)
+        # where the model is covered; heavy-hitter scores need the module path's attention.
+        self.decode_step = None
+        if self.decode_kernel is not None and not collect_attention_scores:
+            self.decode_step = DecodeStep.build(model, self.decode_kernel, self.kv_caches, block_size)
         # Heavy-hitter pruning: attention each KV slot has received from prefill queries and
         # decodes since its token was written, per layer (summed over heads): (num_layers, num_blocks * block_size). Each
         # layer keeps its own heavy hitters, as H2O does.
@@ -68,6 +75,58 @@ class ModelRunner:
         self.last_logits: dict[int, torch.Tensor] = {}
         self._decoder = model.get_decoder()
         self._lm_head = model.get_output_embeddings()
+
+    def _whole_step_covers(self, chunks: list[SequenceChunk]) -> bool:
+        return (self.decode_step is not None and len(chunks) <= WHOLE_STEP_ROWS
+                and all(len(c.token_ids) == 1 and not c.prompt_logprob_targets for c in chunks)
+                and self.decode_step.covers())
+
+    def _whole_step(self, chunks: list[SequenceChunk]) -> torch.Tensor:
+        """Logits of the sampling chunks among ``chunks`` (all one-token decodes), in order."""
+        bs = self.block_size
+        lengths = [c.kv_offset + 1 for c in chunks]
+        max_blocks = (max(lengths) - 1) // bs + 1
+        table = torch.tensor([c.block_table[:max_blocks] + [0] * (max_blocks - len(c.block_table[:max_blocks]))
+                              for c in chunks], dtype=torch.long)
+        logits = self.decode_step(
+            [c.token_ids[0] for c in chunks], [c.start_pos for c in chunks],
+            [self._slot(c.block_table, c.kv_offset) for c in chunks], table, torch.tensor(lengths, dtype=torch.long),
+        )
+        sampled = [i for i, c in enumerate(chunks) if c.sampling is not None]
+        return logits if len(sampled) == len(chunks) else logits[sampled]
+
+    def _module_forward(self, chunks: list[SequenceChunk]):
+        """The model's modules over the packed chunks: (chunks in packed order, logits of the
+        sampling rows then the prompt-logprob rows, time the forward began, those score rows)."""
+        ordered, ids, pos_ids, meta = self._prepare(chunks)
+        if self.slot_scores is not None:
+            self.slot_scores[:, meta.slot_mapping] = 0.0  # fresh tokens start from nothing
+        t1 = time.perf_counter()
+        hidden = self._decoder(
+            input_ids=ids,
+            position_ids=pos_ids,
+            attention_mask=self._placeholder_mask,
+            use_cache=False,
+            mace_meta=meta,
+        ).last_hidden_state[0]  # (T, hidden)
+        if meta.decode_scores is not None:  # padded entries point at slot 0 and add nothing
+            self.slot_scores.index_add_(1, meta.decode_score_slots, meta.decode_scores.flatten(1))
+
+        # Logits only where they are used: the last row of each sampling chunk, and the rows
+        # whose prompt log-probs were asked for.
+        sample_rows: list[int] = []
+        score_rows: list[int] = []
+        row = 0
+        for c in ordered:
+            if c.prompt_logprob_targets:
+                first = row + c.prompt_logprob_start - c.start_pos
+                score_rows.extend(range(first, first + len(c.prompt_logprob_targets)))
+            row += len(c.token_ids)
+            if c.sampling is not None:
+                sample_rows.append(row - 1)
+        rows = torch.tensor(sample_rows + score_rows, dtype=torch.long, device=self.device)
+        logits = self._lm_head(hidden.index_select(0, rows)).float() if len(rows) else None
+        return ordered, logits, t1, score_rows
 
     def _prepare(self, chunks: list[SequenceChunk]):
         """Pack the chunks, decodes first, into (1, T) ids and positions plus attention metadata."""
@@ -195,34 +254,12 @@ class ModelRunner:
             self._prune(op)
         if not plan.chunks:
             return IterationResult(plan.iteration, [], 0)
-        ordered, ids, pos_ids, meta = self._prepare(plan.chunks)
-        if self.slot_scores is not None:
-            self.slot_scores[:, meta.slot_mapping] = 0.0  # fresh tokens start from nothing
-        t1 = time.perf_counter()
-        hidden = self._decoder(
-            input_ids=ids,
-            position_ids=pos_ids,
-            attention_mask=self._placeholder_mask,
-            use_cache=False,
-            mace_meta=meta,
-        ).last_hidden_state[0]  # (T, hidden)
-        if meta.decode_scores is not None:  # padded entries point at slot 0 and add nothing
-            self.slot_scores.index_add_(1, meta.decode_score_slots, meta.decode_scores.flatten(1))
-
-        # Logits only where they are used: the last row of each sampling chunk, and the rows
-        # whose prompt log-probs were asked for.
-        sample_rows: list[int] = []
-        score_rows: list[int] = []
-        row = 0
-        for c in ordered:
-            if c.prompt_logprob_targets:
-                first = row + c.prompt_logprob_start - c.start_pos
-                score_rows.extend(range(first, first + len(c.prompt_logprob_targets)))
-            row += len(c.token_ids)
-            if c.sampling is not None:
-                sample_rows.append(row - 1)
-        rows = torch.tensor(sample_rows + score_rows, dtype=torch.long, device=self.device)
-        logits = self._lm_head(hidden.index_select(0, rows)).float() if len(rows) else None
+        if self._whole_step_covers(plan.chunks):
+            t1 = time.perf_counter()
+            ordered, logits, score_rows, num_tokens = plan.chunks, self._whole_step(plan.chunks), [], len(plan.chunks)
+        else:
+            ordered, logits, t1, score_rows = self._module_forward(plan.chunks)
+            num_tokens = sum(len(c.token_ids) for c in ordered)
         self._sync()
         t2 = time.perf_counter()
 
@@ -257,7 +294,7 @@ class ModelRunner:
         return IterationResult(
             iteration=plan.iteration,
             outputs=list(results.values()),
-            num_tokens=ids.shape[1],
+            num_tokens=num_tokens,
             prepare_s=t1 - t0,
             forward_s=t2 - t1,
             sample_s=t3 - t2,

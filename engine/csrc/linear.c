@@ -74,27 +74,32 @@ static void linear_tile_any(const float *x, const float *W, const float *b, floa
 }
 #endif
 
+/* y's columns n .. n+rn-1 (rn <= LINEAR_TILE_N) for all M rows of x */
+static void linear_tile_rows(const float *x, const float *W, const float *b, float *y, int64_t M, int64_t K, int64_t N,
+                             int64_t n, int rn) {
+    for (int64_t m = 0; m < M; m += LINEAR_TILE_M) {
+        const int mb = (int)(M - m < LINEAR_TILE_M ? M - m : LINEAR_TILE_M);
+#if defined(__AVX512F__)
+        linear_tile_any(x, W, b, y, K, N, n, m, rn, mb);
+#else
+        for (int r = 0; r < rn; ++r)
+            for (int i = 0; i < mb; ++i) {
+                float s = 0.0f;
+                const float *wr = W + (n + r) * K, *xr = x + (m + i) * K;
+#pragma omp simd reduction(+ : s)
+                for (int64_t k = 0; k < K; ++k) s += wr[k] * xr[k];
+                y[(m + i) * N + n + r] = s + (b ? b[n + r] : 0.0f);
+            }
+#endif
+    }
+}
+
 void mace_linear_f32(const float *x, const float *W, const float *b, float *y, int64_t M, int64_t K, int64_t N,
                      int num_threads) {
     const int64_t tiles = (N + LINEAR_TILE_N - 1) / LINEAR_TILE_N;
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t t = 0; t < tiles; ++t) {
         const int64_t n = t * LINEAR_TILE_N;
-        const int rn = (int)(N - n < LINEAR_TILE_N ? N - n : LINEAR_TILE_N);
-        for (int64_t m = 0; m < M; m += LINEAR_TILE_M) {
-            const int mb = (int)(M - m < LINEAR_TILE_M ? M - m : LINEAR_TILE_M);
-#if defined(__AVX512F__)
-            linear_tile_any(x, W, b, y, K, N, n, m, rn, mb);
-#else
-            for (int r = 0; r < rn; ++r)
-                for (int i = 0; i < mb; ++i) {
-                    float s = 0.0f;
-                    const float *wr = W + (n + r) * K, *xr = x + (m + i) * K;
-#pragma omp simd reduction(+ : s)
-                    for (int64_t k = 0; k < K; ++k) s += wr[k] * xr[k];
-                    y[(m + i) * N + n + r] = s + (b ? b[n + r] : 0.0f);
-                }
-#endif
-        }
+        linear_tile_rows(x, W, b, y, M, K, N, n, (int)(N - n < LINEAR_TILE_N ? N - n : LINEAR_TILE_N));
     }
 }
