@@ -96,9 +96,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3, help="single-request measurements: the best of this many")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mace-flags", default="", help="more `mace serve` flags, one string")
+    p.add_argument("--setups", default=",".join(MACE_SETUPS),
+                   help=f"which `mace serve` setups run, comma-separated, of: {', '.join(MACE_SETUPS)}")
     p.add_argument("--profile", action="store_true",
                    help="instead: where one engine step's time goes, in-process (bench/cpu_profile.py)")
     p.add_argument("--out", default="bench-results/cpu.json")
+
+
+# How `mace serve` runs: ``mace``, its defaults (the mace policy, which keeps every running
+# request's time between tokens within its SLO, so a queue of prompts is prefilled in pieces that
+# fit beside the decodes); ``mace-512``, batching as llama-server does (first come first served,
+# up to 512 tokens an iteration, prompts prefilled in pieces of up to 512 beside the decodes:
+# llama-server's ``-b 512``), the setup for raw throughput.
+MACE_SETUPS = {"mace": [], "mace-512": ["--policy", "inference-only", "--max-num-batched-tokens", "512"]}
 
 
 # -- the workload -----------------------------------------------------------------------------------
@@ -182,9 +192,9 @@ def llama_server(binary: Path, gguf: Path, threads: int, slots: int, log_path: P
             yield url
 
 
-def _run_mace(args, model: str, work, vocab: int, logs: Path, round_: int) -> dict[str, Any]:
-    flags = ["--threads", str(args.threads), "--dtype", args.dtype, *args.mace_flags.split()]
-    with spawned_server(model, *flags, log_path=logs / f"mace-{round_}.log", ready_timeout_s=600.0) as url:
+def _run_mace(args, setup: str, model: str, work, vocab: int, logs: Path, round_: int) -> dict[str, Any]:
+    flags = ["--threads", str(args.threads), "--dtype", args.dtype, *MACE_SETUPS[setup], *args.mace_flags.split()]
+    with spawned_server(model, *flags, log_path=logs / f"{setup}-{round_}.log", ready_timeout_s=600.0) as url:
         return asyncio.run(measure(Peer("mace", url, {}), work, vocab, args.repeats, args.seed))
 
 
@@ -205,19 +215,19 @@ def _spread(values: list[float]) -> str:
 
 
 def report(rows: list[dict[str, Any]], args, model: str) -> str:
-    systems = sorted({r["system"] for r in rows}, key=lambda s: s != "mace")
+    """A column per system, then each mace setup's ratio to llama's, round by round (mean and
+    spread of the ratios; better: > 1 for tok/s, < 1 for ms)."""
+    systems = [s for s in (*MACE_SETUPS, "llama") if any(r["system"] == s for r in rows)]
+    setups = [s for s in systems if s != "llama"] if "llama" in systems else []
     header = (f"Model `{model}`, {args.dtype}, {args.threads} threads each, {args.requests} requests at once; "
               f"{cpu_name()}; {args.rounds} rounds, alternating. Command: `mace bench cpu {' '.join(sys.argv[3:])}`.")
-    lines = [header, "",
-             "| figure | " + " | ".join(systems) + (" | mace / llama (better: >1 for tok/s, <1 for ms) |"
-                                                     if len(systems) > 1 else " |"),
-             "|---|" + "---:|" * (len(systems) + (len(systems) > 1))]
+    lines = [header, "", "| figure | " + " | ".join([*systems, *(f"{s} / llama" for s in setups)]) + " |",
+             "|---|" + "---:|" * (len(systems) + len(setups))]
     for key, label, _ in FIGURES:
         cells = [_spread([r[key] for r in rows if r["system"] == s]) for s in systems]
-        if len(systems) > 1:
-            ratios = [m[key] / l[key] for m, l in zip((r for r in rows if r["system"] == "mace"),
-                                                       (r for r in rows if r["system"] == "llama"))]
-            cells.append(_spread(ratios) + "x")
+        llama = {r["round"]: r[key] for r in rows if r["system"] == "llama"}
+        for s in setups:
+            cells.append(_spread([r[key] / llama[r["round"]] for r in rows if r["system"] == s]) + "x")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -250,15 +260,18 @@ def main(args: argparse.Namespace) -> dict:
     work = throughput_workload(args.requests, vocab, args.seed)
     rows = []
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    setups = [s.strip() for s in args.setups.split(",") if s.strip()]
+    unknown = [s for s in setups if s not in MACE_SETUPS]
+    if unknown or not setups:
+        raise SystemExit(f"--setups: unknown {unknown}; known: {', '.join(MACE_SETUPS)}")
+    systems = setups + (["llama"] if binary is not None else [])
     for round_ in range(args.rounds):
-        order = ["mace", "llama"] if binary is not None else ["mace"]
-        if round_ % 2:
-            order.reverse()
-        for system in order:
-            if system == "mace":
-                result = _run_mace(args, model, work, vocab, logs, round_)
-            else:
+        shift = round_ % len(systems)  # each system first in turn
+        for system in systems[shift:] + systems[:shift]:
+            if system == "llama":
                 result = _run_llama(args, binary, gguf, work, vocab, logs, round_)
+            else:
+                result = _run_mace(args, system, model, work, vocab, logs, round_)
             rows.append({"system": system, "round": round_, **result})
             print(rows[-1], flush=True)
     table = report(rows, args, model)

@@ -24,15 +24,23 @@ async def test_measure_counts_every_token_a_real_server_streams(start_server, de
     assert result["decode_ms_per_token"] > 0 and result["prefill_ms_per_token"] > 0
 
 
-def test_the_report_gives_mace_over_llama_per_round():
+def test_the_report_gives_each_mace_setup_over_llama_per_round():
     rows = [{"system": "mace", "round": 0, "throughput_tok_s": 120.0, "decode_ms_per_token": 10.0, "prefill_ms_per_token": 1.0},
             {"system": "llama", "round": 0, "throughput_tok_s": 100.0, "decode_ms_per_token": 8.0, "prefill_ms_per_token": 0.5},
+            {"system": "mace-512", "round": 0, "throughput_tok_s": 200.0, "decode_ms_per_token": 8.0, "prefill_ms_per_token": 0.5},
+            {"system": "mace-512", "round": 1, "throughput_tok_s": 150.0, "decode_ms_per_token": 5.0, "prefill_ms_per_token": 2.0},
             {"system": "llama", "round": 1, "throughput_tok_s": 150.0, "decode_ms_per_token": 10.0, "prefill_ms_per_token": 1.0},
             {"system": "mace", "round": 1, "throughput_tok_s": 120.0, "decode_ms_per_token": 10.0, "prefill_ms_per_token": 1.0}]
     args = argparse.Namespace(dtype="float32", threads=2, requests=16, rounds=2)
     lines = report(rows, args, "m").splitlines()
-    assert lines[2].startswith("| figure | mace | llama |")
-    # throughput: 120/100 and 120/150; decode: 10/8 and 10/10; prefill: 1/0.5 and 1/1
-    assert lines[4] == "| 16-request throughput tok/s | 120.00 (120.00-120.00) | 125.00 (100.00-150.00) | 1.00 (0.80-1.20)x |"
-    assert lines[5] == "| batch-1 decode ms/token | 10.00 (10.00-10.00) | 9.00 (8.00-10.00) | 1.12 (1.00-1.25)x |"
-    assert lines[6] == "| 512-token prefill ms/token | 1.00 (1.00-1.00) | 0.75 (0.50-1.00) | 1.50 (1.00-2.00)x |"
+    assert lines[2] == "| figure | mace | mace-512 | llama | mace / llama | mace-512 / llama |"
+    # mace: throughput 120/100 and 120/150; decode 10/8 and 10/10; prefill 1/0.5 and 1/1
+    # mace-512: throughput 200/100 and 150/150; decode 8/8 and 5/10; prefill 0.5/0.5 and 2/1
+    assert lines[4] == ("| 16-request throughput tok/s | 120.00 (120.00-120.00) | 175.00 (150.00-200.00) "
+                        "| 125.00 (100.00-150.00) | 1.00 (0.80-1.20)x | 1.50 (1.00-2.00)x |")
+    assert lines[5] == ("| batch-1 decode ms/token | 10.00 (10.00-10.00) | 6.50 (5.00-8.00) | 9.00 (8.00-10.00) "
+                        "| 1.12 (1.00-1.25)x | 0.75 (0.50-1.00)x |")
+    assert lines[6] == ("| 512-token prefill ms/token | 1.00 (1.00-1.00) | 1.25 (0.50-2.00) | 0.75 (0.50-1.00) "
+                        "| 1.50 (1.00-2.00)x | 1.50 (1.00-2.00)x |")
+    alone = report([r for r in rows if r["system"] == "mace"], args, "m").splitlines()
+    assert alone[2] == "| figure | mace |" and alone[4].endswith("| 120.00 (120.00-120.00) |")
