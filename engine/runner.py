@@ -55,6 +55,7 @@ class ModelRunner:
         if decode_attention == "auto" and self.device.type == "cpu" and self.dtype == torch.float32:
             self.decode_kernel = cpu_kernels.load()
             if self.decode_kernel is not None:
+                cpu_kernels.install_fused_mlp(model, self.decode_kernel)
                 cpu_kernels.install_small_linear(model, self.decode_kernel)
         # An iteration of one-token decodes only runs as one C call (engine/decode_step.py)
         # where the model is covered; heavy-hitter scores need the module path's attention.

@@ -47,3 +47,38 @@ def test_layers_use_it_only_for_inference_at_a_few_rows(monkeypatch):
     out = model(x)  # gradients on (fine-tune work): torch's path, and the gradient flows
     out.sum().backward()
     assert len(calls) == 1 and model[0].weight.grad is not None
+
+
+def test_the_fused_mlp_computes_the_same_and_keeps_the_weights_in_place():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    lib = cpu_kernels.load()
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=96, intermediate_size=200, hidden_act="silu"))
+    gate, up = mlp.gate_proj.weight.detach().clone(), mlp.up_proj.weight.detach().clone()
+    inputs = [torch.randn(1, 5, 96), torch.randn(1, 100, 96)]  # the small-linear kernel's rows, then torch's
+    with torch.no_grad():
+        expected = [mlp(x) for x in inputs]
+    assert cpu_kernels.install_fused_mlp(mlp, lib) == 1
+    assert cpu_kernels.install_fused_mlp(mlp, lib) == 0  # already fused
+    assert torch.equal(mlp.gate_proj.weight, gate) and torch.equal(mlp.up_proj.weight, up)
+    # one tensor under both: the up weights follow the gate's in memory
+    assert mlp.up_proj.weight.data_ptr() == mlp.gate_proj.weight.data_ptr() + gate.numel() * 4
+    with torch.inference_mode():
+        for x, want in zip(inputs, expected):
+            torch.testing.assert_close(mlp(x), want, rtol=1e-5, atol=1e-5)
+    x = torch.randn(1, 7, 96, requires_grad=True)
+    mlp(x).sum().backward()  # with gradients: the modules' own path, and the gradient flows
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_the_fused_mlp_leaves_lora_targets_alone():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=["gate_proj"]))
+    assert cpu_kernels.install_fused_mlp(model, cpu_kernels.load()) == 0

@@ -10,6 +10,7 @@
  * Sums run over K in 16-wide fp32 lanes, then across lanes: the order differs from torch's, the
  * precision does not.
  */
+#include <math.h>
 #include <stdint.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -101,5 +102,17 @@ void mace_linear_f32(const float *x, const float *W, const float *b, float *y, i
     for (int64_t t = 0; t < tiles; ++t) {
         const int64_t n = t * LINEAR_TILE_N;
         linear_tile_rows(x, W, b, y, M, K, N, n, (int)(N - n < LINEAR_TILE_N ? N - n : LINEAR_TILE_N));
+    }
+}
+
+/* SwiGLU's gate: out (M, I) = silu(gu[:, :I]) * gu[:, I:] for gu (M, 2I), the gate and up
+ * projections computed as one (engine/cpu_kernels.py install_fused_mlp). */
+void mace_silu_mul_f32(const float *gu, float *out, int64_t M, int64_t I, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t m = 0; m < M; ++m) {
+        const float *g = gu + m * 2 * I, *u = g + I;
+        float *o = out + m * I;
+#pragma omp simd
+        for (int64_t i = 0; i < I; ++i) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     }
 }
