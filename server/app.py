@@ -20,6 +20,7 @@ import gc
 import hmac
 import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -142,44 +143,100 @@ def make_runner(app: web.Application) -> web.AppRunner:
     return web.AppRunner(app, handler_cancellation=True, shutdown_timeout=5.0, access_log=None)
 
 
-async def _serve_forever(app: web.Application, host: str, port: int) -> None:
-    runner = make_runner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    log.info("serving %s on http://%s:%d", app[STATE].model_name, host, port)
-    stop = asyncio.Event()
+def _starting_app() -> web.Application:
+    """What answers while the model loads: 503 everywhere (``/health`` with ``{"status":
+    "loading"}``, every other route an error in its family's shape, code ``loading``), with
+    ``Retry-After``: load balancers and clients see a server that is coming up, not a refused
+    connection."""
+
+    async def starting(request: web.Request) -> web.Response:
+        headers = {"Retry-After": "1"}
+        if request.path == "/health":
+            return web.json_response({"status": "loading"}, status=503, headers=headers)
+        response = error_response(ApiError(503, "the model is loading; retry shortly", None, "loading"),
+                                  request.path.startswith("/generate"))
+        response.headers.update(headers)
+        return response
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", starting)
+    return app
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family)
+
+
+async def _serve_forever(build: Callable[[], web.Application], host: str, port: int,
+                         stop: asyncio.Event | None = None) -> None:
+    """Listen at once and answer 503 while ``build()`` makes the application in a thread that
+    then exits (``_in_a_passing_thread``), then serve it on the same socket until ``stop`` is set
+    (None: until SIGTERM or SIGINT, which also cut the loading short)."""
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    if stop is None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    sock = _listen(host, port)
+    starting = make_runner(_starting_app())
+    await starting.setup()
+    # the starting site gets a duplicate of the socket: stopping it closes only the duplicate
+    await web.SockSite(starting, sock.dup()).start()
+    log.info("listening on http://%s:%d; /health answers 503 until the model is loaded", host, port)
+    built = asyncio.ensure_future(_in_a_passing_thread(build))
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({built, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not built.done():  # stopped while loading: the loading thread is a daemon and goes with the process
+            log.info("stopped while loading")
+            return
+        app = built.result()  # a failed start-up raises here
+        runner = make_runner(app)
+        await runner.setup()
+        await web.SockSite(runner, sock).start()  # both accept until the starting site stops
+    finally:
+        stopped.cancel()
+        await starting.cleanup()
+    log.info("serving %s on http://%s:%d", app[STATE].model_name, host, port)
     await stop.wait()
     log.info("shutting down: draining in-flight requests (up to %.0f s)", app[STATE].shutdown_grace_s)
     await runner.cleanup()
     log.info("stopped")
 
 
-def _in_a_passing_thread(fn: Callable[[], object]):
-    """``fn()`` in a thread that then exits (its result, or its exception re-raised here).
+async def _in_a_passing_thread(fn: Callable[[], object]):
+    """``fn()`` in a thread that then exits; the caller awaits its result (or its exception).
 
     Start-up (loading, the cost profile) runs torch's parallel ops, and on CPU the OpenMP runtime
     keeps a thread team for every thread that ran one. The main thread's idle team beside the
     worker's makes more OpenMP threads than cores, and libgomp then stops spinning between
     parallel regions: the worker's decode step took 24-29 ms instead of 15-19 (base demo model, 2
-    threads). A team goes with the thread that made it."""
-    box: dict[str, object] = {}
+    threads). A team goes with the thread that made it. The thread is a daemon, so a stop while it
+    runs does not wait for it, and the event loop keeps answering meanwhile."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+
+    def settle(value: object, error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(value)
 
     def run() -> None:
         try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the calling thread
-            box["error"] = exc
+            value, error = fn(), None
+        except BaseException as exc:  # noqa: BLE001 - raised in the awaiting coroutine
+            value, error = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, value, error)
+        except RuntimeError:  # the loop closed: the server stopped while this ran
+            pass
 
-    thread = threading.Thread(target=run, name="mace-start-up")
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+    threading.Thread(target=run, name="mace-start-up", daemon=True).start()
+    return await done
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -189,24 +246,28 @@ def serve(args: argparse.Namespace) -> None:
     state_dir = Path(args.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     feedback_store = FeedbackStore(state_dir / "feedback.sqlite3")
-    core, runner = _in_a_passing_thread(
-        lambda: build_engine(engine_config(args), training_config(args, str(state_dir)), feedback_store))
-    sched = core.config.scheduler
-    ttft, tbt = core.policy.default_slos_ms()
-    learned = " (learned from the load as it runs; this is the start)" if sched.learned_slos and core.policy.plans_by_time else ""
-    log.info("default SLOs: TTFT %.0f ms, TBT %.0f ms%s", ttft, tbt, learned)
     with contextlib.ExitStack() as files:
         trace = None
         if args.trace_iterations:
             trace = files.enter_context(open(args.trace_iterations, "a", buffering=1 << 16))
-        app = build_app(
-            core, runner, model_name=args.served_model_name, api_key=api_key or None,
-            max_waiting_requests=args.max_waiting_requests, refuse_late_requests=args.refuse_late_requests,
-            max_request_bytes=args.max_request_bytes,
-            shutdown_grace_s=args.shutdown_grace, feedback_store=feedback_store, trace=trace,
-        )
-        _freeze_start_up_objects()
-        uvloop.run(_serve_forever(app, args.host, args.port))
+
+        def build() -> web.Application:
+            core, runner = build_engine(engine_config(args), training_config(args, str(state_dir)), feedback_store)
+            sched = core.config.scheduler
+            ttft, tbt = core.policy.default_slos_ms()
+            learned = (" (learned from the load as it runs; this is the start)"
+                       if sched.learned_slos and core.policy.plans_by_time else "")
+            log.info("default SLOs: TTFT %.0f ms, TBT %.0f ms%s", ttft, tbt, learned)
+            app = build_app(
+                core, runner, model_name=args.served_model_name, api_key=api_key or None,
+                max_waiting_requests=args.max_waiting_requests, refuse_late_requests=args.refuse_late_requests,
+                max_request_bytes=args.max_request_bytes,
+                shutdown_grace_s=args.shutdown_grace, feedback_store=feedback_store, trace=trace,
+            )
+            _freeze_start_up_objects()
+            return app
+
+        uvloop.run(_serve_forever(build, args.host, args.port))
 
 
 def _freeze_start_up_objects() -> None:
