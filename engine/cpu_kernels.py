@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from engine import host_memory
+
 log = logging.getLogger(__name__)
 _SOURCES = ("csrc/paged_decode.c", "csrc/linear.c", "csrc/decode_step.c")  # in this order: one unit
 SMALL_LINEAR_ROWS = 64
@@ -154,7 +156,8 @@ def install_fused_mlp(model: torch.nn.Module, lib: ctypes.CDLL) -> int:
                 or w_up.dtype != torch.float32):
             continue
         with torch.no_grad():
-            fused = torch.cat([w_gate, w_up])  # (2I, H)
+            fused = host_memory.empty((2 * w_gate.shape[0], w_gate.shape[1]), w_gate.dtype)  # (2I, H)
+            torch.cat([w_gate, w_up], out=fused)
         size = w_gate.shape[0]
         gate.weight = torch.nn.Parameter(fused[:size], requires_grad=w_gate.requires_grad)
         up.weight = torch.nn.Parameter(fused[size:], requires_grad=w_up.requires_grad)

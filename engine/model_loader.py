@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from engine import host_memory
 from engine.attention import ATTENTION_NAME, register_paged_attention
+
+log = logging.getLogger(__name__)
 
 # Architectures whose attention goes through transformers' AttentionInterface with the
 # (query, key, value) layout the paged attention expects.
@@ -39,6 +43,9 @@ def load_model(
         attn_implementation=ATTENTION_NAME,
     )
     model.to(device).eval()
+    if device.type == "cpu":
+        moved = host_memory.move_weights(model)
+        log.info("weights: %.0f MiB copied out of the checkpoint's file mapping into anonymous memory", moved / 2**20)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model, tokenizer
 
