@@ -38,7 +38,7 @@ import torch
 from engine import host_memory
 
 log = logging.getLogger(__name__)
-_SOURCES = ("csrc/paged_decode.c", "csrc/linear.c", "csrc/decode_step.c")  # in this order: one unit
+_SOURCES = ("csrc/paged_decode.c", "csrc/linear.c", "csrc/decode_step.c", "csrc/prefill_attention.c")  # in this order: one unit
 SMALL_LINEAR_ROWS = 64
 # weights smaller than this stay on torch's path (LoRA's rank-8 factors): the call costs more
 MIN_SMALL_LINEAR_WEIGHTS = 1 << 16
@@ -86,6 +86,10 @@ def load() -> ctypes.CDLL | None:
     fn = lib.mace_silu_mul_f32
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    fn = lib.mace_prefill_attention_f32
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                   ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int]
     from engine.decode_step import declare
 
     declare(lib)
@@ -185,6 +189,24 @@ def _fused_mlp_forward(mlp: torch.nn.Module, fused: torch.Tensor, lib: ctypes.CD
         return mlp.down_proj(h).view(*x.shape[:-1], -1)
 
     return forward
+
+
+def prefill_attention(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                      scale: float) -> bool:
+    """Causal attention of a fresh chunk into ``out`` (c, H, D), contiguous: q (H, c, D), k and v
+    (HKV, c, D), fp32 views with unit stride along D and k, v laid out alike. False (``out``
+    untouched) where the kernel does not cover it (head dim other than 64, no AVX-512)."""
+    if (q.stride(-1) != 1 or k.stride() != v.stride() or k.stride(-1) != 1 or not out.is_contiguous()
+            or q.dtype != torch.float32 or k.dtype != torch.float32 or v.dtype != torch.float32):
+        return False
+    heads, tokens, head_dim = q.shape
+    failed = lib.mace_prefill_attention_f32(
+        q.data_ptr(), q.stride(1), q.stride(0), k.data_ptr(), v.data_ptr(), k.stride(1), k.stride(0), out.data_ptr(),
+        tokens, heads, k.shape[0], head_dim, scale, torch.get_num_threads(),
+    )
+    if failed == 2:
+        raise MemoryError("prefill attention kernel could not allocate its scratch")
+    return failed == 0
 
 
 def paged_decode_attention(

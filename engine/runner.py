@@ -134,7 +134,7 @@ class ModelRunner:
         decodes = [c for c in chunks if len(c.token_ids) == 1]
         prefills = [c for c in chunks if len(c.token_ids) > 1]
         meta = PagedAttentionMetadata(kv_caches=self.kv_caches, slot_mapping=None, num_decode_tokens=len(decodes),
-                                      prefill_scores=self.slot_scores)
+                                      prefill_scores=self.slot_scores, prefill_kernel=self.decode_kernel)
         input_ids = [c.token_ids[0] for c in decodes]
         positions = [c.start_pos for c in decodes]
         slots = [self._slot(c.block_table, c.kv_offset) for c in decodes]

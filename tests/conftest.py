@@ -176,6 +176,25 @@ def mistral_model_dir(tmp_path_factory, demo_model_dir) -> str:
 
 
 @pytest.fixture(scope="session")
+def head64_model_dir(tmp_path_factory, demo_model_dir) -> str:
+    """A random Llama with heads of 64 (the C prefill attention's head size), GQA groups of 2."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return _save_random_model(tmp_path_factory, "llama-head64", LlamaForCausalLM, config, 4, tokenizer)
+
+
+@pytest.fixture(scope="session")
 def qwen3_model_dir(tmp_path_factory, demo_model_dir) -> str:
     """A random Qwen3-architecture model (q/k norms inside attention) with the demo tokenizer."""
     from transformers import Qwen3Config, Qwen3ForCausalLM

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from engine import attention
 from engine.sampling_params import SamplingParams
 from scheduler.builder import generate
 from tests.conftest import random_prompts
@@ -12,6 +13,11 @@ MAX_NEW = [24, 8, 16, 20, 12, 24, 6, 18, 10]
 ARRIVE_AT = [0, 0, 1, 2, 2, 3, 5, 8, 13]  # the iteration each request joins
 
 
+def _avx512() -> bool:
+    with open("/proc/cpuinfo") as f:
+        return "avx512f" in f.read()
+
+
 def reference(model, prompt, max_new):
     out = model.generate(
         torch.tensor([prompt]), max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False
@@ -19,13 +25,22 @@ def reference(model, prompt, max_new):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("model_name", ["demo", "qwen2"])
+@pytest.mark.parametrize("model_name", ["demo", "qwen2", "head64"])
 @pytest.mark.parametrize("chunked", [True, False])
-@pytest.mark.parametrize("decode_attention", ["auto", "sdpa"])  # the C kernel, and gather + SDPA
+@pytest.mark.parametrize("decode_attention", ["auto", "sdpa"])  # the C kernels, and gather + SDPA
 def test_greedy_matches_generate_with_staggered_arrivals(
-    model_name, chunked, decode_attention, make_engine, reference_models, demo_model_dir, qwen2_model_dir
+    model_name, chunked, decode_attention, make_engine, reference_models, demo_model_dir, qwen2_model_dir,
+    head64_model_dir, monkeypatch
 ):
-    path = demo_model_dir if model_name == "demo" else qwen2_model_dir
+    path = {"demo": demo_model_dir, "qwen2": qwen2_model_dir, "head64": head64_model_dir}[model_name]
+    covered = []  # what the C prefill attention answered, each time it was offered a chunk
+    real_prefill_attention = attention.prefill_attention
+
+    def prefill_attention(*args):
+        covered.append(real_prefill_attention(*args))
+        return covered[-1]
+
+    monkeypatch.setattr(attention, "prefill_attention", prefill_attention)
     core, runner = make_engine(
         model=path, enable_chunked_prefill=chunked, max_num_batched_tokens=48, decode_attention=decode_attention
     )
@@ -52,6 +67,13 @@ def test_greedy_matches_generate_with_staggered_arrivals(
     ref_model = reference_models(path)
     for i, prompt in enumerate(prompts):
         assert got[f"r{i}"] == reference(ref_model, prompt, MAX_NEW[i]), f"request {i} ({len(prompt)} tokens)"
+    # Fresh prompts (whole, or their first chunk) were offered to the C causal attention when the C
+    # kernels are on; it took them where the heads are 64 wide (and the CPU has AVX-512).
+    if decode_attention == "auto":
+        assert len(covered) >= len(LENGTHS)  # once a layer for each prompt's first chunk at least
+        assert all(covered) if model_name == "head64" and _avx512() else not any(covered)
+    else:
+        assert covered == []
     # Every block is back.
     assert core.pool.num_free_blocks == core.pool.num_blocks
     if chunked:
