@@ -4,6 +4,9 @@ import argparse
 import json
 from pathlib import Path
 
+import pytest
+
+from bench import cpu
 from bench.cpu import Peer, measure, report, throughput_workload
 
 
@@ -44,3 +47,13 @@ def test_the_report_gives_each_mace_setup_over_llama_per_round():
                         "| 1.50 (1.00-2.00)x | 1.50 (1.00-2.00)x |")
     alone = report([r for r in rows if r["system"] == "mace"], args, "m").splitlines()
     assert alone[2] == "| figure | mace |" and alone[4].endswith("| 120.00 (120.00-120.00) |")
+
+
+@pytest.mark.parametrize("usage, flags", [("-lm,   --load-mode MODE   model loading mode", ["--load-mode", "none"]),
+                                          ("--no-mmap   do not memory-map model", ["--no-mmap"]),
+                                          ("-t, --threads N", [])])
+def test_llama_server_reads_its_weights_into_memory_as_its_build_spells_it(tmp_path, usage, flags):
+    binary = tmp_path / "llama-server"
+    binary.write_text(f"#!/bin/sh\necho '{usage}'\n")
+    binary.chmod(0o755)
+    assert cpu.no_mmap_flags(binary) == flags
