@@ -23,7 +23,7 @@ BLOCK = 4
 def _qwen3(vocab: int) -> torch.nn.Module:
     torch.manual_seed(3)
     # head dim 64 takes the AVX-512 attention where the CPU has it; 6 heads a kv head: two groups
-    config = Qwen3Config(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    config = Qwen3Config(vocab_size=vocab, hidden_size=64, intermediate_size=100,  # up's LoRA: 100 = 6 x 16 + 4 num_hidden_layers=2,
                          num_attention_heads=6, num_key_value_heads=1, head_dim=64, max_position_embeddings=256,
                          rope_theta=500.0, attn_implementation=ATTENTION_NAME)
     return Qwen3ForCausalLM(config).eval()
@@ -104,7 +104,7 @@ def _both_paths(runner: ModelRunner, decodes: list[SequenceChunk]):
     ("llama", ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj", "lm_head")),
     ("llama", None),
     ("qwen2", ("q_proj", "k_proj", "v_proj", "o_proj")),  # Q/K/V bias, tied embeddings
-    ("qwen3", ("q_proj", "o_proj", "down_proj")),  # per-head Q/K norms, head dim 64
+    ("qwen3", ("q_proj", "o_proj", "up_proj", "down_proj")),  # per-head Q/K norms, head dim 64
 ])
 def test_whole_step_decode_equals_the_module_path(kind, targets, demo_model_dir, qwen2_model_dir):
     torch.manual_seed(0)

@@ -80,10 +80,38 @@ static int add_jobs(mace_job *jobs, int num_jobs, const mace_lin *lin, const flo
     return num_jobs;
 }
 
-/* y += scale * t B^T, the LoRA delta from its A factor t (M, r); no barrier at the end. */
+#define LORA_MAX_RANK 256
+
+/* y += scale * t B^T, the LoRA delta from its A factor t (M, r); no barrier at the end. With
+ * AVX-512, sixteen outputs at a time: their B rows gathered once into r registers' worth (B^T's
+ * 16-wide columns), then each row of t against them, with no horizontal sums. Against one
+ * r-long dot product per output (base demo model, rank 8 on Q/K/V/O, two runs): batch 16
+ * 23.4 -> 22.0 and 25.3 -> 23.9 ms a step, batch 1 8.23 -> 8.11 and 6.70 -> 6.61. */
 static void lora_add(const mace_lin *lin, const float *t, float *y, int64_t M) {
     if (lin->A == NULL) return;
     const int64_t N = lin->N, r = lin->r;
+#if defined(__AVX512F__)
+    if (r <= LORA_MAX_RANK) {
+        const __m512i rows = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32((int)r));
+        const __m512 scale = _mm512_set1_ps(lin->scale);
+        __m512 bt[LORA_MAX_RANK];
+#pragma omp for schedule(static) nowait
+        for (int64_t n0 = 0; n0 < N; n0 += 16) {
+            const __mmask16 mask = N - n0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n0)) - 1u);
+            const float *b = lin->B + n0 * r;
+            for (int64_t k = 0; k < r; ++k) bt[k] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, rows, b + k, 4);
+            for (int64_t m = 0; m < M; ++m) {
+                const float *tm = t + m * r;
+                __m512 acc = _mm512_setzero_ps();
+                for (int64_t k = 0; k < r; ++k) acc = _mm512_fmadd_ps(_mm512_set1_ps(tm[k]), bt[k], acc);
+                float *ym = y + m * N + n0;
+                _mm512_mask_storeu_ps(ym, mask, _mm512_fmadd_ps(scale, acc, _mm512_maskz_loadu_ps(mask, ym)));
+            }
+        }
+        return;
+    }
+#endif
 #pragma omp for schedule(static) nowait
     for (int64_t n = 0; n < N; ++n) {
         const float *bn = lin->B + n * r;
