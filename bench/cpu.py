@@ -46,6 +46,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -182,13 +183,14 @@ def gguf_for(model: str, tree: Path, dtype: str, out_dir: Path) -> Path:
     return path
 
 
-def no_mmap_flags(binary: Path) -> list[str]:
+@cache
+def no_mmap_flags(binary: Path) -> tuple[str, ...]:
     """The flag that loads the weights into memory instead of mapping the file, as this build of
     llama-server spells it (none if it has neither)."""
     usage = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=60).stdout
     if "--load-mode" in usage:
-        return ["--load-mode", "none"]
-    return ["--no-mmap"] if "--no-mmap" in usage else []
+        return ("--load-mode", "none")
+    return ("--no-mmap",) if "--no-mmap" in usage else ()
 
 
 @contextmanager

@@ -60,11 +60,10 @@ class PagedAttentionMetadata:
     slot_mapping: torch.Tensor
     # Rows [0, num_decode_tokens) are single-token chunks, batched together.
     num_decode_tokens: int = 0
-    # The C decode kernel (engine.cpu_kernels) when it serves this iteration; it reads the pool in
-    # place through the block tables and lengths below. Otherwise the SDPA path's slots and mask.
-    decode_kernel: Any = None
-    # The C kernels (engine.cpu_kernels) for a fresh prefill chunk's causal attention (fp32 CPU).
-    prefill_kernel: Any = None
+    # The C kernels (engine.cpu_kernels) where they serve (fp32 CPU): the decode attention reads
+    # the pool in place through the block tables and lengths below (otherwise the SDPA path's
+    # slots and mask), and a fresh prefill chunk's causal attention.
+    kernels: Any = None
     # (num_decode_tokens, max_blocks) int64 block ids and (num_decode_tokens,) int64 key counts.
     decode_block_tables: torch.Tensor | None = None
     decode_lens: torch.Tensor | None = None
@@ -122,9 +121,9 @@ def paged_attention_forward(
     # 2. Decodes: one query per sequence. Fold the GQA group into the query-length axis so
     # that K/V are never repeated: (Bd, Hkv, G, D) against (Bd, Hkv, L, D).
     num_decodes = meta.num_decode_tokens
-    if num_decodes and meta.decode_kernel is not None:
+    if num_decodes and meta.kernels is not None:
         out[:num_decodes] = paged_decode_attention(
-            meta.decode_kernel, q[:, :num_decodes].transpose(0, 1), k_cache, v_cache,
+            meta.kernels, q[:, :num_decodes].transpose(0, 1), k_cache, v_cache,
             meta.decode_block_tables, meta.decode_lens, scaling or head_dim**-0.5,
             meta.decode_scores[module.layer_idx] if meta.decode_scores is not None else None,
         )  # (Bd, H, D)
@@ -163,7 +162,7 @@ def paged_attention_forward(
             continue
         if span.key_slots is None:
             kp, vp = key[:, :, rows], value[:, :, rows]  # (1, Hkv, c, D)
-            kernel = meta.prefill_kernel if span.length <= PREFILL_KERNEL_MAX_TOKENS else None
+            kernel = meta.kernels if span.length <= PREFILL_KERNEL_MAX_TOKENS else None
             if (kernel is not None and not torch.is_grad_enabled()
                     and prefill_attention(kernel, qp[0], kp[0], vp[0], out[rows], scaling or head_dim**-0.5)):
                 continue

@@ -134,7 +134,7 @@ class ModelRunner:
         decodes = [c for c in chunks if len(c.token_ids) == 1]
         prefills = [c for c in chunks if len(c.token_ids) > 1]
         meta = PagedAttentionMetadata(kv_caches=self.kv_caches, slot_mapping=None, num_decode_tokens=len(decodes),
-                                      prefill_scores=self.slot_scores, prefill_kernel=self.decode_kernel)
+                                      prefill_scores=self.slot_scores, kernels=self.decode_kernel)
         input_ids = [c.token_ids[0] for c in decodes]
         positions = [c.start_pos for c in decodes]
         slots = [self._slot(c.block_table, c.kv_offset) for c in decodes]
@@ -172,7 +172,6 @@ class ModelRunner:
                                              device=self.device)  # (layers, Bd, nb * bs)
             meta.decode_score_slots = (table[:, :, None] * bs + torch.arange(bs)).view(-1).to(self.device)
         if self.decode_kernel is not None:
-            meta.decode_kernel = self.decode_kernel
             meta.decode_block_tables = table.to(self.device)
             meta.decode_lens = torch.tensor(lengths, dtype=torch.long, device=self.device)
             return

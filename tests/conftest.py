@@ -25,10 +25,14 @@ def demo_model_dir(tmp_path_factory) -> str:
     return str(build_demo_model(tmp_path_factory.mktemp("demo-tiny"), "tiny", seed=0))
 
 
-def _save_random_model(tmp_path_factory, name: str, model_cls, config, seed: int, tokenizer) -> str:
-    """Build a seeded random model of ``model_cls`` and save it with the demo tokenizer."""
+def _save_random_model(tmp_path_factory, demo_model_dir: str, name: str, model_cls, config_cls, seed: int,
+                       **config) -> str:
+    """Build a seeded random ``model_cls`` of ``config_cls(**config)`` (with the demo tokenizer's
+    vocabulary and end token) and save it with that tokenizer."""
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
     torch.manual_seed(seed)
     out = tmp_path_factory.mktemp(name)
+    config = config_cls(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, **config)
     model_cls(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return str(out)
@@ -37,9 +41,8 @@ def _save_random_model(tmp_path_factory, name: str, model_cls, config, seed: int
 @pytest.fixture(scope="session")
 def qwen2_model_dir(tmp_path_factory, demo_model_dir) -> str:
     """A random Qwen2-architecture model (biased q/k/v projections) with the demo tokenizer."""
-    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
+    return _save_random_model(
+        tmp_path_factory, demo_model_dir, "qwen2-tiny", Qwen2ForCausalLM, Qwen2Config, 1,
         hidden_size=96,
         intermediate_size=256,
         num_hidden_layers=3,
@@ -47,9 +50,7 @@ def qwen2_model_dir(tmp_path_factory, demo_model_dir) -> str:
         num_key_value_heads=2,
         max_position_embeddings=512,
         tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
     )
-    return _save_random_model(tmp_path_factory, "qwen2-tiny", Qwen2ForCausalLM, config, 1, tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -160,9 +161,8 @@ def mistral_model_dir(tmp_path_factory, demo_model_dir) -> str:
     positions (512): the engine must cap its context at the window."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
-    config = MistralConfig(
-        vocab_size=len(tokenizer),
+    return _save_random_model(
+        tmp_path_factory, demo_model_dir, "mistral-tiny", MistralForCausalLM, MistralConfig, 2,
         hidden_size=64,
         intermediate_size=160,
         num_hidden_layers=2,
@@ -170,9 +170,7 @@ def mistral_model_dir(tmp_path_factory, demo_model_dir) -> str:
         num_key_value_heads=1,
         max_position_embeddings=512,
         sliding_window=256,
-        eos_token_id=tokenizer.eos_token_id,
     )
-    return _save_random_model(tmp_path_factory, "mistral-tiny", MistralForCausalLM, config, 2, tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -180,18 +178,15 @@ def head64_model_dir(tmp_path_factory, demo_model_dir) -> str:
     """A random Llama with heads of 64 (the C prefill attention's head size), GQA groups of 2."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    return _save_random_model(
+        tmp_path_factory, demo_model_dir, "llama-head64", LlamaForCausalLM, LlamaConfig, 4,
         hidden_size=256,
         intermediate_size=384,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        eos_token_id=tokenizer.eos_token_id,
     )
-    return _save_random_model(tmp_path_factory, "llama-head64", LlamaForCausalLM, config, 4, tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -199,9 +194,8 @@ def qwen3_model_dir(tmp_path_factory, demo_model_dir) -> str:
     """A random Qwen3-architecture model (q/k norms inside attention) with the demo tokenizer."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
-    config = Qwen3Config(
-        vocab_size=len(tokenizer),
+    return _save_random_model(
+        tmp_path_factory, demo_model_dir, "qwen3-tiny", Qwen3ForCausalLM, Qwen3Config, 3,
         hidden_size=64,
         intermediate_size=160,
         num_hidden_layers=2,
@@ -209,6 +203,4 @@ def qwen3_model_dir(tmp_path_factory, demo_model_dir) -> str:
         num_key_value_heads=2,
         head_dim=32,
         max_position_embeddings=512,
-        eos_token_id=tokenizer.eos_token_id,
     )
-    return _save_random_model(tmp_path_factory, "qwen3-tiny", Qwen3ForCausalLM, config, 3, tokenizer)

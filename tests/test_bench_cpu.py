@@ -49,9 +49,9 @@ def test_the_report_gives_each_mace_setup_over_llama_per_round():
     assert alone[2] == "| figure | mace |" and alone[4].endswith("| 120.00 (120.00-120.00) |")
 
 
-@pytest.mark.parametrize("usage, flags", [("-lm,   --load-mode MODE   model loading mode", ["--load-mode", "none"]),
-                                          ("--no-mmap   do not memory-map model", ["--no-mmap"]),
-                                          ("-t, --threads N", [])])
+@pytest.mark.parametrize("usage, flags", [("-lm,   --load-mode MODE   model loading mode", ("--load-mode", "none")),
+                                          ("--no-mmap   do not memory-map model", ("--no-mmap",)),
+                                          ("-t, --threads N", ())])
 def test_llama_server_reads_its_weights_into_memory_as_its_build_spells_it(tmp_path, usage, flags):
     binary = tmp_path / "llama-server"
     binary.write_text(f"#!/bin/sh\necho '{usage}'\n")
