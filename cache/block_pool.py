@@ -103,12 +103,12 @@ class BlockPool:
 
     # -- prefix cache ----------------------------------------------------------------------------
 
-    def match_prefix(self, token_ids: list[int], max_blocks: int) -> list[TrieNode]:
+    def match_prefix(self, token_ids: list[int], max_blocks: int, namespace: str = "") -> list[TrieNode]:
         """The cached path of full blocks spelling the longest prefix of ``token_ids`` (at most
         ``max_blocks``); the caller ``share``s the blocks it takes. Empty without a trie."""
         if self.trie is None:
             return []
-        path = self.trie.match(token_ids, max_blocks)
+        path = self.trie.match(token_ids, max_blocks, namespace)
         for node in path:  # a hit counts as a use: move cached blocks to the recent end
             if node.block in self._cached:
                 self._cached.move_to_end(node.block)

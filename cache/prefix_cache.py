@@ -5,6 +5,10 @@ so a path from the root spells a prefix and a node stands for everything before 
 chain). A node's key among its siblings is its token tuple: Python hashes it, and a hit compares
 the tokens themselves, so a hash collision can never hand out the wrong K/V.
 
+K/V depend on the weights that computed them, so every LoRA adapter a request may choose has
+its own root (a namespace: "" for the default adapter, else the adapter's name); the same
+tokens under another adapter never match.
+
 The trie only knows which physical block holds each node; ref counts and the free / used /
 cached states live in ``BlockPool``. Invariant the pool relies on: whoever holds a node's block
 also holds its parent's (a sequence shares a whole matched path, and only extends the path it
@@ -28,7 +32,8 @@ class TrieNode:
 class PrefixTrie:
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
-        self.root = TrieNode(-1, (), None)
+        self.root = TrieNode(-1, (), None)  # the default namespace's
+        self._roots: dict[str, TrieNode] = {"": self.root}
         self._nodes: dict[int, TrieNode] = {}  # block id -> its node
 
     def __contains__(self, block: int) -> bool:
@@ -37,9 +42,18 @@ class PrefixTrie:
     def __len__(self) -> int:
         return len(self._nodes)
 
-    def match(self, token_ids: list[int], max_blocks: int) -> list[TrieNode]:
-        """The longest cached path spelling a prefix of ``token_ids``, at most ``max_blocks`` long."""
-        bs, node, path = self.block_size, self.root, []
+    def root_of(self, namespace: str = "") -> TrieNode:
+        root = self._roots.get(namespace)
+        if root is None:
+            root = self._roots[namespace] = TrieNode(-1, (), None)
+        return root
+
+    def match(self, token_ids: list[int], max_blocks: int, namespace: str = "") -> list[TrieNode]:
+        """The longest cached path spelling a prefix of ``token_ids``, at most ``max_blocks``
+        long, in ``namespace``."""
+        bs, node, path = self.block_size, self._roots.get(namespace), []
+        if node is None:
+            return path
         for i in range(min(max_blocks, len(token_ids) // bs)):
             node = node.children.get(tuple(token_ids[i * bs : (i + 1) * bs]))
             if node is None:
@@ -70,7 +84,7 @@ class PrefixTrie:
 
     def check_integrity(self) -> None:
         seen = 0
-        stack = [self.root]
+        stack = list(self._roots.values())
         while stack:
             node = stack.pop()
             for key, child in node.children.items():

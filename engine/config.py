@@ -130,6 +130,9 @@ class SchedulerConfig:
     # 2048 on CUDA (mace: 256 and 8192, as it bounds an iteration by the SLO instead).
     max_num_batched_tokens: int | None = None
     max_num_seqs: int = 64
+    # Distinct LoRA adapters among the running requests (the base model not counted), as vLLM's
+    # --max-loras: a request on another adapter waits until one of them has no request left.
+    max_loras: int = 8
     enable_chunked_prefill: bool = True
     # The default SLOs (a request may set its own): time to first token, and time between tokens
     # (TPOT). None: twice a measured cost profile's prediction (cost_model.suggest_slos), or
@@ -153,6 +156,8 @@ class SchedulerConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1, got {self.max_loras}")
         if not 0.0 <= self.slo_margin < 1.0:
             raise ValueError(f"slo_margin must be in [0, 1), got {self.slo_margin}")
         for name in ("slo_ttft_ms", "slo_tbt_ms"):

@@ -47,10 +47,14 @@ class _Model(ctypes.Structure):
                 ("lm_head", _Lin), ("layers", ctypes.POINTER(_Layer))]
 
 
+MAX_GROUPS = 16  # adapter groups one step serves (csrc/decode_step.c MAX_GROUPS)
+
+
 def declare(lib: ctypes.CDLL) -> None:
     fn = lib.mace_decode_step_f32
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.POINTER(_Model)] + [_ptr] * 6 + [ctypes.c_int64] * 3 + [_ptr, ctypes.c_int]
+    fn.argtypes = ([ctypes.POINTER(ctypes.POINTER(_Model)), ctypes.c_int64, _ptr] + [_ptr] * 6
+                   + [ctypes.c_int64] * 3 + [_ptr, ctypes.c_int])
 
 
 def _fp32_cpu(t: torch.Tensor | None) -> bool:
@@ -76,18 +80,24 @@ class _Projection:
         if not (_fp32_cpu(self.base.weight) and _fp32_cpu(self.base.bias)):
             raise _Unsupported("a weight that is not contiguous fp32 on the CPU")
 
-    def adapter(self) -> tuple | None:
-        """(A, B, scale) of the LoRA delta that PEFT would apply now, or None for none;
-        raises _Unsupported for what the C step does not compute."""
+    def adapter(self, name: str | None = None) -> tuple | None:
+        """(A, B, scale) of the LoRA delta that PEFT would apply now (``name`` None), or of
+        adapter ``name`` (``engine.lora.BASE``: none), or None for none; raises _Unsupported
+        for what the C step does not compute."""
         lora = self.lora
-        if lora is None or lora.disable_adapters or lora.merged:
+        if lora is None or lora.merged:
             return None
-        active = [name for name in lora.active_adapters if name in lora.lora_A]
-        if not active:
-            return None
-        if len(active) > 1:
-            raise _Unsupported("more than one active adapter")
-        name = active[0]
+        if name is None:
+            if lora.disable_adapters:
+                return None
+            active = [n for n in lora.active_adapters if n in lora.lora_A]
+            if not active:
+                return None
+            if len(active) > 1:
+                raise _Unsupported("more than one active adapter")
+            name = active[0]
+        elif name not in lora.lora_A:
+            return None  # the base model, or an adapter that leaves this projection alone
         a, b = lora.lora_A[name], lora.lora_B[name]
         if name in getattr(lora, "lora_variant", {}) or b.bias is not None or type(a) is not torch.nn.Linear:
             raise _Unsupported(f"a LoRA variant on adapter {name!r}")
@@ -160,6 +170,8 @@ class DecodeStep:
         # one filled copy of the model's fields per adapter state seen (serving, the trainable
         # adapter, adapters off): the fine-tune work switches between them every iteration
         self._specs: dict[tuple, tuple | None] = {}
+        # and per adapter by name, for steps whose rows read different adapters
+        self._named: dict[str, tuple | None] = {}
         key = self._adapter_state()
         self._specs[key] = self._current = self._fill()  # raises _Unsupported for a state not covered
         self._current_key = key
@@ -182,13 +194,14 @@ class DecodeStep:
                           len(layer.merged_adapters)))
         return tuple(state)
 
-    def _fill(self) -> tuple:
+    def _fill(self, name: str | None = None) -> tuple:
         """A copy of the model's fields with the LoRA fields pointing at the adapters PEFT has
-        active now (raises _Unsupported for a state the C step does not compute), and the
-        tensors it points at, held so that they stay valid. Adapter weights are updated in place
-        (the optimizer, publishing, checkpoint loads), so the pointers stay current."""
-        adapters = [[p.adapter() for p in layer] for layer in self._projections]
-        head = self._head.adapter()
+        active now, or at adapter ``name`` (raises _Unsupported for a state the C step does not
+        compute), and the tensors it points at, held so that they stay valid. Adapter weights
+        are updated in place (the optimizer, publishing, checkpoint loads), so the pointers stay
+        current; adding or deleting an adapter calls ``forget_adapters``."""
+        adapters = [[p.adapter(name) for p in layer] for layer in self._projections]
+        head = self._head.adapter(name)
         layers = (_Layer * len(self._layers))()
         ctypes.memmove(layers, self._layers, ctypes.sizeof(layers))
         model = _Model.from_buffer_copy(self._model)
@@ -215,11 +228,47 @@ class DecodeStep:
             self._current, self._current_key = self._specs[key], key
         return self._current is not None
 
+    def covers_adapters(self, names: list[str]) -> bool:
+        """Whether the C step computes these adapters (PEFT names, or ``engine.lora.BASE``),
+        one group each; their fields are built the first time each is asked for."""
+        if len(names) > MAX_GROUPS:
+            return False
+        for name in names:
+            if name not in self._named:
+                try:
+                    self._named[name] = self._fill(name)
+                except _Unsupported:
+                    self._named[name] = None
+            if self._named[name] is None:
+                return False
+        return True
+
+    def forget_adapters(self) -> None:
+        """Adapters were added or deleted: build the fields anew when next asked (and let go of
+        deleted adapters' tensors)."""
+        self._named.clear()
+        self._specs.clear()
+        self._specs[self._current_key] = self._current = self._fill_or_none()
+
+    def _fill_or_none(self) -> tuple | None:
+        try:
+            return self._fill()
+        except _Unsupported:
+            return None
+
     def __call__(self, ids: list[int], positions: list[int], slots: list[int], tables: torch.Tensor,
-                 lens: torch.Tensor) -> torch.Tensor:
-        """Logits (M, vocab) fp32 of M one-token decodes; call ``covers()`` first in the same
-        iteration. ``tables`` (M, max_blocks) and ``lens`` (M,) int64 as the paged attention's."""
+                 lens: torch.Tensor, groups: list[str] | None = None, row_group: list[int] | None = None) -> torch.Tensor:
+        """Logits (M, vocab) fp32 of M one-token decodes. ``tables`` (M, max_blocks) and
+        ``lens`` (M,) int64 as the paged attention's. Without ``groups``, every row reads the
+        adapters PEFT has active (call ``covers()`` first in the same iteration); with them,
+        row m reads adapter ``groups[row_group[m]]`` (call ``covers_adapters(groups)`` first)."""
         m = len(ids)
+        if groups is None:
+            specs = (ctypes.POINTER(_Model) * 1)(ctypes.pointer(self._current[0]))
+            group_t = None
+        else:
+            specs = (ctypes.POINTER(_Model) * len(groups))(*(ctypes.pointer(self._named[g][0]) for g in groups))
+            group_t = torch.tensor(row_group, dtype=torch.long)
         pos = torch.tensor([positions], dtype=torch.long)
         cos, sin = self._rotary(self._embed, pos)  # (1, M, D) each, fp32 like the embedding
         cos, sin = cos[0].contiguous(), sin[0].contiguous()
@@ -228,10 +277,12 @@ class DecodeStep:
         tables, lens = tables.contiguous(), lens.contiguous()
         logits = torch.empty(m, self._vocab, dtype=torch.float32)
         failed = self._lib.mace_decode_step_f32(
-            ctypes.byref(self._current[0]), ids_t.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots_t.data_ptr(),
+            specs, len(specs), group_t.data_ptr() if group_t is not None else None, ids_t.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots_t.data_ptr(),
             tables.data_ptr(), lens.data_ptr(), tables.shape[1], self._block_size, m, logits.data_ptr(),
             torch.get_num_threads(),
         )
+        if failed == 2:
+            raise ValueError(f"{len(specs)} adapter groups in one decode step (at most {MAX_GROUPS})")
         if failed:
             raise MemoryError("the decode step could not allocate its scratch memory")
         return logits

@@ -43,6 +43,10 @@ class SequenceChunk:
     # Where the chunk's K/V go: KV entry index of its first token. It differs from ``start_pos``
     # (the position RoPE sees) once pruning has dropped entries; None means equal.
     kv_start: int | None = None
+    # The LoRA adapter this chunk's tokens read: a PEFT adapter name on the model,
+    # ``engine.lora.BASE`` for none, or None for the default (what PEFT has active: the live
+    # serving adapter).
+    adapter: str | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -7,6 +7,7 @@ Only the worker thread calls ``execute``.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -15,6 +16,7 @@ from engine import cpu_kernels
 from engine.attention import PagedAttentionMetadata, PrefillSpan
 from engine.decode_step import MAX_ROWS as WHOLE_STEP_ROWS
 from engine.decode_step import DecodeStep
+from engine.lora import MultiLora, segments_of
 from engine.plan import IterationPlan, IterationResult, KvPrune, SequenceChunk, SequenceResult
 from engine.sampling import sample, top_logprobs
 
@@ -76,14 +78,39 @@ class ModelRunner:
         self.last_logits: dict[int, torch.Tensor] = {}
         self._decoder = model.get_decoder()
         self._lm_head = model.get_output_embeddings()
+        # Requests on different adapters share one forward (engine/lora.py); None without LoRA.
+        self.lora = MultiLora(model) if hasattr(model, "peft_config") else None
 
-    def _whole_step_covers(self, chunks: list[SequenceChunk]) -> bool:
-        return (self.decode_step is not None and len(chunks) <= WHOLE_STEP_ROWS
-                and all(len(c.token_ids) == 1 and not c.prompt_logprob_targets for c in chunks)
-                and self.decode_step.covers())
+    def _default_adapter(self) -> str:
+        return self.model.active_adapter
 
-    def _whole_step(self, chunks: list[SequenceChunk]) -> torch.Tensor:
+    def adapters_changed(self) -> None:
+        """Adapters were added to or deleted from the model (between iterations)."""
+        if self.decode_step is not None:
+            self.decode_step.forget_adapters()
+
+    def _adapter_names(self, chunks: list[SequenceChunk]) -> list[str] | None:
+        """Each chunk's adapter by name, or None when every chunk reads the default one."""
+        if self.lora is None or all(c.adapter is None for c in chunks):
+            return None
+        default = self._default_adapter()
+        return [default if c.adapter is None else c.adapter for c in chunks]
+
+    def _whole_step_covers(self, chunks: list[SequenceChunk], names: list[str] | None) -> bool:
+        if not (self.decode_step is not None and len(chunks) <= WHOLE_STEP_ROWS
+                and all(len(c.token_ids) == 1 and not c.prompt_logprob_targets for c in chunks)):
+            return False
+        if names is None:
+            return self.decode_step.covers()
+        return self.decode_step.covers_adapters(list(dict.fromkeys(names)))
+
+    def _whole_step(self, chunks: list[SequenceChunk], names: list[str] | None) -> torch.Tensor:
         """Logits of the sampling chunks among ``chunks`` (all one-token decodes), in order."""
+        groups = row_group = None
+        if names is not None:
+            groups = list(dict.fromkeys(names))
+            index = {name: i for i, name in enumerate(groups)}
+            row_group = [index[name] for name in names]
         bs = self.block_size
         lengths = [c.kv_offset + 1 for c in chunks]
         max_blocks = (max(lengths) - 1) // bs + 1
@@ -92,24 +119,34 @@ class ModelRunner:
         logits = self.decode_step(
             [c.token_ids[0] for c in chunks], [c.start_pos for c in chunks],
             [self._slot(c.block_table, c.kv_offset) for c in chunks], table, torch.tensor(lengths, dtype=torch.long),
+            groups, row_group,
         )
         sampled = [i for i, c in enumerate(chunks) if c.sampling is not None]
         return logits if len(sampled) == len(chunks) else logits[sampled]
 
-    def _module_forward(self, chunks: list[SequenceChunk]):
+    def _module_forward(self, chunks: list[SequenceChunk], names: list[str] | None):
         """The model's modules over the packed chunks: (chunks in packed order, logits of the
-        sampling rows then the prompt-logprob rows, time the forward began, those score rows)."""
+        sampling rows then the prompt-logprob rows, time the forward began, those score rows).
+        ``names``: each chunk's adapter, when they differ (the rows are then grouped by it)."""
+        if names is not None:
+            adapter_of = {c.seq_id: name for c, name in zip(chunks, names)}
+            first = {name: i for i, name in reversed(list(enumerate(names)))}
+            chunks = sorted(chunks, key=lambda c: first[adapter_of[c.seq_id]])  # stable: one run per adapter
         ordered, ids, pos_ids, meta = self._prepare(chunks)
         if self.slot_scores is not None:
             self.slot_scores[:, meta.slot_mapping] = 0.0  # fresh tokens start from nothing
+        row_names = None
+        if names is not None:
+            row_names = [adapter_of[c.seq_id] for c in ordered for _ in c.token_ids]
         t1 = time.perf_counter()
-        hidden = self._decoder(
-            input_ids=ids,
-            position_ids=pos_ids,
-            attention_mask=self._placeholder_mask,
-            use_cache=False,
-            mace_meta=meta,
-        ).last_hidden_state[0]  # (T, hidden)
+        with self._segments(row_names):
+            hidden = self._decoder(
+                input_ids=ids,
+                position_ids=pos_ids,
+                attention_mask=self._placeholder_mask,
+                use_cache=False,
+                mace_meta=meta,
+            ).last_hidden_state[0]  # (T, hidden)
         if meta.decode_scores is not None:  # padded entries point at slot 0 and add nothing
             self.slot_scores.index_add_(1, meta.decode_score_slots, meta.decode_scores.flatten(1))
 
@@ -126,8 +163,14 @@ class ModelRunner:
             if c.sampling is not None:
                 sample_rows.append(row - 1)
         rows = torch.tensor(sample_rows + score_rows, dtype=torch.long, device=self.device)
-        logits = self._lm_head(hidden.index_select(0, rows)).float() if len(rows) else None
+        with self._segments([row_names[r] for r in sample_rows + score_rows] if row_names is not None else None):
+            logits = self._lm_head(hidden.index_select(0, rows)).float() if len(rows) else None
         return ordered, logits, t1, score_rows
+
+    def _segments(self, row_names: list[str] | None):
+        if row_names is None:
+            return contextlib.nullcontext()
+        return self.lora.segments(segments_of(row_names))
 
     def _prepare(self, chunks: list[SequenceChunk]):
         """Pack the chunks, decodes first, into (1, T) ids and positions plus attention metadata."""
@@ -254,11 +297,12 @@ class ModelRunner:
             self._prune(op)
         if not plan.chunks:
             return IterationResult(plan.iteration, [], 0)
-        if self._whole_step_covers(plan.chunks):
+        names = self._adapter_names(plan.chunks)
+        if self._whole_step_covers(plan.chunks, names):
             t1 = time.perf_counter()
-            ordered, logits, score_rows, num_tokens = plan.chunks, self._whole_step(plan.chunks), [], len(plan.chunks)
+            ordered, logits, score_rows, num_tokens = plan.chunks, self._whole_step(plan.chunks, names), [], len(plan.chunks)
         else:
-            ordered, logits, t1, score_rows = self._module_forward(plan.chunks)
+            ordered, logits, t1, score_rows = self._module_forward(plan.chunks, names)
             num_tokens = sum(len(c.token_ids) for c in ordered)
         self._sync()
         t2 = time.perf_counter()

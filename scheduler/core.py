@@ -75,7 +75,7 @@ class EngineCore:
         pruning = None
         if cache.kv_prune != "none":
             pruning = PruningPolicy(cache.kv_prune, cache.kv_budget, cache.block_size, cache.kv_sink_tokens)
-        self.queues = SequenceQueues(self.pool, pruning)
+        self.queues = SequenceQueues(self.pool, pruning, config.scheduler.max_loras)
         if cost_model is None:  # the profile file, else a prior; corrected online either way
             profile = config.scheduler.cost_profile
             cost_model = CostModel.load(profile) if profile else CostModel(PRIOR_COSTS)
@@ -201,6 +201,7 @@ class EngineCore:
             seed=seq.seed,
             output_index=seq.num_output_tokens,
             kv_start=start - seq.num_pruned_tokens if seq.num_pruned_tokens else None,
+            adapter=seq.options.adapter,
         )
         if end == seq.num_tokens and seq.max_tokens > 0:
             chunk.sampling = seq.params

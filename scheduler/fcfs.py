@@ -59,6 +59,8 @@ def plan_fcfs(queues: SequenceQueues, max_num_batched_tokens: int, max_num_seqs:
     # 2. Waiting sequences, in arrival order; none while memory is short.
     while queues.waiting and budget > 0 and not preempted and len(running) < max_num_seqs:
         seq = queues.waiting[0]
+        if not queues.adapter_fits(seq):
+            break  # its adapter waits for a running one to finish
         queues.take_cached_prefix(seq)
         num_new = _chunk_size(seq, budget, not scheduled, enable_chunked_prefill)
         if num_new == 0 or not queues.grow(seq, num_new):

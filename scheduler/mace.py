@@ -451,8 +451,9 @@ class MacePolicy(Policy):
         candidates = [self._prefill_candidate(s, now) for s in q.running if s.num_tokens - s.num_computed_tokens > 1]
         head, room = 0, max(self.weights.pack_top_k, self.config.max_num_seqs - len(q.running))
         for seq in q.waiting:
-            if seq.options != _DEFAULT_OPTIONS or head < room:
-                head += seq.options == _DEFAULT_OPTIONS
+            own = seq.options.has_scheduling_options
+            if own or head < room:
+                head += not own
                 candidates.append(self._prefill_candidate(seq, now, waiting=True))
         return candidates
 
@@ -531,6 +532,8 @@ class MacePolicy(Policy):
     def _commit(self, cand: _Candidate, num_new: int, scheduled: list[ScheduledSequence]) -> bool:
         seq, q = cand.seq, self.queues
         if cand.waiting:
+            if not q.adapter_fits(seq):
+                return False
             q.take_cached_prefix(seq)
             num_new = min(num_new, seq.num_tokens - seq.num_computed_tokens)
         if not q.grow(seq, num_new):

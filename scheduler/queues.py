@@ -21,13 +21,16 @@ from collections import deque
 
 from cache.block_pool import BlockPool
 from cache.pruning import PruningPolicy
+from engine.lora import BASE
 from engine.plan import KvPrune
 from scheduler.request import Sequence, SequenceStatus
 
 
 class SequenceQueues:
-    def __init__(self, pool: BlockPool, pruning: PruningPolicy | None = None) -> None:
+    def __init__(self, pool: BlockPool, pruning: PruningPolicy | None = None, max_loras: int | None = None) -> None:
         self.pool = pool
+        # distinct LoRA adapters (the base model not counted) among the running sequences
+        self.max_loras = max_loras
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
@@ -75,19 +78,22 @@ class SequenceQueues:
         max_blocks = self._cacheable_blocks(seq)
         if max_blocks == 0:
             return 0
-        return len(self.pool.trie.match(seq.token_ids(0, max_blocks * self.pool.block_size), max_blocks)) * self.pool.block_size
+        tokens = seq.token_ids(0, max_blocks * self.pool.block_size)
+        return len(self.pool.trie.match(tokens, max_blocks, seq.options.cache_namespace)) * self.pool.block_size
 
     def take_cached_prefix(self, seq: Sequence) -> None:
         """Start a fresh sequence from the longest cached prefix of its tokens."""
         if self.pool.trie is None:
             return
         max_blocks = self._cacheable_blocks(seq)
-        path = self.pool.match_prefix(seq.token_ids(0, max_blocks * self.pool.block_size), max_blocks) if max_blocks else []
+        namespace = seq.options.cache_namespace
+        tokens = seq.token_ids(0, max_blocks * self.pool.block_size)
+        path = self.pool.match_prefix(tokens, max_blocks, namespace) if max_blocks else []
         blocks = [node.block for node in path]
         self.pool.share(blocks)
         seq.block_table = blocks
         seq.num_computed_tokens = seq.num_cached_tokens = len(blocks) * self.pool.block_size
-        seq.prefix_node = path[-1] if path else self.pool.trie.root
+        seq.prefix_node = path[-1] if path else self.pool.trie.root_of(namespace)
         seq.num_prefix_blocks = len(blocks)
 
     def cache_computed_blocks(self, seq: Sequence) -> None:
@@ -103,6 +109,16 @@ class SequenceQueues:
             tokens = seq.token_ids(start * bs, num_full * bs)
             seq.prefix_node = self.pool.cache_full_blocks(seq.prefix_node, tokens, seq.block_table, start, num_full)
             seq.num_prefix_blocks = num_full
+
+    def adapter_fits(self, seq: Sequence) -> bool:
+        """Whether admitting ``seq`` keeps the running sequences within ``max_loras`` distinct
+        adapters (a sequence on an adapter already running always fits; so does the base model)."""
+        adapter = seq.options.adapter
+        if self.max_loras is None or adapter == BASE:
+            return True
+        running = {s.options.adapter for s in self.running}
+        running.discard(BASE)
+        return adapter in running or len(running) < self.max_loras
 
     def admit(self, seq: Sequence) -> None:
         """A waiting sequence that now holds the blocks for its first chunk starts running."""

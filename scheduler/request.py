@@ -38,11 +38,24 @@ class RequestOptions:
     ``priority``: larger is more urgent (vLLM's sign is the opposite; we follow the SDKs' plain
     reading). ``slo_ttft_ms`` / ``slo_tbt_ms``: this request's latency targets; None takes the
     server's defaults. The FCFS planner ignores them; the MACE scheduler reads them.
+    ``adapter``: the LoRA adapter the request reads (a PEFT adapter name on the model,
+    ``engine.lora.BASE`` for none); None: the live serving adapter.
     """
 
     priority: int = 0
     slo_ttft_ms: float | None = None
     slo_tbt_ms: float | None = None
+    adapter: str | None = None
+
+    @property
+    def has_scheduling_options(self) -> bool:
+        """Whether the request sets a priority or SLO of its own."""
+        return self.priority != 0 or self.slo_ttft_ms is not None or self.slo_tbt_ms is not None
+
+    @property
+    def cache_namespace(self) -> str:
+        """The prefix cache's namespace for this request's K/V: one per adapter."""
+        return self.adapter or ""
 
 
 @dataclass(eq=False, slots=True)

@@ -1,7 +1,9 @@
 /* One whole decode step of a Llama-family model (Llama, Mistral, Qwen2, Qwen3) in fp32 on CPU:
  * embedding, every decoder layer (RMSNorm, Q/K/V with optional bias and per-head Q/K norm, RoPE,
  * the new K/V written into the block pool, paged attention, O, SwiGLU MLP, LoRA deltas on any
- * projection) and the LM head, for M <= 64 sequences of one new token each.
+ * projection) and the LM head, for M <= 64 sequences of one new token each. Rows may read
+ * different adapters: the step takes one copy of the model's fields per adapter group (the same
+ * base weights, each group's LoRA factors) and each row's group.
  *
  * Why one call: a decode step at a few rows is bound by reading the weights (226 MB for the base
  * demo model), and the weights are read here as fast as by the small-linear kernel; what the
@@ -55,7 +57,10 @@ typedef struct {
     int64_t N, K;
 } mace_job;
 
-#define MAX_JOBS 8
+/* Adapter groups one step may serve (each row reads one group's LoRA deltas, or none). */
+#define MAX_GROUPS 16
+/* a work list: up to three projections, each with its LoRA A factor for every group */
+#define MAX_JOBS (3 * (1 + MAX_GROUPS))
 
 /* Every job's tiles as one static schedule (the jobs of a list share K, so tiles cost alike). */
 static void run_jobs(const mace_job *jobs, int num_jobs, int64_t M) {
@@ -73,10 +78,24 @@ static void run_jobs(const mace_job *jobs, int num_jobs, int64_t M) {
     }
 }
 
-/* The base projection of ``lin`` on x into y, and its LoRA A factor into t (M, r), as jobs. */
-static int add_jobs(mace_job *jobs, int num_jobs, const mace_lin *lin, const float *x, float *y, float *t) {
-    jobs[num_jobs++] = (mace_job){x, lin->W, lin->b, y, lin->N, lin->K};
-    if (lin->A != NULL) jobs[num_jobs++] = (mace_job){x, lin->A, NULL, t, lin->r, lin->K};
+/* One projection of every group: lins[g] is group g's view of it (the same base weights, its
+ * own LoRA factors or none). */
+typedef struct {
+    const mace_lin *lins[MAX_GROUPS];
+    int64_t num_groups;
+} mace_proj;
+
+/* The base projection on x into y, and each group's LoRA A factor into its slice of t
+ * (num_groups, M, t_stride), as jobs. Every row goes through every group's A (r x K each, small
+ * beside the base weights); lora_add reads only a row's own group. */
+static int add_jobs(mace_job *jobs, int num_jobs, const mace_proj *p, const float *x, float *y, float *t, int64_t M,
+                    int64_t t_stride) {
+    const mace_lin *base = p->lins[0];
+    jobs[num_jobs++] = (mace_job){x, base->W, base->b, y, base->N, base->K};
+    for (int64_t g = 0; g < p->num_groups; ++g) {
+        const mace_lin *lin = p->lins[g];
+        if (lin->A != NULL) jobs[num_jobs++] = (mace_job){x, lin->A, NULL, t + g * M * t_stride, lin->r, lin->K};
+    }
     return num_jobs;
 }
 
@@ -87,7 +106,8 @@ static int add_jobs(mace_job *jobs, int num_jobs, const mace_lin *lin, const flo
  * 16-wide columns), then each row of t against them, with no horizontal sums. Against one
  * r-long dot product per output (base demo model, rank 8 on Q/K/V/O, two runs): batch 16
  * 23.4 -> 22.0 and 25.3 -> 23.9 ms a step, batch 1 8.23 -> 8.11 and 6.70 -> 6.61. */
-static void lora_add(const mace_lin *lin, const float *t, float *y, int64_t M) {
+static void lora_add_group(const mace_lin *lin, const float *t, float *y, int64_t M, const int64_t *row_group,
+                           int64_t group) {
     if (lin->A == NULL) return;
     const int64_t N = lin->N, r = lin->r;
 #if defined(__AVX512F__)
@@ -102,6 +122,7 @@ static void lora_add(const mace_lin *lin, const float *t, float *y, int64_t M) {
             const float *b = lin->B + n0 * r;
             for (int64_t k = 0; k < r; ++k) bt[k] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, rows, b + k, 4);
             for (int64_t m = 0; m < M; ++m) {
+                if (row_group != NULL && row_group[m] != group) continue;
                 const float *tm = t + m * r;
                 __m512 acc = _mm512_setzero_ps();
                 for (int64_t k = 0; k < r; ++k) acc = _mm512_fmadd_ps(_mm512_set1_ps(tm[k]), bt[k], acc);
@@ -116,6 +137,7 @@ static void lora_add(const mace_lin *lin, const float *t, float *y, int64_t M) {
     for (int64_t n = 0; n < N; ++n) {
         const float *bn = lin->B + n * r;
         for (int64_t m = 0; m < M; ++m) {
+            if (row_group != NULL && row_group[m] != group) continue;
             const float *tm = t + m * r;
             float s = 0.0f;
 #pragma omp simd reduction(+ : s)
@@ -123,6 +145,14 @@ static void lora_add(const mace_lin *lin, const float *t, float *y, int64_t M) {
             y[m * N + n] += lin->scale * s;
         }
     }
+}
+
+/* Every group's LoRA delta into its own rows of y; t as add_jobs filled it. No barrier at the
+ * end (the groups write disjoint rows). */
+static void lora_add(const mace_proj *p, const float *t, float *y, int64_t M, const int64_t *row_group,
+                     int64_t t_stride) {
+    for (int64_t g = 0; g < p->num_groups; ++g)
+        lora_add_group(p->lins[g], t + g * M * t_stride, y, M, p->num_groups > 1 ? row_group : NULL, g);
 }
 
 static inline void rms_norm_row(const float *x, const float *w, float *y, int64_t H, float eps) {
@@ -248,25 +278,48 @@ static void attend(const float *q, const float *k_cache, const float *v_cache, c
     }
 }
 
-/* ids, positions' cos/sin (M, D), slots (M,) where each new K/V goes, tables (M, max_blocks) and
- * lens (M,) the keys each sequence attends over (its new one included); logits (M, vocab). */
-int mace_decode_step_f32(const mace_model *model, const int64_t *ids, const float *cos, const float *sin,
-                         const int64_t *slots, const int64_t *tables, const int64_t *lens, int64_t max_blocks,
-                         int64_t block_size, int64_t M, float *logits, int num_threads) {
+/* One projection of every group, for layer l (l < 0: the LM head). */
+static mace_proj projection(const mace_model *const *models, int64_t num_groups, int64_t l, int which) {
+    mace_proj p;
+    p.num_groups = num_groups;
+    for (int64_t g = 0; g < num_groups; ++g) {
+        if (l < 0) {
+            p.lins[g] = &models[g]->lm_head;
+            continue;
+        }
+        const mace_layer *L = &models[g]->layers[l];
+        const mace_lin *lins[7] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
+        p.lins[g] = lins[which];
+    }
+    return p;
+}
+
+enum { P_Q, P_K, P_V, P_O, P_GATE, P_UP, P_DOWN };
+
+/* models[g] (g < num_groups <= MAX_GROUPS) are the same model's fields but for the LoRA ones:
+ * group g's adapter on each projection (or none); row m reads group row_group[m]'s deltas
+ * (row_group may be NULL with one group). ids, positions' cos/sin (M, D), slots (M,) where
+ * each new K/V goes, tables (M, max_blocks) and lens (M,) the keys each sequence attends over
+ * (its new one included); logits (M, vocab). Returns 2 for a bad group count. */
+int mace_decode_step_f32(const mace_model *const *models, int64_t num_groups, const int64_t *row_group,
+                         const int64_t *ids, const float *cos, const float *sin, const int64_t *slots,
+                         const int64_t *tables, const int64_t *lens, int64_t max_blocks, int64_t block_size, int64_t M,
+                         float *logits, int num_threads) {
+    if (num_groups < 1 || num_groups > MAX_GROUPS || (num_groups > 1 && row_group == NULL)) return 2;
+    const mace_model *model = models[0];
     const int64_t H = model->hidden, NH = model->num_heads, HKV = model->num_kv_heads, D = model->head_dim;
     const int64_t I = model->intermediate, G = NH / HKV, QD = NH * D, KD = HKV * D;
     int64_t max_len = 0, r_max = 1;
     for (int64_t m = 0; m < M; ++m) max_len = lens[m] > max_len ? lens[m] : max_len;
-    for (int64_t l = 0; l < model->num_layers; ++l) {
-        const mace_lin *lins[7] = {&model->layers[l].q, &model->layers[l].k, &model->layers[l].v, &model->layers[l].o,
-                                   &model->layers[l].gate, &model->layers[l].up, &model->layers[l].down};
-        for (int i = 0; i < 7; ++i)
-            if (lins[i]->A != NULL && lins[i]->r > r_max) r_max = lins[i]->r;
-    }
-    if (model->lm_head.A != NULL && model->lm_head.r > r_max) r_max = model->lm_head.r;
-    const int64_t wide = QD > H ? QD : H;
-    /* x, h, q, k, v, attn/out, gate, up, and three LoRA t buffers */
-    const size_t floats = (size_t)M * (2 * H + QD + 2 * KD + wide + 2 * I + 3 * r_max);
+    for (int64_t l = -1; l < model->num_layers; ++l)
+        for (int which = 0; which < (l < 0 ? 1 : 7); ++which) {
+            const mace_proj p = projection(models, num_groups, l, which);
+            for (int64_t g = 0; g < num_groups; ++g)
+                if (p.lins[g]->A != NULL && p.lins[g]->r > r_max) r_max = p.lins[g]->r;
+        }
+    const int64_t wide = QD > H ? QD : H, tg = num_groups * M * r_max;
+    /* x, h, q, k, v, attn/out, gate, up, and three LoRA t buffers (every group's) */
+    const size_t floats = (size_t)M * (2 * H + QD + 2 * KD + wide + 2 * I) + (size_t)(3 * tg);
     float *buf = malloc(sizeof(float) * floats);
     const int teams = num_threads > 0 ? num_threads : 1;
     float *scores = malloc(sizeof(float) * (size_t)(teams * G * (max_len > 0 ? max_len : 1)));
@@ -276,7 +329,7 @@ int mace_decode_step_f32(const mace_model *model, const int64_t *ids, const floa
         return 1;
     }
     float *x = buf, *h = x + M * H, *q = h + M * H, *k = q + M * QD, *v = k + M * KD, *out = v + M * KD;
-    float *gate = out + M * wide, *up = gate + M * I, *t0 = up + M * I, *t1 = t0 + M * r_max, *t2 = t1 + M * r_max;
+    float *gate = out + M * wide, *up = gate + M * I, *t0 = up + M * I, *t1 = t0 + tg, *t2 = t1 + tg;
 
 #pragma omp parallel num_threads(teams)
     {
@@ -287,15 +340,20 @@ int mace_decode_step_f32(const mace_model *model, const int64_t *ids, const floa
 
         for (int64_t l = 0; l < model->num_layers; ++l) {
             const mace_layer *L = &model->layers[l];
+            const mace_proj pq = projection(models, num_groups, l, P_Q), pk = projection(models, num_groups, l, P_K);
+            const mace_proj pv = projection(models, num_groups, l, P_V), po = projection(models, num_groups, l, P_O);
+            const mace_proj pg = projection(models, num_groups, l, P_GATE);
+            const mace_proj pu = projection(models, num_groups, l, P_UP);
+            const mace_proj pd = projection(models, num_groups, l, P_DOWN);
             /* attention block */
             rms_norm_rows(x, L->input_norm, h, M, H, model->eps);
-            int n = add_jobs(jobs, 0, &L->q, h, q, t0);
-            n = add_jobs(jobs, n, &L->k, h, k, t1);
-            n = add_jobs(jobs, n, &L->v, h, v, t2);
+            int n = add_jobs(jobs, 0, &pq, h, q, t0, M, r_max);
+            n = add_jobs(jobs, n, &pk, h, k, t1, M, r_max);
+            n = add_jobs(jobs, n, &pv, h, v, t2, M, r_max);
             run_jobs(jobs, n, M);
-            lora_add(&L->q, t0, q, M);
-            lora_add(&L->k, t1, k, M);
-            lora_add(&L->v, t2, v, M);
+            lora_add(&pq, t0, q, M, row_group, r_max);
+            lora_add(&pk, t1, k, M, row_group, r_max);
+            lora_add(&pv, t2, v, M, row_group, r_max);
 #pragma omp barrier
 #pragma omp for schedule(static)
             for (int64_t m = 0; m < M; ++m) {
@@ -319,33 +377,34 @@ int mace_decode_step_f32(const mace_model *model, const int64_t *ids, const floa
                 attend(q + m * QD, L->k_cache, L->v_cache, tables + m * max_blocks, lens[m], j, G, HKV, D,
                        block_size, model->attn_scale, my_scores, out + m * QD);
             }
-            n = add_jobs(jobs, 0, &L->o, out, h, t0);
+            n = add_jobs(jobs, 0, &po, out, h, t0, M, r_max);
             run_jobs(jobs, n, M);
-            lora_add(&L->o, t0, h, M);
+            lora_add(&po, t0, h, M, row_group, r_max);
 #pragma omp barrier
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < M * H; ++i) x[i] += h[i];
             /* MLP block */
             rms_norm_rows(x, L->post_norm, h, M, H, model->eps);
-            n = add_jobs(jobs, 0, &L->gate, h, gate, t0);
-            n = add_jobs(jobs, n, &L->up, h, up, t1);
+            n = add_jobs(jobs, 0, &pg, h, gate, t0, M, r_max);
+            n = add_jobs(jobs, n, &pu, h, up, t1, M, r_max);
             run_jobs(jobs, n, M);
-            lora_add(&L->gate, t0, gate, M);
-            lora_add(&L->up, t1, up, M);
+            lora_add(&pg, t0, gate, M, row_group, r_max);
+            lora_add(&pu, t1, up, M, row_group, r_max);
 #pragma omp barrier
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < M * I; ++i) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
-            n = add_jobs(jobs, 0, &L->down, gate, h, t0);
+            n = add_jobs(jobs, 0, &pd, gate, h, t0, M, r_max);
             run_jobs(jobs, n, M);
-            lora_add(&L->down, t0, h, M);
+            lora_add(&pd, t0, h, M, row_group, r_max);
 #pragma omp barrier
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < M * H; ++i) x[i] += h[i];
         }
         rms_norm_rows(x, model->final_norm, h, M, H, model->eps);
-        int n = add_jobs(jobs, 0, &model->lm_head, h, logits, t0);
+        const mace_proj ph = projection(models, num_groups, -1, 0);
+        int n = add_jobs(jobs, 0, &ph, h, logits, t0, M, r_max);
         run_jobs(jobs, n, M);
-        lora_add(&model->lm_head, t0, logits, M);
+        lora_add(&ph, t0, logits, M, row_group, r_max);
     }
     free(buf);
     free(scores);
