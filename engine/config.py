@@ -197,6 +197,10 @@ class TrainingConfig:
     # every checkpoint_every published steps, and at shutdown; None: no checkpoints.
     state_dir: str | None = None
     checkpoint_every: int = 10
+    # The last keep_versions published versions of the adapter stay loadable (a request may pin
+    # one, `<served>@<version>`, and a rollback may return to one): kept in memory, and on disk
+    # as checkpoints (the newest max(3, keep_versions) checkpoints stay).
+    keep_versions: int = 4
     # Cut a pair's sequence at decoder layers when the room is smaller than the sequence
     # (trainer/staged.py); off, the smallest piece is one sequence's whole forward and backward.
     layer_cuts: bool = True
@@ -220,6 +224,8 @@ class TrainingConfig:
             raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if self.keep_versions < 1:
+            raise ValueError(f"keep_versions must be >= 1, got {self.keep_versions}")
 
 
 @dataclass

@@ -55,6 +55,16 @@ class MultiLora:
         for layer in self.layers:
             layer.forward = self._forward_of(layer, layer.forward)
 
+    @classmethod
+    def install(cls, model: torch.nn.Module) -> MultiLora | None:
+        """Over ``model``'s LoRA layers; None when it has none."""
+        lora = cls(model)
+        return lora if lora.layers else None
+
+    def default_adapter(self) -> str:
+        """The adapter PEFT has active (what a request on the default adapter reads)."""
+        return self.layers[0].active_adapters[0]
+
     @contextlib.contextmanager
     def segments(self, segments: Segments | None):
         """Row segments for the layers' forward inside this block (None: PEFT's own)."""

@@ -79,10 +79,10 @@ class ModelRunner:
         self._decoder = model.get_decoder()
         self._lm_head = model.get_output_embeddings()
         # Requests on different adapters share one forward (engine/lora.py); None without LoRA.
-        self.lora = MultiLora(model) if hasattr(model, "peft_config") else None
+        self.lora = MultiLora.install(model)
 
     def _default_adapter(self) -> str:
-        return self.model.active_adapter
+        return self.lora.default_adapter()
 
     def adapters_changed(self) -> None:
         """Adapters were added to or deleted from the model (between iterations)."""

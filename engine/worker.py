@@ -11,11 +11,21 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from engine.plan import IterationPlan, IterationResult
 from engine.runner import ModelRunner
 
 Callback = Callable[[IterationResult | BaseException], None]
+
+
+class _Call:
+    """A function to run on the worker thread between two plans (adapters added or deleted)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
 
 
 class Worker:
@@ -30,6 +40,11 @@ class Worker:
     def submit(self, plan: IterationPlan, on_done: Callback) -> None:
         self._queue.put((plan, on_done))
 
+    def call(self, fn: Callable[[], Any], on_done: Callable[[Any], None]) -> None:
+        """Run ``fn()`` on the worker thread after the plans queued before it; ``on_done`` gets
+        its return value or the exception it raised."""
+        self._queue.put((_Call(fn), on_done))
+
     def stop(self, timeout_s: float | None = None) -> None:
         """Finish the plan in flight, then end the thread."""
         if self._thread.is_alive():
@@ -40,7 +55,8 @@ class Worker:
         while (item := self._queue.get()) is not None:
             plan, on_done = item
             try:
-                result: IterationResult | BaseException = self.runner.execute(plan)
+                result: IterationResult | BaseException = (plan.fn() if isinstance(plan, _Call)
+                                                           else self.runner.execute(plan))
             except Exception as exc:  # handed to the scheduler, which fails the plan's requests
                 result = exc
             on_done(result)

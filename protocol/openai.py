@@ -170,8 +170,19 @@ class Model(msgspec.Struct):
     id: str
     created: int
     max_model_len: int
+    root: str | None = None  # vLLM's: the served model, or where an adapter was loaded from
+    parent: str | None = None  # vLLM's: the model an adapter applies to (None: a base model)
     object: str = "model"
     owned_by: str = "mace-serve"
+
+
+class LoadLoraAdapterRequest(msgspec.Struct):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoraAdapterRequest(msgspec.Struct):
+    lora_name: str
 
 
 class ModelList(msgspec.Struct):

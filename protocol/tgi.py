@@ -2,7 +2,8 @@
 shapes: https://huggingface.github.io/text-generation-inference/).
 
 Accepted and ignored, as we do not implement them: ``repetition_penalty``, ``frequency_penalty``,
-``typical_p``, ``truncate``, ``watermark``, ``best_of``, ``grammar``, ``adapter_id``.
+``typical_p``, ``truncate``, ``watermark``, ``best_of``, ``grammar``. ``adapter_id`` chooses the
+adapter as the OpenAI routes' ``model`` does (``server.adapters``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class GenerateParameters(msgspec.Struct, kw_only=True):
     decoder_input_details: bool = False
     top_n_tokens: int | None = None
     return_full_text: bool = False
+    adapter_id: str | None = None
     # MACE extensions
     priority: int = 0
     slo_ttft_ms: float | None = None

@@ -136,6 +136,17 @@ class AsyncEngine:
                               seq.num_prompt_tokens, seq.num_output_tokens)
             )
 
+    async def run_on_worker(self, fn: Callable[[], object]) -> object:
+        """``fn()`` on the worker thread, between two iterations (never beside a forward): what
+        changes the model's modules, such as adding or deleting an adapter. Raises what it raises."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        self.worker.call(fn, lambda r: loop.call_soon_threadsafe(_resolve, done, r))
+        result = await done
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
     @property
     def num_requests(self) -> int:
         """Requests in the engine, waiting or running."""

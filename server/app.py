@@ -39,6 +39,7 @@ from server import feedback_api, openai_api, tgi_api
 from server.errors import ApiError, error_response, is_expected
 from server.flags import engine_config, training_config
 from server.metrics import ServerMetrics
+from server.adapters import Adapters
 from server.serving import Serving
 from server.state import REQUEST_ID, STATE, ServerState, response_headers
 from trainer.feedback import FeedbackStore
@@ -115,6 +116,7 @@ def build_app(
         model_aliases=aliases, created=int(time.time()), api_key=api_key, shutdown_grace_s=shutdown_grace_s,
         feedback=feedback_store,
     )
+    state.adapters = Adapters(engine, name, aliases)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     openai_api.add_routes(app)

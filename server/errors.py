@@ -18,6 +18,7 @@ from server.serving import Overloaded, ShuttingDown
 
 _encode = msgspec.json.Encoder().encode
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
+_MISSING = re.compile(r"missing required field `([^`]*)`")
 
 
 class ApiError(Exception):
@@ -41,10 +42,16 @@ async def read_json(request: web.Request, body_type: type):
     try:
         return msgspec.json.decode(raw, type=body_type)
     except msgspec.ValidationError as exc:
-        match = _PATH.search(str(exc))
-        raise InvalidRequestError(str(exc), match.group(1) if match else None) from exc
+        raise InvalidRequestError(str(exc), _param(str(exc))) from exc
     except msgspec.DecodeError as exc:
         raise InvalidRequestError(f"malformed JSON: {exc}") from exc
+
+
+def _param(message: str) -> str | None:
+    """The field a msgspec validation message is about: its path, and a missing field's name."""
+    path, missing = _PATH.search(message), _MISSING.search(message)
+    parts = [m.group(1) for m in (path, missing) if m is not None and m.group(1)]
+    return ".".join(parts) or None
 
 
 def is_expected(exc: BaseException) -> bool:

@@ -48,6 +48,8 @@ def add_engine_flags(parser: argparse.ArgumentParser, device_default: str) -> No
     g.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="tokens per iteration (default: 64 on CPU, 2048 on CUDA; mace: 256 and 8192)")
     g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-loras", type=int, default=8,
+                   help="distinct LoRA adapters among the running requests (the base model not counted)")
     g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
     g.add_argument("--policy", choices=list(POLICIES), default="mace",
                    help="fine-tune work per iteration: every iteration (SLO-blind), the TBT SLO's slack, "
@@ -79,6 +81,9 @@ def add_engine_flags(parser: argparse.ArgumentParser, device_default: str) -> No
 
     g = parser.add_argument_group("alignment (DPO on feedback, LoRA)")
     g.add_argument("--no-training", action="store_true", help="store feedback but never train")
+    g.add_argument("--keep-versions", type=int, default=4,
+                   help="the last K published adapter versions stay loadable: pinned by requests (MODEL@VERSION) "
+                        "and returned to by a rollback")
     g.add_argument("--lora-rank", type=int, default=8)
     g.add_argument("--lora-alpha", type=int, default=16)
     g.add_argument("--lora-dropout", type=float, default=0.0)

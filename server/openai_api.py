@@ -27,7 +27,8 @@ from server.errors import ApiError, error_body, read_json
 from protocol import openai as oa
 from server.serving import SequenceSpec, Serving
 from protocol.sse import DONE, encode_event
-from server.state import REQUEST_ID, STATE, ServerState, response_headers
+from server.adapters import AdapterChoice
+from server.state import ADAPTER, REQUEST_ID, STATE, ServerState, response_headers
 
 MAX_N = 16
 _encode = msgspec.json.Encoder().encode
@@ -37,10 +38,12 @@ _ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 # -- request -> engine --------------------------------------------------------------------------
 
 
-def _check_model(state: ServerState, model: str | None) -> None:
-    if model is not None and model not in state.model_aliases:
-        raise ApiError(404, f"The model `{model}` does not exist; this server serves `{state.model_name}`.",
-                       "model", "model_not_found")
+async def _choose_adapter(request: web.Request, model: str | None) -> AdapterChoice:
+    """The adapter the request's ``model`` names (404 naming ``model`` for none), kept on the
+    request for its headers."""
+    choice = await request.app[STATE].adapters.resolve(model)
+    request[ADAPTER] = choice
+    return choice
 
 
 def _sampling(body: oa.ChatCompletionRequest | oa.CompletionRequest, max_tokens: int | None, logprobs: int | None,
@@ -76,8 +79,9 @@ def _choices(prompts: list[list[int]], params: SamplingParams, n: int) -> list[S
     return specs
 
 
-def _options(body) -> RequestOptions:
-    return RequestOptions(priority=body.priority, slo_ttft_ms=body.slo_ttft_ms, slo_tbt_ms=body.slo_tbt_ms)
+def _options(body, choice: AdapterChoice) -> RequestOptions:
+    return RequestOptions(priority=body.priority, slo_ttft_ms=body.slo_ttft_ms, slo_tbt_ms=body.slo_tbt_ms,
+                          adapter=choice.adapter)
 
 
 def _render_chat(state: ServerState, messages: list[oa.ChatMessage]) -> list[int]:
@@ -199,7 +203,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     serving = state.serving
     body: oa.ChatCompletionRequest = await read_json(request, oa.ChatCompletionRequest)
-    _check_model(state, body.model)
+    choice = await _choose_adapter(request, body.model)
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("top_logprobs needs logprobs: true", "top_logprobs")
     if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
@@ -210,8 +214,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     params = _sampling(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
     prompt = _render_chat(state, body.messages)
     rid = request[REQUEST_ID]
-    stream = await serving.submit(_choices([prompt], params, body.n), _options(body))
-    created, model = int(time.time()), state.model_name
+    stream = await serving.submit(_choices([prompt], params, body.n), _options(body, choice))
+    created, model = int(time.time()), choice.name
     choices = [_Choice() for _ in range(body.n)]
     try:
         if not body.stream:
@@ -281,7 +285,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     serving = state.serving
     body: oa.CompletionRequest = await read_json(request, oa.CompletionRequest)
-    _check_model(state, body.model)
+    choice = await _choose_adapter(request, body.model)
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_TOP_LOGPROBS:
         raise InvalidRequestError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}]", "logprobs")
     if body.max_tokens == 0 and not body.echo:
@@ -290,8 +294,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
                        prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None)
     prompts = _completion_prompts(state, body.prompt)
     rid = request[REQUEST_ID]
-    stream = await serving.submit(_choices([p[0] for p in prompts], params, body.n), _options(body))
-    created, model, n = int(time.time()), state.model_name, body.n
+    stream = await serving.submit(_choices([p[0] for p in prompts], params, body.n), _options(body, choice))
+    created, model, n = int(time.time()), choice.name, body.n
     choices = [_Choice() for _ in range(len(prompts) * n)]
 
     def prompt_text(i: int) -> str:
@@ -363,12 +367,32 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def models(request: web.Request) -> web.Response:
+    """Every name a request's ``model`` may use: the served model, its base, the versions a
+    request may pin, the adapters loaded at run time (vLLM's ``root`` and ``parent``)."""
     state = request.app[STATE]
-    model = oa.Model(id=state.model_name, created=state.created, max_model_len=state.engine.core.config.model.max_model_len)
-    return web.Response(body=_encode(oa.ModelList([model])), content_type="application/json")
+    max_len = state.engine.core.config.model.max_model_len
+    listing = [oa.Model(id=i, created=state.created, max_model_len=max_len, root=root, parent=parent)
+               for i, root, parent in state.adapters.listing()]
+    return web.Response(body=_encode(oa.ModelList(listing)), content_type="application/json")
+
+
+async def load_lora_adapter(request: web.Request) -> web.Response:
+    """vLLM's route and body: ``{lora_name, lora_path}``; the adapter serves requests whose
+    ``model`` is ``lora_name`` from the next iteration on."""
+    body: oa.LoadLoraAdapterRequest = await read_json(request, oa.LoadLoraAdapterRequest)
+    await request.app[STATE].adapters.load(body.lora_name, body.lora_path)
+    return web.Response(text=f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+async def unload_lora_adapter(request: web.Request) -> web.Response:
+    body: oa.UnloadLoraAdapterRequest = await read_json(request, oa.UnloadLoraAdapterRequest)
+    await request.app[STATE].adapters.unload(body.lora_name)
+    return web.Response(text=f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
 
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/load_lora_adapter", load_lora_adapter)
+    app.router.add_post("/v1/unload_lora_adapter", unload_lora_adapter)

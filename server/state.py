@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from scheduler.async_engine import AsyncEngine
+from server.adapters import AdapterChoice, Adapters
 from server.metrics import ServerMetrics
 from server.serving import Serving
 from trainer.feedback import FeedbackStore
@@ -23,11 +24,14 @@ class ServerState:
     api_key: str | None = None
     shutdown_grace_s: float = 30.0
     feedback: FeedbackStore | None = None  # preference pairs for the trainer (None: /v1/feedback answers 503)
+    adapters: Adapters | None = None  # what a request's `model` may choose (built by build_app)
 
 
 STATE = web.AppKey("state", ServerState)
 # The id a response shows (x-request-id): the client's own when it sent one, else ours.
 REQUEST_ID = web.RequestKey("request_id", str)
+# The adapter the request chose, once its `model` is resolved.
+ADAPTER = web.RequestKey("adapter", AdapterChoice)
 
 
 def response_headers(request: web.Request) -> dict[str, str]:
@@ -35,6 +39,9 @@ def response_headers(request: web.Request) -> dict[str, str]:
     trainer is on (the version inference read when the response started)."""
     headers = {"x-request-id": request[REQUEST_ID]}
     training = request.app[STATE].engine.training
-    if training is not None:
+    choice = request.get(ADAPTER)
+    if choice is not None and choice.version is not None:
+        headers["x-adapter-version"] = str(choice.version)  # a pinned version
+    elif training is not None and (choice is None or choice.adapter is None):
         headers["x-adapter-version"] = str(training.adapter_version)
     return headers

@@ -139,7 +139,7 @@ async def test_the_openai_package_works_unchanged(start_server):
     async with start_server(model_name="demo") as (url, engine):
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
         models = await client.models.list()
-        assert [m.id for m in models.data] == ["demo"]
+        assert [m.id for m in models.data] == ["demo", "demo:base"]  # no training here: no versions
         chat = await client.chat.completions.create(model="demo", messages=CHAT, max_tokens=12, seed=3,
                                                     temperature=0.7, extra_body={"priority": 1})
         assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == 12

@@ -8,8 +8,10 @@ checkpoints write.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 
 TRAIN, SERVING = "trainable", "serving"
@@ -64,3 +66,50 @@ def adapter_snapshot(peft_model: PeftModel, weights: dict[str, torch.Tensor] | N
     if weights is None:
         weights = get_peft_model_state_dict(peft_model, adapter_name=SERVING)
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in weights.items()}
+
+
+@contextlib.contextmanager
+def _model_state_kept(peft_model: PeftModel):
+    """PEFT's add_adapter and delete_adapter reset the active adapter and requires_grad; the
+    fine-tune executor set them once (``trainer.executor``): put them back as they were."""
+    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+    saved = [(layer._active_adapter, layer._disable_adapters) for layer in layers]
+    active = (peft_model.active_adapter, peft_model.base_model.active_adapter)
+    grads = {n: p.requires_grad for n, p in peft_model.named_parameters()}
+    try:
+        yield
+    finally:
+        for layer, (names, disabled) in zip(layers, saved):
+            layer._active_adapter, layer._disable_adapters = names, disabled
+        peft_model.active_adapter, peft_model.base_model.active_adapter = active
+        for n, p in peft_model.named_parameters():
+            p.requires_grad_(grads.get(n, False))  # a new adapter's weights never train
+
+
+def add_adapter(peft_model: PeftModel, name: str, config: LoraConfig, state: dict[str, torch.Tensor]) -> None:
+    """Adapter ``name`` on the model with ``state``'s weights (keyed as PEFT saves them). Only on
+    the worker thread, between iterations. Raises ValueError (the model unchanged) when the
+    adapter would wrap a layer the model's adapters do not (its layers are fixed at start:
+    the C step and the packed forward hold them) or its weights do not fit."""
+    num_layers = sum(isinstance(m, LoraLayer) for m in peft_model.modules())
+    with _model_state_kept(peft_model):
+        peft_model.add_adapter(name, config)
+        try:
+            if sum(isinstance(m, LoraLayer) for m in peft_model.modules()) != num_layers:
+                raise ValueError("it targets layers that the served adapter does not")
+            prefix = f".{name}."
+            expected = {k for k, _ in peft_model.named_parameters() if prefix in k}
+            result = set_peft_model_state_dict(peft_model, state, adapter_name=name)
+            loaded = expected - {k for k in result.missing_keys if prefix in k}
+            if result.unexpected_keys or loaded != expected:
+                raise ValueError(f"its weights do not match its config ({len(result.unexpected_keys)} unexpected, "
+                                 f"{len(expected - loaded)} missing)")
+        except Exception:
+            peft_model.delete_adapter(name)
+            raise
+
+
+def delete_adapter(peft_model: PeftModel, name: str) -> None:
+    """Drop adapter ``name`` (only on the worker thread, between iterations)."""
+    with _model_state_kept(peft_model):
+        peft_model.delete_adapter(name)

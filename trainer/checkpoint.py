@@ -147,21 +147,33 @@ def write_checkpoint(state: dict[str, torch.Tensor], config_json: str, state_dir
     return final
 
 
-def latest_checkpoint(state_dir: str | Path) -> tuple[Path, int] | None:
+def checkpoints(state_dir: str | Path) -> list[tuple[Path, int]]:
+    """Every complete checkpoint, (directory, version), oldest first."""
     root = Path(state_dir) / "adapters"
     if not root.is_dir():
-        return None
-    for path in sorted((p for p in root.iterdir() if p.name.startswith(_PREFIX)), reverse=True):
+        return []
+    found = []
+    for path in sorted(p for p in root.iterdir() if p.name.startswith(_PREFIX)):
         try:
-            return path, json.loads((path / "mace.json").read_text())["version"]
+            found.append((path, json.loads((path / "mace.json").read_text())["version"]))
         except (OSError, ValueError, KeyError):
             continue  # not a complete checkpoint
-    return None
+    return found
+
+
+def latest_checkpoint(state_dir: str | Path) -> tuple[Path, int] | None:
+    found = checkpoints(state_dir)
+    return found[-1] if found else None
+
+
+def load_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights, keyed as PEFT saves them."""
+    return load_file(str(Path(path) / "adapter_model.safetensors"))
 
 
 def load_checkpoint(peft_model: PeftModel, path: str | Path) -> None:
     """Load a checkpoint into both adapters (serving and trainable start equal)."""
-    state = load_file(str(Path(path) / "adapter_model.safetensors"))
+    state = load_checkpoint_state(path)
     set_peft_model_state_dict(peft_model, state, adapter_name=SERVING)
     copy_adapter(peft_model, SERVING, TRAIN)
 

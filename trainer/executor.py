@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import OrderedDict
 
 import torch
 from peft import PeftModel
@@ -58,7 +59,12 @@ class FinetuneExecutor:
         # writes off the worker) every ``checkpoint_every`` published steps; None: no checkpoints.
         self.checkpoints = checkpoints
         self.checkpoint_every = checkpoint_every
-        self._serving_weights = serving_weights(peft_model) if checkpoints is not None else None
+        self._serving_weights = serving_weights(peft_model)
+        # The last config.keep_versions published versions' weights (CPU copies), for pinned
+        # requests and rollbacks; ``kept_versions`` lists them for other threads to read.
+        self._kept: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+        self.kept_versions: tuple[int, ...] = ()
+        self._keep(self.version)
         self.params = adapter_parameters(peft_model, TRAIN)
         self.optimizer = _make_adamw(self.params, config)
         self._publish = adapter_pairs(peft_model, SERVING, TRAIN)  # (serving, trainable) per weight
@@ -311,6 +317,16 @@ class FinetuneExecutor:
                 result.checkpoint_version = self.version
         return result
 
+    def _keep(self, version: int) -> None:
+        self._kept[version] = self.snapshot()
+        while len(self._kept) > self.config.keep_versions:
+            self._kept.popitem(last=False)
+        self.kept_versions = tuple(self._kept)
+
+    def kept(self, version: int) -> dict[str, torch.Tensor] | None:
+        """Version ``version``'s weights, keyed as a checkpoint holds them, while it is kept."""
+        return self._kept.get(version)
+
     def snapshot(self) -> dict[str, torch.Tensor]:
         """A CPU copy of the serving adapter, as a checkpoint holds it (on the worker thread, or
         once the worker stopped)."""
@@ -346,6 +362,7 @@ class FinetuneExecutor:
                 for serving, trainable in self._publish:
                     serving.copy_(trainable)
                 self.version += 1
+                self._keep(self.version)
             else:  # back to the last good weights; the serving adapter never saw the bad ones
                 for serving, trainable in self._publish:
                     trainable.copy_(serving)

@@ -21,8 +21,8 @@ from collections.abc import Callable
 import torch
 
 from engine.config import TrainingConfig
-from trainer.adapters import attach_adapters
-from trainer.checkpoint import CheckpointWriter, latest_checkpoint, load_checkpoint
+from trainer.adapters import SERVING, attach_adapters
+from trainer.checkpoint import CheckpointWriter, checkpoints, latest_checkpoint, load_checkpoint, load_checkpoint_state
 from trainer.executor import FinetuneExecutor
 from trainer.feedback import FeedbackStore
 from trainer.staged import UnitCosts
@@ -48,7 +48,8 @@ class Training:
         costs = UnitCosts.of(peft_model.base_model.model)  # one check of the layers' shape, for both
         self.trainer = Trainer(store, tokenizer, config, tokenizer.eos_token_id, adapter_version=version,
                                checkpointing=checkpointing, unit_costs=costs if config.layer_cuts else None)
-        self.checkpoints = (CheckpointWriter(peft_model, config.state_dir, on_saved=self.trainer.on_checkpoint_threadsafe)
+        self.checkpoints = (CheckpointWriter(peft_model, config.state_dir, keep=max(3, config.keep_versions),
+                                             on_saved=self.trainer.on_checkpoint_threadsafe)
                             if checkpointing else None)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.executor = FinetuneExecutor(peft_model, config, pad_id, version, self.checkpoints, config.checkpoint_every,
@@ -77,6 +78,25 @@ class Training:
         await self.flush()
         if self.checkpoints is not None:
             await asyncio.to_thread(self.checkpoints.close)
+
+    def lora_config(self):
+        """The serving adapter's ``LoraConfig`` (what a pinned version is loaded with)."""
+        return self.executor.model.peft_config[SERVING]
+
+    def checkpoint_versions(self) -> list[int]:
+        """Versions with a complete checkpoint on disk."""
+        if self.config.state_dir is None:
+            return []
+        return [version for _, version in checkpoints(self.config.state_dir)]
+
+    def checkpoint_state(self, version: int) -> dict[str, torch.Tensor] | None:
+        """Checkpoint ``version``'s weights from disk, or None without one (any thread)."""
+        if self.config.state_dir is None:
+            return None
+        for path, v in checkpoints(self.config.state_dir):
+            if v == version:
+                return load_checkpoint_state(path)
+        return None
 
     def _save(self) -> bool:
         version = self.executor.version

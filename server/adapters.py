@@ -1,0 +1,198 @@
+"""Which adapter a request reads, chosen by its ``model`` field (TGI: ``parameters.adapter_id``).
+
+    <served>            the live aligned adapter, as training publishes it (the default)
+    <served>:base       the base model, no adapter
+    <served>@<version>  a version the trainer published, pinned: it answers the same while
+                        training goes on (the last ``--keep-versions`` versions, from memory or
+                        their checkpoints; loaded on the first request that names it)
+    <lora_name>         an adapter loaded at run time from a PEFT directory
+                        (``POST /v1/load_lora_adapter``, vLLM's route and body)
+
+Every one of them is served in the same iterations as the others (``engine.lora``). Loading and
+unloading change the model's modules, so they run on the worker thread between two iterations
+(``AsyncEngine.run_on_worker``). Internal adapter names are never reused (``loaded3``,
+``pinned12``), so the prefix cache's namespace of an unloaded adapter can never serve another's
+K/V. Adapters need LoRA layers on the model: with training off (``--no-training``) only the
+served model and ``:base`` are there.
+
+Runtime adapters are read from the server's own file system, as vLLM does; ``--api-key`` guards
+these routes like every other. Only ``adapter_model.safetensors`` is read (never a pickle), and
+an adapter may only target layers the served adapter targets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.lora import BASE
+from server.errors import ApiError
+
+BASE_SUFFIX = ":base"
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterChoice:
+    """What a request's ``model`` resolved to."""
+
+    name: str  # as the API shows it (responses' ``model``)
+    adapter: str | None  # the engine's adapter (RequestOptions.adapter)
+    version: int | None = None  # a pinned version's number
+
+
+@dataclass(slots=True)
+class _Loaded:
+    internal: str
+    path: str
+
+
+class Adapters:
+    def __init__(self, engine, served_name: str, aliases: frozenset[str]) -> None:
+        self.engine = engine
+        self.served_name = served_name
+        self.aliases = aliases
+        self._loaded: dict[str, _Loaded] = {}  # lora_name -> its adapter
+        self._pinned: dict[int, str] = {}  # version -> internal name
+        self._ids = itertools.count(1)
+        self._lock = asyncio.Lock()  # one change to the model's adapters at a time
+
+    @property
+    def _training(self):
+        return self.engine.training
+
+    @property
+    def has_lora_layers(self) -> bool:
+        return self._training is not None
+
+    # -- choosing -------------------------------------------------------------------------------
+
+    async def resolve(self, model: str | None, field: str = "model") -> AdapterChoice:
+        """The adapter a request's ``model`` names, loading a pinned version on first use; 404
+        naming ``field`` for a name this server does not serve."""
+        if model is None or model in self.aliases:
+            return AdapterChoice(self.served_name, None)
+        if model in self._loaded:
+            return AdapterChoice(model, self._loaded[model].internal)
+        for alias in self.aliases:
+            if model == alias + BASE_SUFFIX:
+                return AdapterChoice(f"{self.served_name}{BASE_SUFFIX}", BASE)
+            if model.startswith(alias + "@"):
+                version = model[len(alias) + 1:]
+                if version.isdigit():
+                    return await self._pin(int(version), field)
+        raise ApiError(404, f"The {field} `{model}` does not exist; this server serves `{self.served_name}`, "
+                            f"`{self.served_name}{BASE_SUFFIX}`, `{self.served_name}@VERSION` and the adapters "
+                            f"that /v1/models lists.", field, "model_not_found")
+
+    async def _pin(self, version: int, field: str) -> AdapterChoice:
+        name = f"{self.served_name}@{version}"
+        training = self._training
+        if training is None:
+            raise ApiError(404, f"The model `{name}` does not exist: no adapter versions without training.", field,
+                           "model_not_found")
+        async with self._lock:
+            if version not in self._pinned:
+                state = await self.engine.run_on_worker(lambda: training.executor.kept(version))
+                if state is None:
+                    state = await asyncio.to_thread(training.checkpoint_state, version)
+                if state is None:
+                    kept = ", ".join(str(v) for v in self.versions()) or "none"
+                    raise ApiError(404, f"The model `{name}` does not exist: version {version} is not kept "
+                                        f"(kept: {kept}).", field, "model_not_found")
+                internal = f"pinned{version}"
+                await self._add(internal, training.lora_config(), state)
+                self._pinned[version] = internal
+        return AdapterChoice(name, self._pinned[version], version)
+
+    def versions(self) -> list[int]:
+        """Versions a request may pin now."""
+        training = self._training
+        if training is None:
+            return []
+        return sorted(set(training.executor.kept_versions) | set(training.checkpoint_versions()) | set(self._pinned))
+
+    # -- loading at run time ---------------------------------------------------------------------
+
+    async def load(self, lora_name: str, lora_path: str) -> None:
+        """``POST /v1/load_lora_adapter``: 400 naming the field for a bad name or path."""
+        if not lora_name or lora_name in self.aliases or "@" in lora_name or lora_name.endswith(BASE_SUFFIX):
+            raise ApiError(400, f"lora_name `{lora_name}` is empty or names the served model", "lora_name",
+                           "invalid_value")
+        if not self.has_lora_layers:
+            raise ApiError(400, "this server has no LoRA layers to load an adapter into (it runs with training "
+                                "off)", "lora_path", "invalid_value")
+        from peft import LoraConfig
+        from safetensors.torch import load_file
+
+        def read() -> tuple:
+            path = Path(lora_path)
+            config_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
+            if not config_file.is_file() or not weights.is_file():
+                raise ApiError(400, f"lora_path `{lora_path}` is not a PEFT adapter directory (it needs "
+                                    "adapter_config.json and adapter_model.safetensors)", "lora_path", "invalid_value")
+            try:
+                raw = json.loads(config_file.read_text())
+                config = LoraConfig.from_pretrained(str(path))
+                return raw, config, load_file(str(weights))
+            except Exception as exc:
+                raise ApiError(400, f"lora_path `{lora_path}`: {exc}", "lora_path", "invalid_value") from exc
+
+        raw, config, state = await asyncio.to_thread(read)
+        if raw.get("peft_type", "LORA") != "LORA" or raw.get("use_dora") or raw.get("lora_bias") \
+                or raw.get("modules_to_save"):
+            raise ApiError(400, f"lora_path `{lora_path}`: only plain LoRA adapters are served (no DoRA, LoRA "
+                                "bias or modules_to_save)", "lora_path", "invalid_value")
+        async with self._lock:
+            if lora_name in self._loaded:
+                raise ApiError(400, f"lora_name `{lora_name}` is loaded already; unload it first", "lora_name",
+                               "invalid_value")
+            internal = f"loaded{next(self._ids)}"
+            try:
+                await self._add(internal, config, state)
+            except ValueError as exc:
+                raise ApiError(400, f"lora_path `{lora_path}` does not fit this model: {exc}", "lora_path",
+                               "invalid_value") from exc
+            self._loaded[lora_name] = _Loaded(internal, str(Path(lora_path).resolve()))
+
+    async def unload(self, lora_name: str) -> None:
+        """``POST /v1/unload_lora_adapter``: requests still on it end (reason "abort")."""
+        async with self._lock:
+            loaded = self._loaded.pop(lora_name, None)
+            if loaded is None:
+                raise ApiError(404, f"lora_name `{lora_name}` is not loaded", "lora_name", "model_not_found")
+            engine = self.engine
+            for rid, seq in list(engine.core.sequences.items()):
+                if seq.options.adapter == loaded.internal:
+                    engine.abort(rid)
+            await engine.run_on_worker(lambda: self._delete(loaded.internal))
+
+    async def _add(self, internal: str, config, state) -> None:
+        from trainer.adapters import add_adapter
+
+        training = self._training
+
+        def add() -> None:
+            add_adapter(training.executor.model, internal, config, state)
+            self.engine.worker.runner.adapters_changed()
+
+        await self.engine.run_on_worker(add)
+
+    def _delete(self, internal: str) -> None:
+        from trainer.adapters import delete_adapter
+
+        delete_adapter(self._training.executor.model, internal)
+        self.engine.worker.runner.adapters_changed()
+
+    # -- listing ---------------------------------------------------------------------------------
+
+    def listing(self) -> list[tuple[str, str, str | None]]:
+        """(id, root, parent) of every model a request may name, vLLM's way: the served model,
+        its base, each pinnable version, each loaded adapter."""
+        served = self.served_name
+        rows = [(served, served, None), (served + BASE_SUFFIX, served, served)]
+        rows += [(f"{served}@{v}", f"{served}@{v}", served) for v in self.versions()]
+        rows += [(name, loaded.path, served) for name, loaded in self._loaded.items()]
+        return rows
