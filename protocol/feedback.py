@@ -41,3 +41,11 @@ class FeedbackStats(msgspec.Struct):
     trained: int
     pending: int
     set_aside: int
+
+
+class RollbackRequest(msgspec.Struct):
+    version: int
+
+
+class TrainingRequest(msgspec.Struct):
+    enabled: bool

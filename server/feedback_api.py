@@ -115,7 +115,9 @@ async def adapters(request: web.Request) -> web.Response:
     trainer = training.trainer
     return web.json_response({
         "training": True,
+        "training_enabled": not trainer.paused,
         "serving": {"name": "serving", "version": training.adapter_version},
+        "versions": request.app[STATE].adapters.versions(),
         "steps": trainer.num_steps,
         "pairs_stepped": trainer.num_pairs_stepped,
         "skipped_steps": trainer.num_skipped_steps,
@@ -124,7 +126,37 @@ async def adapters(request: web.Request) -> web.Response:
     })
 
 
+def _training(state):
+    training = state.engine.training
+    if training is None:
+        raise ApiError(400, "training is off on this server (--no-training): there are no adapter versions", None,
+                       "training_off")
+    return training
+
+
+async def rollback(request: web.Request) -> web.Response:
+    """``{version}``: serve and train from that kept version again; the next step gets a
+    version number above every one used before."""
+    state = request.app[STATE]
+    training = _training(state)
+    body: fb.RollbackRequest = await read_json(request, fb.RollbackRequest)
+    if not await training.rollback(body.version, state.engine.run_on_worker):
+        kept = ", ".join(str(v) for v in state.adapters.versions()) or "none"
+        raise ApiError(404, f"version {body.version} is not kept (kept: {kept})", "version", "version_not_found")
+    return web.json_response({"version": training.adapter_version, "next_version": training.executor.max_version + 1})
+
+
+async def set_training(request: web.Request) -> web.Response:
+    """``{enabled}``: pause or resume training; feedback is stored either way."""
+    training = _training(request.app[STATE])
+    body: fb.TrainingRequest = await read_json(request, fb.TrainingRequest)
+    training.set_training(body.enabled)
+    return web.json_response({"training_enabled": body.enabled})
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/feedback", post_feedback)
     app.router.add_get("/v1/feedback/stats", feedback_stats)
     app.router.add_get("/v1/adapters", adapters)
+    app.router.add_post("/v1/adapters/rollback", rollback)
+    app.router.add_post("/v1/adapters/training", set_training)

@@ -158,3 +158,58 @@ async def test_adapters_loaded_at_run_time(start_server, demo_model_dir, tmp_pat
         assert status == 404
         assert await _text(http, url, "other") == expected["other"]
         engine.core.check_integrity()
+
+
+async def _adapters_info(http, url) -> dict:
+    async with http.get(f"{url}/v1/adapters") as r:
+        return await r.json()
+
+
+async def test_rollback_serves_and_trains_from_a_kept_version(start_server, tmp_path):
+    state_dir = tmp_path / "state"
+    config = TrainingConfig(lr=2e-2, grad_accum=1, keep_versions=4, state_dir=str(state_dir), checkpoint_every=1)
+    store = FeedbackStore(tmp_path / "f.sqlite3")
+    async with start_server(model_name="demo", feedback_store=store, trainer_config=config) as (url, engine), \
+            aiohttp.ClientSession(timeout=TIMEOUT) as http:
+        await _feed(http, url, 0, 3)
+        await _wait_version(http, url, 3)
+        text1, text3 = await _text(http, url, "demo@1"), await _text(http, url, "demo")
+        assert text1 != text3
+        async with http.post(f"{url}/v1/adapters/rollback", json={"version": 1}) as r:
+            assert r.status == 200 and await r.json() == {"version": 1, "next_version": 4}
+        status, body, headers = await _complete(http, url, "demo")
+        assert headers["x-adapter-version"] == "1" and body["choices"][0]["text"] == text1
+        assert (await _adapters_info(http, url))["serving"]["version"] == 1
+        executor = engine.training.executor
+        kept = executor.kept(1)
+        live = executor.snapshot()
+        assert kept.keys() == live.keys() and all(torch.equal(kept[k], live[k]) for k in kept)
+        for serving, trainable in executor._publish:  # the trainable adapter starts from v1's weights too
+            assert torch.equal(serving, trainable)
+        async with http.post(f"{url}/v1/adapters/rollback", json={"version": 99}) as r:
+            body = await r.json()
+            assert r.status == 404 and body["error"]["param"] == "version"
+        async with http.post(f"{url}/v1/adapters/rollback", json={"version": "one"}) as r:
+            assert r.status == 400 and (await r.json())["error"]["param"] == "version"
+    # the rollback is what a restart resumes
+    store = FeedbackStore(tmp_path / "f.sqlite3")
+    async with start_server(model_name="demo", feedback_store=store, trainer_config=config) as (url, engine), \
+            aiohttp.ClientSession(timeout=TIMEOUT) as http:
+        info = await _adapters_info(http, url)
+        assert info["serving"]["version"] == 1 and await _text(http, url, "demo") == text1
+        await _feed(http, url, 3, 1)
+        await _wait_version(http, url, 4)  # above every number used before (3), built on v1
+        assert (await _adapters_info(http, url))["serving"]["version"] == 4
+        assert await _text(http, url, "demo@3") == text3  # 3 still names the weights it named
+        # paused, feedback is stored and nothing trains
+        async with http.post(f"{url}/v1/adapters/training", json={"enabled": False}) as r:
+            assert r.status == 200 and await r.json() == {"training_enabled": False}
+        await _feed(http, url, 4, 1)
+        for _ in range(20):  # a few iterations' worth of time
+            await _text(http, url, "demo")
+        info = await _adapters_info(http, url)
+        assert info["serving"]["version"] == 4 and info["training_enabled"] is False
+        assert store.stats()["received"] == 5
+        async with http.post(f"{url}/v1/adapters/training", json={"enabled": True}) as r:
+            assert r.status == 200
+        await _wait_version(http, url, 5)

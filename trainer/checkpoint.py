@@ -2,7 +2,9 @@
 
 ``STATE_DIR/adapters/v000042/`` holds ``adapter_config.json`` and ``adapter_model.safetensors``
 (so ``peft.PeftModel.from_pretrained(base, that_dir)`` loads it) plus ``mace.json`` with the
-version. A checkpoint is written to a temporary directory, fsynced, then renamed into place: a
+version and the highest version published so far. The newest directory by name is the one to
+resume from: a rollback to version 3 when 7 was the highest writes ``v000007-r001`` holding
+version 3's weights, which sorts after ``v000007`` and before ``v000008``, the next step's. A checkpoint is written to a temporary directory, fsynced, then renamed into place: a
 crash leaves either the old set or the new one, never half a checkpoint. The newest ``keep`` stay.
 
 Writing one takes 20-35 ms on this machine's disk (three fsyncs), longer than a whole TBT budget,
@@ -55,7 +57,7 @@ class CheckpointWriter:
                  on_saved: Callable[[int], None] | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.keep = keep
-        self._config_json = _config_json(peft_model)
+        self.config_json = _config_json(peft_model)
         self._cond = threading.Condition()
         self._next: tuple[int, dict[str, torch.Tensor]] | None = None  # newest snapshot not yet written
         self._writing = False
@@ -103,7 +105,7 @@ class CheckpointWriter:
                 self._writing = True
             ok = False
             try:
-                write_checkpoint(state, self._config_json, self.state_dir, version, self.keep)
+                write_checkpoint(state, self.config_json, self.state_dir, version, self.keep)
                 ok = True
             except Exception:  # the pairs stay "pending" and go into a later checkpoint
                 log.exception("checkpoint v%d failed", version)
@@ -122,18 +124,19 @@ class CheckpointWriter:
 
 
 def write_checkpoint(state: dict[str, torch.Tensor], config_json: str, state_dir: str | Path, version: int,
-                     keep: int = 3) -> Path:
-    """Write checkpoint ``version`` from a snapshot (``adapter_snapshot``), atomically."""
+                     keep: int = 3, max_version: int | None = None, name: str | None = None) -> Path:
+    """Write checkpoint ``version`` from a snapshot (``adapter_snapshot``), atomically, under
+    ``name`` (default ``v{version:06d}``)."""
     root = Path(state_dir) / "adapters"
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{_PREFIX}{version:06d}"
+    final = root / (name or f"{_PREFIX}{version:06d}")
     if final.exists():
         return final
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
         save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(config_json)
-        (tmp / "mace.json").write_text(json.dumps({"version": version}))
+        (tmp / "mace.json").write_text(json.dumps({"version": version, "max_version": max(version, max_version or 0)}))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -159,6 +162,27 @@ def checkpoints(state_dir: str | Path) -> list[tuple[Path, int]]:
         except (OSError, ValueError, KeyError):
             continue  # not a complete checkpoint
     return found
+
+
+def max_version_on_disk(state_dir: str | Path) -> int:
+    """The highest version number any checkpoint has seen published (0 with none)."""
+    highest = 0
+    for path, version in checkpoints(state_dir):
+        try:
+            highest = max(highest, version, json.loads((path / "mace.json").read_text()).get("max_version", 0))
+        except (OSError, ValueError):
+            continue
+    return highest
+
+
+def rollback_name(state_dir: str | Path, max_version: int) -> str:
+    """A directory name for a rollback's checkpoint: after every name written so far."""
+    root = Path(state_dir) / "adapters"
+    taken = {p.name for p in root.iterdir()} if root.is_dir() else set()
+    n = 1
+    while f"{_PREFIX}{max_version:06d}-r{n:03d}" in taken:
+        n += 1
+    return f"{_PREFIX}{max_version:06d}-r{n:03d}"
 
 
 def latest_checkpoint(state_dir: str | Path) -> tuple[Path, int] | None:

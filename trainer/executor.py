@@ -19,7 +19,7 @@ import time
 from collections import OrderedDict
 
 import torch
-from peft import PeftModel
+from peft import PeftModel, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from engine.config import TrainingConfig
@@ -50,11 +50,15 @@ def _make_adamw(params: list[torch.nn.Parameter], config: TrainingConfig) -> tor
 
 class FinetuneExecutor:
     def __init__(self, peft_model: PeftModel, config: TrainingConfig, pad_id: int, version: int = 0,
-                 checkpoints=None, checkpoint_every: int = 10, unit_costs: UnitCosts | None = None) -> None:
+                 checkpoints=None, checkpoint_every: int = 10, unit_costs: UnitCosts | None = None,
+                 max_version: int | None = None) -> None:
         self.model = peft_model
         self.config = config
         self.pad_id = pad_id
         self.version = version
+        # The highest version number ever published (a rollback returns to a lower one): the
+        # next publish takes the number after it, so a number never names two weights.
+        self.max_version = max(version, max_version or 0)
         # A snapshot of the serving adapter goes to ``checkpoints`` (a CheckpointWriter, which
         # writes off the worker) every ``checkpoint_every`` published steps; None: no checkpoints.
         self.checkpoints = checkpoints
@@ -317,6 +321,28 @@ class FinetuneExecutor:
                 result.checkpoint_version = self.version
         return result
 
+    @torch.no_grad()
+    def rollback(self, version: int, state: dict[str, torch.Tensor]) -> None:
+        """Serve and train from ``state`` (version ``version``'s weights, keyed as a checkpoint
+        holds them) again: both adapters take it, the gradients, the optimizer's moments and any
+        pass in progress are dropped. Only between iterations, with no fine-tune chunk pending
+        (``Trainer.rollback`` puts the trainer's side in step)."""
+        if self._serving_weights is not None and state.keys() == self._serving_weights.keys():
+            for key, tensor in self._serving_weights.items():
+                tensor.copy_(state[key])
+        else:
+            set_peft_model_state_dict(self.model, state, adapter_name=SERVING)
+        for serving, trainable in self._publish:
+            trainable.copy_(serving)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.state.clear()
+        self._bad_accumulation = False
+        self._num_accumulated = 0
+        self._chosen_part = self._job = self._ref_job = self._ref_logps = None
+        self.version = version
+        if version not in self._kept:
+            self._keep(version)
+
     def _keep(self, version: int) -> None:
         self._kept[version] = self.snapshot()
         while len(self._kept) > self.config.keep_versions:
@@ -361,7 +387,7 @@ class FinetuneExecutor:
             if grads_ok:  # publish: serving takes the new weights
                 for serving, trainable in self._publish:
                     serving.copy_(trainable)
-                self.version += 1
+                self.version = self.max_version = self.max_version + 1
                 self._keep(self.version)
             else:  # back to the last good weights; the serving adapter never saw the bad ones
                 for serving, trainable in self._publish:

@@ -100,6 +100,7 @@ class Trainer:
         self.rank_window = config.rank_window
         self.unit_costs = unit_costs
         self._reset = False  # the next gradient chunk drops the gradients accumulated so far
+        self.paused = False  # POST /v1/adapters/training: feedback is stored, nothing trains
         self._pair_losses: dict[str, float] = {}  # last DPO loss per pair (the scheduler's priority)
         self._in_flight: dict[int, FinetuneChunk] = {}
         self._task_ids = itertools.count()
@@ -167,7 +168,13 @@ class Trainer:
 
     @property
     def has_work(self) -> bool:
-        return bool(self._needs_reference or self._ready or self._split or self._ref_pair) and not self._in_flight
+        return (bool(self._needs_reference or self._ready or self._split or self._ref_pair) and not self._in_flight
+                and not self.paused)
+
+    @property
+    def is_idle(self) -> bool:
+        """No chunk of this trainer is in an iteration."""
+        return not self._in_flight
 
     @property
     def mean_recent_loss(self) -> float | None:
@@ -179,7 +186,7 @@ class Trainer:
         """What the next iteration may carry, as a value for the scheduler's policy (None: no
         work ready). ``now`` dates the wait: since the work became ready or a chunk last ran."""
         self._now = now
-        smallest = self.next_pair_tokens()
+        smallest = self.next_pair_tokens() if not self.paused else None
         if smallest is None:
             self._offered_since = None
             return None
@@ -453,6 +460,27 @@ class Trainer:
             return
         # forgotten only once the store holds "trained": a refill in between must not reload them
         self._io(self.store.mark_trained, ids).add_done_callback(lambda _: self._known.difference_update(ids))
+
+    def set_paused(self, paused: bool) -> None:
+        self.paused = paused
+        if not paused:
+            self._on_new_work()
+
+    def rollback(self, version: int) -> None:
+        """The adapter went back to ``version`` and the executor dropped every gradient and
+        pass in progress (``FinetuneExecutor.rollback``; nothing of this trainer in flight): the
+        pairs accumulated go back to the queue, a reference pass cut at layers starts over.
+        Pairs stepped into the versions left behind are not trained again."""
+        assert not self._in_flight, "roll back between fine-tune chunks"
+        self._ready.extendleft(reversed(self._accumulated))
+        self._accumulated, self._split, self._reset = [], None, True
+        self._accumulating_since = None
+        if self._ref_pair is not None:
+            self._needs_reference.appendleft(self._ref_pair)
+            self._ref_pair, self._ref_unit = None, 0
+        self.adapter_version = version
+        self._rank()
+        self._on_new_work()
 
     def on_failure(self, task_id: int) -> None:
         """The iteration carrying this chunk failed. A reference chunk's pairs go back; for a

@@ -22,7 +22,8 @@ import torch
 
 from engine.config import TrainingConfig
 from trainer.adapters import SERVING, attach_adapters
-from trainer.checkpoint import CheckpointWriter, checkpoints, latest_checkpoint, load_checkpoint, load_checkpoint_state
+from trainer.checkpoint import (CheckpointWriter, checkpoints, latest_checkpoint, load_checkpoint, load_checkpoint_state,
+                                max_version_on_disk, rollback_name, write_checkpoint)
 from trainer.executor import FinetuneExecutor
 from trainer.feedback import FeedbackStore
 from trainer.staged import UnitCosts
@@ -38,11 +39,11 @@ class Training:
         self.config = config
         self.store = store
         peft_model = attach_adapters(model, config)
-        version = 0
+        version = max_version = 0
         latest = latest_checkpoint(config.state_dir) if config.state_dir is not None else None
         if latest is not None:
             load_checkpoint(peft_model, latest[0])
-            version = latest[1]
+            version, max_version = latest[1], max_version_on_disk(config.state_dir)
             log.info("resumed the adapter from %s (version %d)", latest[0], version)
         checkpointing = config.state_dir is not None
         costs = UnitCosts.of(peft_model.base_model.model)  # one check of the layers' shape, for both
@@ -53,7 +54,8 @@ class Training:
                             if checkpointing else None)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.executor = FinetuneExecutor(peft_model, config, pad_id, version, self.checkpoints, config.checkpoint_every,
-                                         unit_costs=costs)
+                                         unit_costs=costs, max_version=max_version)
+        self._lock = asyncio.Lock()  # one rollback at a time
 
     @property
     def adapter_version(self) -> int:
@@ -78,6 +80,38 @@ class Training:
         await self.flush()
         if self.checkpoints is not None:
             await asyncio.to_thread(self.checkpoints.close)
+
+    async def rollback(self, version: int, run_on_worker) -> bool:
+        """Serve and train from version ``version`` again (False: it is not kept). Training
+        pauses, the fine-tune chunks already handed out finish, the weights go to disk as the
+        checkpoint to resume from (so an acknowledged rollback survives a crash; a crash before
+        it leaves the state before it), then both adapters take them between two iterations.
+        ``run_on_worker``: ``AsyncEngine.run_on_worker``."""
+        async with self._lock:
+            trainer, executor = self.trainer, self.executor
+            was_paused, trainer.paused = trainer.paused, True
+            try:
+                state = await run_on_worker(lambda: executor.kept(version))  # after the plans in flight
+                if state is None:
+                    state = await asyncio.to_thread(self.checkpoint_state, version)
+                if state is None:
+                    return False
+                if self.checkpoints is not None:
+                    await asyncio.to_thread(self.checkpoints.flush)
+                    name = rollback_name(self.config.state_dir, executor.max_version)
+                    await asyncio.to_thread(write_checkpoint, state, self.checkpoints.config_json, self.config.state_dir,
+                                            version, self.checkpoints.keep, executor.max_version, name)
+                await run_on_worker(lambda: executor.rollback(version, state))
+                trainer.rollback(version)
+                log.info("rolled the adapter back to version %d (the next step is version %d)", version,
+                         executor.max_version + 1)
+                return True
+            finally:
+                trainer.paused = was_paused
+
+    def set_training(self, enabled: bool) -> None:
+        """Pause or resume training; feedback is stored either way."""
+        self.trainer.set_paused(not enabled)
 
     def lora_config(self):
         """The serving adapter's ``LoraConfig`` (what a pinned version is loaded with)."""
