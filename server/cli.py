@@ -81,6 +81,7 @@ BENCHES = {
     "train": ("bench.train", "DPO pairs/s alone and while serving, and the serving TPOT with and without"),
     "plan": ("bench.plan", "the scheduler's planning time per iteration at 16, 256 and 1024 queued requests"),
     "policies": ("bench.policies", "the fine-tune policies under a chat load with 10/30/50%% feedback"),
+    "adapters": ("bench.adapters", "decode throughput with a batch spread over 1, 4 and 8 LoRA adapters"),
     "cpu": ("bench.cpu", "mace serve vs llama.cpp's llama-server on the CPU: throughput, batch-1 decode, prefill"),
     "paper": ("bench.paper", "MACE's evaluation over HTTP: recovery after drift, latency vs retrain rate, ablation"),
 }

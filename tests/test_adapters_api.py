@@ -213,3 +213,65 @@ async def test_rollback_serves_and_trains_from_a_kept_version(start_server, tmp_
         async with http.post(f"{url}/v1/adapters/training", json={"enabled": True}) as r:
             assert r.status == 200
         await _wait_version(http, url, 5)
+
+
+async def test_sigkill_during_a_rollback_or_a_load_restarts_cleanly(demo_model_dir, tmp_path):
+    import signal
+    import subprocess
+
+    from tests.conftest import spawn_server, wait_ready
+
+    adapter = _save_adapter(demo_model_dir, tmp_path / "lora", ("q_proj",), 4)
+    state_dir = tmp_path / "state"
+
+    def start():
+        return spawn_server(demo_model_dir, "--state-dir", str(state_dir), "--grad-accum", "1",
+                            "--checkpoint-every", "1", "--learning-rate", "1e-2", "--served-model-name", "demo")
+
+    async def version(http, url) -> int:
+        return (await _adapters_info(http, url))["serving"]["version"]
+
+    proc, url = start()
+    try:
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
+            await wait_ready(http, url)
+            await _feed(http, url, 0, 3)  # acknowledged
+            await _wait_version(http, url, 3)
+            # killed with the rollback in flight: either state is a clean one
+            rollback = asyncio.ensure_future(http.post(f"{url}/v1/adapters/rollback", json={"version": 1}))
+            load = asyncio.ensure_future(http.post(f"{url}/v1/load_lora_adapter",
+                                                   json={"lora_name": "x", "lora_path": adapter}))
+            await asyncio.sleep(0.01)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+            for task in (rollback, load):
+                try:
+                    (await task).close()
+                except aiohttp.ClientError:
+                    pass
+        proc, url = start()
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
+            await wait_ready(http, url)
+            assert await version(http, url) in (1, 3)
+            assert "x" not in await _model_ids(http, url)  # adapters loaded at run time do not persist
+            # acknowledged, then killed: the rollback is what the restart serves
+            async with http.post(f"{url}/v1/adapters/rollback", json={"version": 2}) as r:
+                assert r.status == 200
+            text2 = await _text(http, url, "demo")
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        proc, url = start()
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
+            await wait_ready(http, url)
+            assert await version(http, url) == 2 and await _text(http, url, "demo") == text2
+            await _feed(http, url, 3, 1)
+            await _wait_version(http, url, 4)
+            async with http.get(f"{url}/v1/feedback/stats") as r:
+                assert (await r.json())["received"] == 4  # nothing acknowledged was lost
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
