@@ -5,10 +5,12 @@ Two measures per evaluation, both at the evaluation's time ``t_s`` (the oracle's
 - Win rate: for each evaluation prompt and sample index j, a sample of the serving model (chat,
   temperature ``temperature``, seed ``seed_i`` so that sample j uses ``seed_i + j``) against the
   base model's sample with the same prompt and seed; the oracle scores both at ``t_s``; a win
-  counts 1, a tie 1/2 (``win_rate``). The base samples are taken once, at t = 0 before any
-  training (adapter version 0 is the base model), and reused for every evaluation: the base
-  model never changes, and the same seeds (common random numbers) make version 0 tie with itself
-  exactly, so an untrained server scores 0.5 and every departure is the adapter's doing.
+  counts 1, a tie 1/2 (``win_rate``). Where the server lists its base model (``<served>:base``
+  in /v1/models) the base answers are sampled live, in the same iterations as the serving
+  model's, at every evaluation; elsewhere they are taken once, at t = 0 before any training
+  (adapter version 0 is the base model), and reused. The same seeds (common random numbers) make
+  version 0 tie with the base exactly, so an untrained server scores 0.5 and every departure is
+  the adapter's doing.
 - CLPD: the mean over held-out pairs of the taste at ``t_s`` (``PreferenceOracle.heldout_pairs``,
   fixed per phase) of ``logp(chosen|x) - logp(rejected|x)`` under the serving model, response
   tokens only, scored through the server's log-prob API (``AsyncClient.score``: an echo of
@@ -99,18 +101,21 @@ class DriftEvaluator:
         self.client, self.oracle, self.config = client, oracle, config
         self.clock, self.sleep = clock, sleep
         self.base_samples: list[str] | None = None
+        self.base_model: str | None = None  # the server's base model by name, sampled live
         self.base_clpd: dict[str, float] = {}  # per phase name
         self._pairs: dict[str, list[PreferencePair]] = {}  # per phase name: fixed for the run
         # Evaluations ``run`` skipped because the server was full or draining (429 / 503 after
         # the client's retries): (t_s, the error). An overloaded server is a result, not a crash.
         self.skipped: list[tuple[float, str]] = []
 
-    async def _samples(self) -> list[str]:
-        """Every prompt's ``num_samples`` answers, flattened prompt-major."""
+    async def _samples(self, model: str | None = None) -> list[str]:
+        """Every prompt's ``num_samples`` answers, flattened prompt-major (of ``model``, else the
+        client's)."""
         c = self.config
+        chosen = {"model": model} if model else {}
 
         async def one(i: int, prompt: str) -> list[str]:
-            answer = await self.client.chat([{"role": "user", "content": prompt}], n=c.num_samples,
+            answer = await self.client.chat([{"role": "user", "content": prompt}], **chosen, n=c.num_samples,
                                             max_tokens=c.max_tokens, temperature=c.temperature,
                                             **({"top_k": c.top_k} if c.top_k else {}),
                                             seed=c.seed + 100 * i, ignore_eos=True)
@@ -120,8 +125,16 @@ class DriftEvaluator:
         return [text for texts in per_prompt for text in texts]
 
     async def take_base(self) -> list[str]:
-        """Sample the base model's answers and score every phase's held-out pairs under it; the
+        """Sample the base model's answers and score every phase's held-out pairs under it. A
+        server that lists its base model is asked for it by name, at any time; elsewhere the
         server must still serve adapter version 0 (and still does after)."""
+        listed = [m.id for m in (await self.client.models()).data]
+        self.base_model = next((name for name in listed if name.endswith(":base")), None)
+        if self.base_model is not None:
+            self.base_samples = await self._samples(self.base_model)
+            for start_s, phase in zip(self.oracle.starts_s, self.oracle.phases):
+                self.base_clpd[phase.name] = await self.clpd(start_s, self.base_model)
+            return self.base_samples
         version = await self.adapter_version()
         if version not in (None, 0):
             raise RuntimeError(f"the base samples need adapter version 0, the server serves version {version}")
@@ -143,9 +156,11 @@ class DriftEvaluator:
                 self.config.clpd_prompts, t_s, num_words=self.config.num_pair_words, seed=self.config.seed)
         return self._pairs[phase.name]
 
-    async def clpd(self, t_s: float) -> float:
+    async def clpd(self, t_s: float, model: str | None = None) -> float:
         pairs = self.heldout_pairs(t_s)
-        scores = await asyncio.gather(*(self.client.score(p.prompt, text) for p in pairs for text in (p.chosen, p.rejected)))
+        chosen = {"model": model} if model else {}
+        scores = await asyncio.gather(*(self.client.score(p.prompt, text, **chosen)
+                                        for p in pairs for text in (p.chosen, p.rejected)))
         return clpd([s.logprob for s in scores[0::2]], [s.logprob for s in scores[1::2]])
 
     async def evaluate(self, t_s: float) -> EvalPoint:
@@ -154,9 +169,13 @@ class DriftEvaluator:
             raise RuntimeError("take_base() first")
         started = self.clock()
         version = await self.adapter_version()
-        samples, value = await asyncio.gather(self._samples(), self.clpd(t_s))
+        if self.base_model is not None:  # the base's answers now, in the same iterations as ours
+            samples, base_samples, value = await asyncio.gather(self._samples(), self._samples(self.base_model),
+                                                                self.clpd(t_s))
+        else:
+            (samples, value), base_samples = await asyncio.gather(self._samples(), self.clpd(t_s)), self.base_samples
         ours = [self.oracle.score(s, t_s) for s in samples]
-        base = [self.oracle.score(s, t_s) for s in self.base_samples]
+        base = [self.oracle.score(s, t_s) for s in base_samples]
         phase = self.oracle.phase_at(t_s).name
         return EvalPoint(t_s=t_s, adapter_version=version, phase=phase, win_rate=win_rate(ours, base), clpd=value,
                          clpd_gain=value - self.base_clpd[phase], num_comparisons=len(ours),

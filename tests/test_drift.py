@@ -154,3 +154,39 @@ async def test_evaluation_samples_honour_top_k(start_server):
         free = await DriftEvaluator(client, oracle, dataclasses.replace(config, top_k=0))._samples()
     assert len(samples) == 6 and len(set(samples[:3])) == 1 and len(set(samples[3:])) == 1
     assert len(set(free[:3])) > 1  # without top_k, the three seeds differ
+
+
+async def test_the_base_is_sampled_live_beside_the_trained_adapter(start_server, tmp_path):
+    """With the server's `:base` model, take_base works after training has moved the adapter, and
+    each evaluation samples the base again in the same batch as the serving model's answers."""
+    import asyncio
+
+    from clients import AsyncClient
+    from engine.config import TrainingConfig
+    from trainer.feedback import FeedbackStore
+
+    oracle = PreferenceOracle([(0.0, Phase("vowels", frozenset("aeiou")))])
+    config = EvalConfig(prompts=("Hello there.",), clpd_prompts=("Q: hi\nA:",), num_samples=2, max_tokens=6)
+    store = FeedbackStore(tmp_path / "f.sqlite3")
+    async with start_server(model_name="demo", feedback_store=store, trainer_config=TrainingConfig(
+            lr=2e-2, grad_accum=1)) as (url, engine), AsyncClient(url) as client:
+        await client.feedback("Say hi.", " Hi!", " No.")
+        for _ in range(500):  # bounded: until the step is published
+            if engine.training.adapter_version >= 1:
+                break
+            await asyncio.sleep(0.02)
+        evaluator = DriftEvaluator(client, oracle, config)
+        calls = []
+        samples = evaluator._samples
+
+        async def recorded(model=None):
+            calls.append(model)
+            return await samples(model)
+
+        evaluator._samples = recorded
+        base = await evaluator.take_base()  # version 1 is serving: fine with a live base
+        assert evaluator.base_model == "demo:base" and calls == ["demo:base"]
+        point = await evaluator.evaluate(0.0)
+        assert calls[1:] == [None, "demo:base"] and point.adapter_version == 1
+        assert await samples("demo:base") == base  # the base never moves
+        assert point.num_comparisons == 2
