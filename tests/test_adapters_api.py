@@ -237,6 +237,11 @@ async def test_sigkill_during_a_rollback_or_a_load_restarts_cleanly(demo_model_d
             await wait_ready(http, url)
             await _feed(http, url, 0, 3)  # acknowledged
             await _wait_version(http, url, 3)
+            for _ in range(500):  # bounded: until version 3's checkpoint is on disk (the pairs are trained)
+                async with http.get(f"{url}/v1/feedback/stats") as r:
+                    if (await r.json())["trained"] == 3:
+                        break
+                await asyncio.sleep(0.02)
             # killed with the rollback in flight: either state is a clean one
             rollback = asyncio.ensure_future(http.post(f"{url}/v1/adapters/rollback", json={"version": 1}))
             load = asyncio.ensure_future(http.post(f"{url}/v1/load_lora_adapter",

@@ -17,15 +17,22 @@ from peft.tuners.lora import LoraLayer
 TRAIN, SERVING = "trainable", "serving"
 
 
-def attach_adapters(model: torch.nn.Module, config) -> PeftModel:
+def attach_adapters(model: torch.nn.Module, config, serving: str = SERVING, train: str = TRAIN) -> PeftModel:
     """Wrap ``model`` (in place) with the ``serving`` and ``trainable`` adapters of ``config``'s
-    LoRA shape, equal at start."""
+    LoRA shape, equal at start; on a ``PeftModel`` already, add another such pair (a tenant's),
+    leaving the active adapter as it was."""
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, lora, adapter_name=SERVING)
-    peft_model.add_adapter(TRAIN, lora)
-    copy_adapter(peft_model, TRAIN, SERVING)
-    peft_model.set_adapter(SERVING)
+    if isinstance(model, PeftModel):
+        with _model_state_kept(model):
+            model.add_adapter(serving, lora)
+            model.add_adapter(train, lora)
+        copy_adapter(model, train, serving)
+        return model
+    peft_model = get_peft_model(model, lora, adapter_name=serving)
+    peft_model.add_adapter(train, lora)
+    copy_adapter(peft_model, train, serving)
+    peft_model.set_adapter(serving)
     return peft_model
 
 
@@ -48,23 +55,24 @@ def adapter_pairs(peft_model: PeftModel, a: str, b: str) -> list[tuple[torch.Ten
     return [(p, params[n.replace(f".{a}.", f".{b}.")]) for n, p in params.items() if f".{a}." in n and "lora_" in n]
 
 
-def serving_weights(peft_model: PeftModel) -> dict[str, torch.Tensor] | None:
+def serving_weights(peft_model: PeftModel, name: str = SERVING) -> dict[str, torch.Tensor] | None:
     """The serving adapter's live tensors under the keys PEFT saves them by, to be found once
     and kept: ``get_peft_model_state_dict`` walks the whole model's state (7 ms for the tiny
     demo model here), and a step's publish updates these tensors in place. None when the names
     do not line up with PEFT's (a layout this shortcut does not know: use PEFT's view each time)."""
-    keys = get_peft_model_state_dict(peft_model, adapter_name=SERVING).keys()
-    params = {n.replace(f".{SERVING}.", "."): p for n, p in peft_model.named_parameters() if f".{SERVING}." in n}
+    keys = get_peft_model_state_dict(peft_model, adapter_name=name).keys()
+    params = {n.replace(f".{name}.", "."): p for n, p in peft_model.named_parameters() if f".{name}." in n}
     if set(keys) != params.keys():
         return None
     return {k: params[k] for k in keys}
 
 
-def adapter_snapshot(peft_model: PeftModel, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def adapter_snapshot(peft_model: PeftModel, weights: dict[str, torch.Tensor] | None = None,
+                     name: str = SERVING) -> dict[str, torch.Tensor]:
     """A copy of the serving adapter's weights, keyed as PEFT saves them, on the CPU; from
     ``weights`` (``serving_weights``) when given."""
     if weights is None:
-        weights = get_peft_model_state_dict(peft_model, adapter_name=SERVING)
+        weights = get_peft_model_state_dict(peft_model, adapter_name=name)
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in weights.items()}
 
 

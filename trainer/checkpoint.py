@@ -36,9 +36,9 @@ _PREFIX = "v"
 log = logging.getLogger(__name__)
 
 
-def _config_json(peft_model: PeftModel) -> str:
+def _config_json(peft_model: PeftModel, adapter: str = SERVING) -> str:
     """The ``adapter_config.json`` that ``save_pretrained`` writes for the serving adapter."""
-    config = copy.deepcopy(peft_model.peft_config[SERVING])
+    config = copy.deepcopy(peft_model.peft_config[adapter])
     config.inference_mode = True
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = peft_model.base_model.model.__dict__.get("name_or_path") or None
@@ -54,10 +54,10 @@ class CheckpointWriter:
     called on the writer's thread after each checkpoint lands."""
 
     def __init__(self, peft_model: PeftModel, state_dir: str | Path, keep: int = 3,
-                 on_saved: Callable[[int], None] | None = None) -> None:
+                 on_saved: Callable[[int], None] | None = None, adapter: str = SERVING) -> None:
         self.state_dir = Path(state_dir)
         self.keep = keep
-        self.config_json = _config_json(peft_model)
+        self.config_json = _config_json(peft_model, adapter)
         self._cond = threading.Condition()
         self._next: tuple[int, dict[str, torch.Tensor]] | None = None  # newest snapshot not yet written
         self._writing = False
@@ -195,11 +195,11 @@ def load_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(path) / "adapter_model.safetensors"))
 
 
-def load_checkpoint(peft_model: PeftModel, path: str | Path) -> None:
+def load_checkpoint(peft_model: PeftModel, path: str | Path, serving: str = SERVING, train: str = TRAIN) -> None:
     """Load a checkpoint into both adapters (serving and trainable start equal)."""
     state = load_checkpoint_state(path)
-    set_peft_model_state_dict(peft_model, state, adapter_name=SERVING)
-    copy_adapter(peft_model, SERVING, TRAIN)
+    set_peft_model_state_dict(peft_model, state, adapter_name=serving)
+    copy_adapter(peft_model, serving, train)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -51,8 +51,13 @@ def _make_adamw(params: list[torch.nn.Parameter], config: TrainingConfig) -> tor
 class FinetuneExecutor:
     def __init__(self, peft_model: PeftModel, config: TrainingConfig, pad_id: int, version: int = 0,
                  checkpoints=None, checkpoint_every: int = 10, unit_costs: UnitCosts | None = None,
-                 max_version: int | None = None) -> None:
+                 max_version: int | None = None, serving: str = SERVING, train: str = TRAIN,
+                 default: str = SERVING) -> None:
+        """``serving`` and ``train`` name this executor's adapters (a tenant's pair, or the
+        default one); ``default`` is the adapter inference reads when a request names none,
+        active again after every chunk."""
         self.model = peft_model
+        self.serving_name, self.train_name, self.default_name = serving, train, default
         self.config = config
         self.pad_id = pad_id
         self.version = version
@@ -63,15 +68,15 @@ class FinetuneExecutor:
         # writes off the worker) every ``checkpoint_every`` published steps; None: no checkpoints.
         self.checkpoints = checkpoints
         self.checkpoint_every = checkpoint_every
-        self._serving_weights = serving_weights(peft_model)
+        self._serving_weights = serving_weights(peft_model, serving)
         # The last config.keep_versions published versions' weights (CPU copies), for pinned
         # requests and rollbacks; ``kept_versions`` lists them for other threads to read.
         self._kept: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
         self.kept_versions: tuple[int, ...] = ()
         self._keep(self.version)
-        self.params = adapter_parameters(peft_model, TRAIN)
+        self.params = adapter_parameters(peft_model, train)
         self.optimizer = _make_adamw(self.params, config)
-        self._publish = adapter_pairs(peft_model, SERVING, TRAIN)  # (serving, trainable) per weight
+        self._publish = adapter_pairs(peft_model, serving, train)  # (serving, trainable) per weight
         # Fixed costs of every fine-tune chunk, kept small (they are most of a small chunk's time
         # on a small model, whose layer units run in a millisecond or two): the adapter switch
         # and the adapters-off toggle set the LoRA layers' active adapter and disabled flag
@@ -81,7 +86,7 @@ class FinetuneExecutor:
         # weights on, the serving adapter's off. Train mode, which only dropout reads, is set only
         # for a model that has dropout (2.8 ms there and back).
         self._lora_layers = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
-        for p in adapter_parameters(peft_model, SERVING):
+        for p in adapter_parameters(peft_model, serving):
             p.requires_grad_(False)
         for p in self.params:
             p.requires_grad_(True)
@@ -150,8 +155,9 @@ class FinetuneExecutor:
             chosen, rejected = self._logprobs(chunk.pairs)
         result = FinetuneResult(chunk.task_id, "reference",
                                 ref_logprobs={p.pair_id: (c, r) for p, c, r in zip(chunk.pairs, chosen.tolist(), rejected.tolist())})
-        if chunk.estimate:  # the serving adapter is the active one
-            chosen, rejected = self._logprobs(chunk.pairs)
+        if chunk.estimate:  # under this executor's serving adapter
+            with self._serving_active():
+                chosen, rejected = self._logprobs(chunk.pairs)
             result.policy_logprobs = {p.pair_id: (c, r) for p, c, r in zip(chunk.pairs, chosen.tolist(), rejected.tolist())}
         return result
 
@@ -167,7 +173,7 @@ class FinetuneExecutor:
         while unit < end:
             which, local = divmod(unit, per_pass)
             stop = min(end, (which + 1) * per_pass)
-            with self._adapters_off() if which == 0 else contextlib.nullcontext():
+            with self._adapters_off() if which == 0 else self._serving_active():
                 if local == 0:
                     self._ref_job = (p.pair_id, which, self.stages.start_forward(*self._batch([p])))
                 if self._ref_job is None or self._ref_job[:2] != (p.pair_id, which) or self._ref_job[2].next_unit != local:
@@ -279,7 +285,7 @@ class FinetuneExecutor:
 
     def _gradient(self, chunk: FinetuneChunk) -> FinetuneResult:
         result = FinetuneResult(chunk.task_id, "gradient")
-        self._use(TRAIN)
+        self._use(self.train_name)
         if self._needs_train_mode:
             self.model.train()
         try:
@@ -288,7 +294,7 @@ class FinetuneExecutor:
             else:
                 self._whole(chunk, result)
         finally:
-            self._use(SERVING)
+            self._use(self.default_name)
             if self._needs_train_mode:
                 self.model.eval()
         return self._maybe_step(chunk, result)
@@ -299,6 +305,18 @@ class FinetuneExecutor:
         for layer in self._lora_layers:
             layer._active_adapter = [name]
         self.model.active_adapter = self.model.base_model.active_adapter = name
+
+    @contextlib.contextmanager
+    def _serving_active(self):
+        """This executor's serving adapter active (between chunks the default one is)."""
+        if self.serving_name == self.default_name:
+            yield
+            return
+        self._use(self.serving_name)
+        try:
+            yield
+        finally:
+            self._use(self.default_name)
 
     @contextlib.contextmanager
     def _adapters_off(self):
@@ -331,7 +349,7 @@ class FinetuneExecutor:
             for key, tensor in self._serving_weights.items():
                 tensor.copy_(state[key])
         else:
-            set_peft_model_state_dict(self.model, state, adapter_name=SERVING)
+            set_peft_model_state_dict(self.model, state, adapter_name=self.serving_name)
         for serving, trainable in self._publish:
             trainable.copy_(serving)
         self.optimizer.zero_grad(set_to_none=True)
@@ -356,7 +374,7 @@ class FinetuneExecutor:
     def snapshot(self) -> dict[str, torch.Tensor]:
         """A CPU copy of the serving adapter, as a checkpoint holds it (on the worker thread, or
         once the worker stopped)."""
-        return adapter_snapshot(self.model, self._serving_weights)
+        return adapter_snapshot(self.model, self._serving_weights, self.serving_name)
 
     def _step(self) -> bool:
         """Clip, step and publish, or (a non-finite value anywhere) drop it all; True if stepped.

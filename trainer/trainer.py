@@ -64,6 +64,7 @@ class Trainer:
         max_attempts: int = 3,
         outlier_factor: float = 5.0,
         refill_batch: int = 256,
+        task_ids=None,
     ) -> None:
         self.store = store
         self.tokenizer = tokenizer
@@ -103,7 +104,7 @@ class Trainer:
         self.paused = False  # POST /v1/adapters/training: feedback is stored, nothing trains
         self._pair_losses: dict[str, float] = {}  # last DPO loss per pair (the scheduler's priority)
         self._in_flight: dict[int, FinetuneChunk] = {}
-        self._task_ids = itertools.count()
+        self._task_ids = task_ids if task_ids is not None else itertools.count()
         self._recent_losses: deque[float] = deque(maxlen=64)
         self._attempts: dict[str, int] = {}  # bad tries per pair, this process
         self._set_aside: set[str] = set()

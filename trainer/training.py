@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 from engine.config import TrainingConfig
-from trainer.adapters import SERVING, attach_adapters
+from trainer.adapters import SERVING, TRAIN, attach_adapters
 from trainer.checkpoint import (CheckpointWriter, checkpoints, latest_checkpoint, load_checkpoint, load_checkpoint_state,
                                 max_version_on_disk, rollback_name, write_checkpoint)
 from trainer.executor import FinetuneExecutor
@@ -32,29 +32,42 @@ from trainer.trainer import Trainer
 log = logging.getLogger(__name__)
 
 
+def adapter_names(tenant: str | None) -> tuple[str, str]:
+    """(serving, trainable) adapter names of a tenant, or the default pair's."""
+    return (SERVING, TRAIN) if tenant is None else (f"{SERVING}_{tenant}", f"{TRAIN}_{tenant}")
+
+
 class Training:
-    def __init__(self, model: torch.nn.Module, tokenizer, store: FeedbackStore, config: TrainingConfig) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer, store: FeedbackStore, config: TrainingConfig,
+                 tenant: str | None = None, task_ids=None) -> None:
         """Put the LoRA adapters on ``model`` (in place) and build the parts; with
-        ``config.state_dir``, resume from its latest checkpoint and write new ones there."""
+        ``config.state_dir``, resume from its latest checkpoint and write new ones there. A
+        ``tenant``'s training adds its own adapter pair to the model the default training
+        wrapped (a ``PeftModel``), trains it on its own ``store`` and checkpoints it in its own
+        ``config.state_dir``; ``task_ids`` (an iterator) numbers the fine-tune chunks of every
+        training on the model."""
         self.config = config
         self.store = store
-        peft_model = attach_adapters(model, config)
+        self.tenant = tenant
+        self.serving_name, self.train_name = adapter_names(tenant)
+        peft_model = attach_adapters(model, config, self.serving_name, self.train_name)
         version = max_version = 0
         latest = latest_checkpoint(config.state_dir) if config.state_dir is not None else None
         if latest is not None:
-            load_checkpoint(peft_model, latest[0])
+            load_checkpoint(peft_model, latest[0], self.serving_name, self.train_name)
             version, max_version = latest[1], max_version_on_disk(config.state_dir)
             log.info("resumed the adapter from %s (version %d)", latest[0], version)
         checkpointing = config.state_dir is not None
         costs = UnitCosts.of(peft_model.base_model.model)  # one check of the layers' shape, for both
-        self.trainer = Trainer(store, tokenizer, config, tokenizer.eos_token_id, adapter_version=version,
+        self.trainer = Trainer(store, tokenizer, config, tokenizer.eos_token_id, adapter_version=version, task_ids=task_ids,
                                checkpointing=checkpointing, unit_costs=costs if config.layer_cuts else None)
         self.checkpoints = (CheckpointWriter(peft_model, config.state_dir, keep=max(3, config.keep_versions),
-                                             on_saved=self.trainer.on_checkpoint_threadsafe)
+                                             on_saved=self.trainer.on_checkpoint_threadsafe, adapter=self.serving_name)
                             if checkpointing else None)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.executor = FinetuneExecutor(peft_model, config, pad_id, version, self.checkpoints, config.checkpoint_every,
-                                         unit_costs=costs, max_version=max_version)
+                                         unit_costs=costs, max_version=max_version, serving=self.serving_name,
+                                         train=self.train_name)
         self._lock = asyncio.Lock()  # one rollback at a time
 
     @property
@@ -115,7 +128,7 @@ class Training:
 
     def lora_config(self):
         """The serving adapter's ``LoraConfig`` (what a pinned version is loaded with)."""
-        return self.executor.model.peft_config[SERVING]
+        return self.executor.model.peft_config[self.serving_name]
 
     def checkpoint_versions(self) -> list[int]:
         """Versions with a complete checkpoint on disk."""
