@@ -139,6 +139,8 @@ class FinetuneChunk:
     # Drop the gradients accumulated so far before this chunk (an iteration carrying part of
     # the accumulation failed; the trainer sent its pairs round again).
     reset: bool = False
+    # whose adapter the chunk trains: a tenant's (trainer/tenants.py), None for the default one
+    tenant: str | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -64,11 +64,17 @@ class AsyncEngine:
         """What trains the adapter while serving (``trainer.training.Training``), or None."""
         return self.core.training
 
+    def training_for(self, tenant: str | None) -> Training | None:
+        """A tenant's training, or (None) the default one."""
+        return self.core.training if tenant is None else self.core.tenants[tenant]
+
     async def start(self) -> None:
         """Start the worker and the scheduler coroutine, and training (which loads the feedback
         stored before a restart)."""
         if self.training is not None:
             await self.training.start(self._wake.set)
+        for training in self.core.tenants.values():
+            await training.start(self._wake.set)
         self.worker.start()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="mace-scheduler")
 
@@ -86,6 +92,9 @@ class AsyncEngine:
         await asyncio.to_thread(self.worker.stop)
         if self.training is not None:
             await self.training.stop()
+        for training in self.core.tenants.values():
+            await training.stop()
+            training.store.close()  # a tenant's store is its training's own
 
     def add_request(
         self,

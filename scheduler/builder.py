@@ -4,7 +4,10 @@ price iterations, and wire core and runner together, every part at construction.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -21,31 +24,43 @@ log = logging.getLogger(__name__)
 
 
 def build_engine(config: EngineConfig, training: TrainingConfig | None = None,
-                 feedback_store=None) -> tuple[EngineCore, ModelRunner]:
+                 feedback_store=None, tenants: Sequence[str] = ()) -> tuple[EngineCore, ModelRunner]:
     """Load ``config.model`` and build the engine on it (see ``build_from_model``)."""
     device = torch.device(config.model.device)
     dtype = getattr(torch, config.model.dtype) if config.model.dtype else None
     model, tokenizer = load_model(config.model.path, device, dtype)
-    return build_from_model(model, tokenizer, config, training, feedback_store)
+    return build_from_model(model, tokenizer, config, training, feedback_store, tenants)
 
 
 def build_from_model(model: torch.nn.Module, tokenizer, config: EngineConfig, training: TrainingConfig | None = None,
-                     feedback_store=None) -> tuple[EngineCore, ModelRunner]:
+                     feedback_store=None, tenants: Sequence[str] = ()) -> tuple[EngineCore, ModelRunner]:
     """Wire an already-loaded model (with the paged attention selected) into core and runner.
 
     With ``training``, LoRA adapters go on the model and a ``trainer.training.Training`` trains
     them on ``feedback_store``'s pairs (a ``trainer.feedback.FeedbackStore``): its executor runs
     on the runner, its trainer feeds the core (``core.training``). Settings left open are filled
     in here: the context, the token budget, the SLOs (from a measured cost profile, when one is
-    loaded or ``profile_on_start`` measures it)."""
+    loaded or ``profile_on_start`` measures it). Each of ``tenants`` gets an adapter of its
+    own, trained on its own store under ``STATE_DIR/tenants/TENANT`` (trainer/tenants.py)."""
     config = _resolve(model, config)
     owner = None
+    tenant_trainings = {}
+    if tenants and (training is None or training.state_dir is None):
+        raise ValueError("tenants need training on and a state directory")
     if training is not None:
         if feedback_store is None:
             raise ValueError("training needs a feedback store")
+        from trainer.feedback import FeedbackStore
         from trainer.training import Training  # (peft is imported only when training)
 
-        owner = Training(model, tokenizer, feedback_store, training)
+        task_ids = itertools.count()  # one sequence for every trainer's chunks
+        owner = Training(model, tokenizer, feedback_store, training, task_ids=task_ids)
+        for tenant in tenants:
+            state_dir = Path(training.state_dir) / "tenants" / tenant
+            state_dir.mkdir(parents=True, exist_ok=True)
+            tenant_trainings[tenant] = Training(
+                owner.executor.model, tokenizer, FeedbackStore(state_dir / "feedback.sqlite3"),
+                dataclasses.replace(training, state_dir=str(state_dir)), tenant=tenant, task_ids=task_ids)
     num_blocks = _num_blocks(model, config)
     cache = config.cache
     runner = ModelRunner(model, num_blocks, cache.block_size, config.model.decode_attention,
@@ -56,6 +71,13 @@ def build_from_model(model: torch.nn.Module, tokenizer, config: EngineConfig, tr
     config = dataclasses.replace(config, scheduler=config.scheduler.with_slos(suggested))
     core = EngineCore(config, tokenizer, eos_token_ids(model, tokenizer), num_blocks, cost_model=cost_model,
                       training=owner)
+    if tenant_trainings:
+        from trainer.tenants import ExecutorGroup, TrainerGroup
+
+        core.tenants = tenant_trainings
+        core.trainer = TrainerGroup({None: owner.trainer, **{t: tr.trainer for t, tr in tenant_trainings.items()}})
+        runner.finetune_executor = ExecutorGroup({None: owner.executor,
+                                                  **{t: tr.executor for t, tr in tenant_trainings.items()}})
     return core, runner
 
 

@@ -85,6 +85,8 @@ class EngineCore:
         self.training = training
         # what the core plans with (tests and simulations put a stand-in of their own here)
         self.trainer = training.trainer if training is not None else None
+        # each tenant's Training, by tenant (trainer/tenants.py; the builder sets them)
+        self.tenants: dict[str, Training] = {}
         self.sequences: dict[str, Sequence] = {}
         self._seq_ids = itertools.count()
         self._iterations = itertools.count()

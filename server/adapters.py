@@ -15,6 +15,10 @@ unloading change the model's modules, so they run on the worker thread between t
 K/V. Adapters need LoRA layers on the model: with training off (``--no-training``) only the
 served model and ``:base`` are there.
 
+With ``--tenants`` every name is the caller's own: ``<served>`` is the tenant's live adapter,
+``<served>@<version>`` the tenant's versions, and a runtime adapter belongs to the tenant that
+loaded it; another tenant's is a 404, as if it did not exist. ``:base`` is everyone's.
+
 Runtime adapters are read from the server's own file system, as vLLM does; ``--api-key`` guards
 these routes like every other. Only ``adapter_model.safetensors`` is read (never a pickle), and
 an adapter may only target layers the served adapter targets.
@@ -49,74 +53,81 @@ class _Loaded:
     path: str
 
 
+Tenant = str | None  # None: no tenant (the default adapter)
+
+
 class Adapters:
     def __init__(self, engine, served_name: str, aliases: frozenset[str]) -> None:
         self.engine = engine
         self.served_name = served_name
         self.aliases = aliases
-        self._loaded: dict[str, _Loaded] = {}  # lora_name -> its adapter
-        self._pinned: dict[int, str] = {}  # version -> internal name
+        self._loaded: dict[tuple[Tenant, str], _Loaded] = {}  # (owner, lora_name) -> its adapter
+        self._pinned: dict[tuple[Tenant, int], str] = {}  # (tenant, version) -> internal name
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()  # one change to the model's adapters at a time
 
-    @property
-    def _training(self):
-        return self.engine.training
+    def _training(self, tenant: Tenant):
+        return self.engine.training_for(tenant)
 
     @property
     def has_lora_layers(self) -> bool:
-        return self._training is not None
+        return self.engine.training is not None
+
+    def live_adapter(self, tenant: Tenant) -> str | None:
+        """The engine's name of the adapter a tenant's requests read by default."""
+        return None if tenant is None else self._training(tenant).serving_name
 
     # -- choosing -------------------------------------------------------------------------------
 
-    async def resolve(self, model: str | None, field: str = "model") -> AdapterChoice:
-        """The adapter a request's ``model`` names, loading a pinned version on first use; 404
-        naming ``field`` for a name this server does not serve."""
+    async def resolve(self, model: str | None, field: str = "model", tenant: Tenant = None) -> AdapterChoice:
+        """The adapter a request's ``model`` names (for ``tenant``), loading a pinned version on
+        first use; 404 naming ``field`` for a name this server does not serve to it."""
         if model is None or model in self.aliases:
-            return AdapterChoice(self.served_name, None)
-        if model in self._loaded:
-            return AdapterChoice(model, self._loaded[model].internal)
+            return AdapterChoice(self.served_name, self.live_adapter(tenant))
+        if (tenant, model) in self._loaded:
+            return AdapterChoice(model, self._loaded[(tenant, model)].internal)
         for alias in self.aliases:
             if model == alias + BASE_SUFFIX:
                 return AdapterChoice(f"{self.served_name}{BASE_SUFFIX}", BASE)
             if model.startswith(alias + "@"):
                 version = model[len(alias) + 1:]
                 if version.isdigit():
-                    return await self._pin(int(version), field)
+                    return await self._pin(int(version), field, tenant)
         raise ApiError(404, f"The {field} `{model}` does not exist; this server serves `{self.served_name}`, "
                             f"`{self.served_name}{BASE_SUFFIX}`, `{self.served_name}@VERSION` and the adapters "
                             f"that /v1/models lists.", field, "model_not_found")
 
-    async def _pin(self, version: int, field: str) -> AdapterChoice:
+    async def _pin(self, version: int, field: str, tenant: Tenant) -> AdapterChoice:
         name = f"{self.served_name}@{version}"
-        training = self._training
+        training = self._training(tenant)
         if training is None:
             raise ApiError(404, f"The model `{name}` does not exist: no adapter versions without training.", field,
                            "model_not_found")
         async with self._lock:
-            if version not in self._pinned:
+            if (tenant, version) not in self._pinned:
                 state = await self.engine.run_on_worker(lambda: training.executor.kept(version))
                 if state is None:
                     state = await asyncio.to_thread(training.checkpoint_state, version)
                 if state is None:
-                    kept = ", ".join(str(v) for v in self.versions()) or "none"
+                    kept = ", ".join(str(v) for v in self.versions(tenant)) or "none"
                     raise ApiError(404, f"The model `{name}` does not exist: version {version} is not kept "
                                         f"(kept: {kept}).", field, "model_not_found")
-                internal = f"pinned{version}"
+                internal = f"pinned{version}" if tenant is None else f"pinned_{tenant}_{version}"
                 await self._add(internal, training.lora_config(), state)
-                self._pinned[version] = internal
-        return AdapterChoice(name, self._pinned[version], version)
+                self._pinned[(tenant, version)] = internal
+        return AdapterChoice(name, self._pinned[(tenant, version)], version)
 
-    def versions(self) -> list[int]:
-        """Versions a request may pin now."""
-        training = self._training
+    def versions(self, tenant: Tenant = None) -> list[int]:
+        """Versions a tenant's request may pin now."""
+        training = self._training(tenant)
         if training is None:
             return []
-        return sorted(set(training.executor.kept_versions) | set(training.checkpoint_versions()) | set(self._pinned))
+        pinned = {v for t, v in self._pinned if t == tenant}
+        return sorted(set(training.executor.kept_versions) | set(training.checkpoint_versions()) | pinned)
 
     # -- loading at run time ---------------------------------------------------------------------
 
-    async def load(self, lora_name: str, lora_path: str) -> None:
+    async def load(self, lora_name: str, lora_path: str, tenant: Tenant = None) -> None:
         """``POST /v1/load_lora_adapter``: 400 naming the field for a bad name or path."""
         if not lora_name or lora_name in self.aliases or "@" in lora_name or lora_name.endswith(BASE_SUFFIX):
             raise ApiError(400, f"lora_name `{lora_name}` is empty or names the served model", "lora_name",
@@ -146,7 +157,7 @@ class Adapters:
             raise ApiError(400, f"lora_path `{lora_path}`: only plain LoRA adapters are served (no DoRA, LoRA "
                                 "bias or modules_to_save)", "lora_path", "invalid_value")
         async with self._lock:
-            if lora_name in self._loaded:
+            if (tenant, lora_name) in self._loaded:
                 raise ApiError(400, f"lora_name `{lora_name}` is loaded already; unload it first", "lora_name",
                                "invalid_value")
             internal = f"loaded{next(self._ids)}"
@@ -155,12 +166,12 @@ class Adapters:
             except ValueError as exc:
                 raise ApiError(400, f"lora_path `{lora_path}` does not fit this model: {exc}", "lora_path",
                                "invalid_value") from exc
-            self._loaded[lora_name] = _Loaded(internal, str(Path(lora_path).resolve()))
+            self._loaded[(tenant, lora_name)] = _Loaded(internal, str(Path(lora_path).resolve()))
 
-    async def unload(self, lora_name: str) -> None:
+    async def unload(self, lora_name: str, tenant: Tenant = None) -> None:
         """``POST /v1/unload_lora_adapter``: requests still on it end (reason "abort")."""
         async with self._lock:
-            loaded = self._loaded.pop(lora_name, None)
+            loaded = self._loaded.pop((tenant, lora_name), None)
             if loaded is None:
                 raise ApiError(404, f"lora_name `{lora_name}` is not loaded", "lora_name", "model_not_found")
             engine = self.engine
@@ -172,10 +183,10 @@ class Adapters:
     async def _add(self, internal: str, config, state) -> None:
         from trainer.adapters import add_adapter
 
-        training = self._training
+        model = self.engine.training.executor.model
 
         def add() -> None:
-            add_adapter(training.executor.model, internal, config, state)
+            add_adapter(model, internal, config, state)
             self.engine.worker.runner.adapters_changed()
 
         await self.engine.run_on_worker(add)
@@ -183,16 +194,16 @@ class Adapters:
     def _delete(self, internal: str) -> None:
         from trainer.adapters import delete_adapter
 
-        delete_adapter(self._training.executor.model, internal)
+        delete_adapter(self.engine.training.executor.model, internal)
         self.engine.worker.runner.adapters_changed()
 
     # -- listing ---------------------------------------------------------------------------------
 
-    def listing(self) -> list[tuple[str, str, str | None]]:
-        """(id, root, parent) of every model a request may name, vLLM's way: the served model,
-        its base, each pinnable version, each loaded adapter."""
+    def listing(self, tenant: Tenant = None) -> list[tuple[str, str, str | None]]:
+        """(id, root, parent) of every model a tenant's request may name, vLLM's way: the
+        served model, its base, each pinnable version, each adapter it loaded."""
         served = self.served_name
         rows = [(served, served, None), (served + BASE_SUFFIX, served, served)]
-        rows += [(f"{served}@{v}", f"{served}@{v}", served) for v in self.versions()]
-        rows += [(name, loaded.path, served) for name, loaded in self._loaded.items()]
+        rows += [(f"{served}@{v}", f"{served}@{v}", served) for v in self.versions(tenant)]
+        rows += [(name, loaded.path, served) for (owner, name), loaded in self._loaded.items() if owner == tenant]
         return rows

@@ -41,7 +41,7 @@ from server.flags import engine_config, training_config
 from server.metrics import ServerMetrics
 from server.adapters import Adapters
 from server.serving import Serving
-from server.state import REQUEST_ID, STATE, ServerState, response_headers
+from server.state import REQUEST_ID, STATE, TENANT, ServerState, response_headers
 from trainer.feedback import FeedbackStore
 
 log = logging.getLogger(__name__)
@@ -68,12 +68,27 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
 
 @web.middleware
 async def _auth(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    key = request.app[STATE].api_key
-    if key is not None and request.path not in _OPEN_PATHS:
+    state = request.app[STATE]
+    key, tenants = state.api_key, state.tenant_keys
+    request[TENANT] = None
+    if (key is not None or tenants) and request.path not in _OPEN_PATHS:
         given = request.headers.get("Authorization", "")
-        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), key.encode())):
+        token = given[7:].encode() if given.startswith("Bearer ") else None
+        tenant = _tenant_of(tenants, token) if tenants and token is not None else None
+        if tenant is not None:
+            request[TENANT] = tenant
+        elif token is None or key is None or not hmac.compare_digest(token, key.encode()):
             raise ApiError(401, "a valid API key is required: Authorization: Bearer KEY", "Authorization", "invalid_api_key")
     return await handler(request)
+
+
+def _tenant_of(tenants: dict[str, str], token: bytes) -> str | None:
+    """The tenant of ``token`` (every key compared in constant time), or None."""
+    found = None
+    for key, tenant in tenants.items():
+        if hmac.compare_digest(token, key.encode()):
+            found = tenant
+    return found
 
 
 async def health(request: web.Request) -> web.Response:
@@ -100,6 +115,7 @@ def build_app(
     shutdown_grace_s: float = 30.0,
     feedback_store: FeedbackStore | None = None,
     trace: TextIO | None = None,
+    tenant_keys: dict[str, str] | None = None,
 ) -> web.Application:
     """The application, and the ``AsyncEngine`` over ``core`` and ``runner`` that it starts on
     startup and stops on cleanup (``app[STATE].engine``). It owns ``feedback_store`` too (closed
@@ -114,7 +130,7 @@ def build_app(
     app[STATE] = state = ServerState(
         engine=engine, serving=Serving(engine, metrics_, max_waiting_requests, refuse_late_requests), metrics=metrics_, model_name=name,
         model_aliases=aliases, created=int(time.time()), api_key=api_key, shutdown_grace_s=shutdown_grace_s,
-        feedback=feedback_store,
+        feedback=feedback_store, tenant_keys=tenant_keys or None,
     )
     state.adapters = Adapters(engine, name, aliases)
     app.router.add_get("/health", health)
@@ -253,8 +269,16 @@ def serve(args: argparse.Namespace) -> None:
         if args.trace_iterations:
             trace = files.enter_context(open(args.trace_iterations, "a", buffering=1 << 16))
 
+        tenant_keys = None
+        if getattr(args, "tenants", None):
+            from trainer.tenants import read_tenants
+
+            tenant_keys = read_tenants(args.tenants)
+
         def build() -> web.Application:
-            core, runner = build_engine(engine_config(args), training_config(args, str(state_dir)), feedback_store)
+            tenants = sorted(set(tenant_keys.values())) if tenant_keys else ()
+            core, runner = build_engine(engine_config(args), training_config(args, str(state_dir)), feedback_store,
+                                        tenants)
             sched = core.config.scheduler
             ttft, tbt = core.policy.default_slos_ms()
             learned = (" (learned from the load as it runs; this is the start)"
@@ -265,6 +289,7 @@ def serve(args: argparse.Namespace) -> None:
                 max_waiting_requests=args.max_waiting_requests, refuse_late_requests=args.refuse_late_requests,
                 max_request_bytes=args.max_request_bytes,
                 shutdown_grace_s=args.shutdown_grace, feedback_store=feedback_store, trace=trace,
+                tenant_keys=tenant_keys,
             )
             _freeze_start_up_objects()
             return app

@@ -113,6 +113,9 @@ def build_parser(bench_name: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the directory's name)")
     g.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every route but /health")
     g.add_argument("--api-key-file", default=None, help="read the API key from this file")
+    g.add_argument("--tenants", default=None, metavar="FILE",
+                   help="one `API_KEY TENANT` pair a line: each tenant's feedback trains its own adapter, which "
+                        "serves its requests; every route but /health then needs one of these keys (or --api-key)")
     g.add_argument("--max-waiting-requests", type=int, default=256, help="queued sequences before answering 429")
     g.add_argument("--refuse-late-requests", action="store_true",
                    help="answer 429 (with Retry-After) to a request whose first token is predicted past its TTFT SLO "

@@ -17,7 +17,7 @@ from engine.sampling_params import InvalidRequestError
 from server.errors import ApiError, read_json
 from server.openai_api import render_chat_text
 from protocol import feedback as fb
-from server.state import STATE, ServerState
+from server.state import STATE, TENANT, ServerState
 from trainer.feedback import FeedbackStore, NewPair
 
 MAX_PAIRS = 256
@@ -25,7 +25,9 @@ MAX_ID_CHARS = 128
 _encode = msgspec.json.Encoder().encode
 
 
-def _store(state: ServerState) -> FeedbackStore:
+def _store(state: ServerState, tenant=None) -> FeedbackStore:
+    if tenant is not None:
+        return state.engine.training_for(tenant).store
     if state.feedback is None:
         raise ApiError(503, "feedback is not enabled on this server: it has no feedback store "
                             "(mace serve keeps one under --state-dir)", None, "feedback_unavailable")
@@ -89,12 +91,13 @@ def _validate(state: ServerState, at: str, item: fb.FeedbackItem) -> NewPair:
 
 async def post_feedback(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    store = _store(state)
+    tenant = request[TENANT]
+    store = _store(state, tenant)
     body: fb.FeedbackRequest = await read_json(request, fb.FeedbackRequest)
     pairs = [_validate(state, at, item) for at, item in _items(body)]
     results = await asyncio.to_thread(store.add, pairs)  # returns after the commit
     num_stored = sum(is_new for _, is_new in results)
-    training = state.engine.training
+    training = state.engine.training_for(tenant)
     if training is not None and num_stored:
         await training.trainer.refill()  # picks the new pairs up and wakes the engine
     answer = fb.FeedbackResponse(ids=[i for i, _ in results], stored=num_stored, duplicates=len(results) - num_stored)
@@ -102,14 +105,14 @@ async def post_feedback(request: web.Request) -> web.Response:
 
 
 async def feedback_stats(request: web.Request) -> web.Response:
-    store = _store(request.app[STATE])
+    store = _store(request.app[STATE], request[TENANT])
     stats = await asyncio.to_thread(store.stats)
     return web.Response(body=_encode(fb.FeedbackStats(**stats)), content_type="application/json")
 
 
 async def adapters(request: web.Request) -> web.Response:
-    """The adapter inference reads, and the trainer's counters."""
-    training = request.app[STATE].engine.training
+    """The adapter inference reads, and the trainer's counters (the caller's tenant's)."""
+    training = request.app[STATE].engine.training_for(request[TENANT])
     if training is None:
         return web.json_response({"serving": None, "training": False})
     trainer = training.trainer
@@ -117,7 +120,7 @@ async def adapters(request: web.Request) -> web.Response:
         "training": True,
         "training_enabled": not trainer.paused,
         "serving": {"name": "serving", "version": training.adapter_version},
-        "versions": request.app[STATE].adapters.versions(),
+        "versions": request.app[STATE].adapters.versions(request[TENANT]),
         "steps": trainer.num_steps,
         "pairs_stepped": trainer.num_pairs_stepped,
         "skipped_steps": trainer.num_skipped_steps,
@@ -126,8 +129,8 @@ async def adapters(request: web.Request) -> web.Response:
     })
 
 
-def _training(state):
-    training = state.engine.training
+def _training(request: web.Request):
+    training = request.app[STATE].engine.training_for(request[TENANT])
     if training is None:
         raise ApiError(400, "training is off on this server (--no-training): there are no adapter versions", None,
                        "training_off")
@@ -138,17 +141,17 @@ async def rollback(request: web.Request) -> web.Response:
     """``{version}``: serve and train from that kept version again; the next step gets a
     version number above every one used before."""
     state = request.app[STATE]
-    training = _training(state)
+    training = _training(request)
     body: fb.RollbackRequest = await read_json(request, fb.RollbackRequest)
     if not await training.rollback(body.version, state.engine.run_on_worker):
-        kept = ", ".join(str(v) for v in state.adapters.versions()) or "none"
+        kept = ", ".join(str(v) for v in state.adapters.versions(request[TENANT])) or "none"
         raise ApiError(404, f"version {body.version} is not kept (kept: {kept})", "version", "version_not_found")
     return web.json_response({"version": training.adapter_version, "next_version": training.executor.max_version + 1})
 
 
 async def set_training(request: web.Request) -> web.Response:
     """``{enabled}``: pause or resume training; feedback is stored either way."""
-    training = _training(request.app[STATE])
+    training = _training(request)
     body: fb.TrainingRequest = await read_json(request, fb.TrainingRequest)
     training.set_training(body.enabled)
     return web.json_response({"training_enabled": body.enabled})

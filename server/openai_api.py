@@ -28,7 +28,7 @@ from protocol import openai as oa
 from server.serving import SequenceSpec, Serving
 from protocol.sse import DONE, encode_event
 from server.adapters import AdapterChoice
-from server.state import ADAPTER, REQUEST_ID, STATE, ServerState, response_headers
+from server.state import ADAPTER, REQUEST_ID, STATE, TENANT, ServerState, response_headers
 
 MAX_N = 16
 _encode = msgspec.json.Encoder().encode
@@ -41,7 +41,7 @@ _ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 async def _choose_adapter(request: web.Request, model: str | None) -> AdapterChoice:
     """The adapter the request's ``model`` names (404 naming ``model`` for none), kept on the
     request for its headers."""
-    choice = await request.app[STATE].adapters.resolve(model)
+    choice = await request.app[STATE].adapters.resolve(model, tenant=request[TENANT])
     request[ADAPTER] = choice
     return choice
 
@@ -372,7 +372,7 @@ async def models(request: web.Request) -> web.Response:
     state = request.app[STATE]
     max_len = state.engine.core.config.model.max_model_len
     listing = [oa.Model(id=i, created=state.created, max_model_len=max_len, root=root, parent=parent)
-               for i, root, parent in state.adapters.listing()]
+               for i, root, parent in state.adapters.listing(request[TENANT])]
     return web.Response(body=_encode(oa.ModelList(listing)), content_type="application/json")
 
 
@@ -380,13 +380,13 @@ async def load_lora_adapter(request: web.Request) -> web.Response:
     """vLLM's route and body: ``{lora_name, lora_path}``; the adapter serves requests whose
     ``model`` is ``lora_name`` from the next iteration on."""
     body: oa.LoadLoraAdapterRequest = await read_json(request, oa.LoadLoraAdapterRequest)
-    await request.app[STATE].adapters.load(body.lora_name, body.lora_path)
+    await request.app[STATE].adapters.load(body.lora_name, body.lora_path, request[TENANT])
     return web.Response(text=f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
 async def unload_lora_adapter(request: web.Request) -> web.Response:
     body: oa.UnloadLoraAdapterRequest = await read_json(request, oa.UnloadLoraAdapterRequest)
-    await request.app[STATE].adapters.unload(body.lora_name)
+    await request.app[STATE].adapters.unload(body.lora_name, request[TENANT])
     return web.Response(text=f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
 

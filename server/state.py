@@ -25,6 +25,7 @@ class ServerState:
     shutdown_grace_s: float = 30.0
     feedback: FeedbackStore | None = None  # preference pairs for the trainer (None: /v1/feedback answers 503)
     adapters: Adapters | None = None  # what a request's `model` may choose (built by build_app)
+    tenant_keys: dict[str, str] | None = None  # API key -> tenant (--tenants)
 
 
 STATE = web.AppKey("state", ServerState)
@@ -32,16 +33,19 @@ STATE = web.AppKey("state", ServerState)
 REQUEST_ID = web.RequestKey("request_id", str)
 # The adapter the request chose, once its `model` is resolved.
 ADAPTER = web.RequestKey("adapter", AdapterChoice)
+# The tenant whose key the request carries (None: no tenant, the default adapter).
+TENANT = web.RequestKey("tenant", object)
 
 
 def response_headers(request: web.Request) -> dict[str, str]:
     """Headers every answer carries: the request id, and the serving adapter's version when a
     trainer is on (the version inference read when the response started)."""
     headers = {"x-request-id": request[REQUEST_ID]}
-    training = request.app[STATE].engine.training
+    training = request.app[STATE].engine.training_for(request.get(TENANT))
     choice = request.get(ADAPTER)
     if choice is not None and choice.version is not None:
         headers["x-adapter-version"] = str(choice.version)  # a pinned version
-    elif training is not None and (choice is None or choice.adapter is None):
+    elif training is not None and (choice is None or choice.adapter == request.app[STATE].adapters.live_adapter(
+            request.get(TENANT))):  # the live adapter answered
         headers["x-adapter-version"] = str(training.adapter_version)
     return headers

@@ -21,7 +21,7 @@ from server.errors import read_json
 from protocol import tgi
 from server.serving import SequenceSpec, Serving
 from protocol.sse import encode_event
-from server.state import ADAPTER, STATE, response_headers
+from server.state import ADAPTER, STATE, TENANT, response_headers
 
 _encode = msgspec.json.Encoder().encode
 
@@ -59,7 +59,7 @@ async def _submit(request: web.Request):
         raise InvalidRequestError("`inputs` must not be empty", "inputs")
     p = body.parameters
     params = _sampling(p)
-    choice = await state.adapters.resolve(p.adapter_id, "parameters.adapter_id")
+    choice = await state.adapters.resolve(p.adapter_id, "parameters.adapter_id", request[TENANT])
     request[ADAPTER] = choice
     prompt = state.serving.tokenizer.encode(body.inputs, add_special_tokens=True)
     options = RequestOptions(priority=p.priority, slo_ttft_ms=p.slo_ttft_ms, slo_tbt_ms=p.slo_tbt_ms,

@@ -72,7 +72,7 @@ def make_engine(demo_model_dir):
     ``overrides`` are ``EngineConfig`` fields by name; with ``training`` (a TrainingConfig) the
     engine trains on ``feedback_store``'s pairs (``core.training``)."""
 
-    def make(model: str | None = None, training=None, feedback_store=None, **overrides):
+    def make(model: str | None = None, training=None, feedback_store=None, tenants=(), **overrides):
         config = EngineConfig.build(
             model or demo_model_dir,
             kv_cache_bytes=8 << 20,
@@ -80,7 +80,7 @@ def make_engine(demo_model_dir):
             max_num_batched_tokens=64,
             max_num_seqs=16,
         )
-        return build_engine(config.replace(**overrides), training, feedback_store)
+        return build_engine(config.replace(**overrides), training, feedback_store, tenants)
 
     return make
 
@@ -98,7 +98,8 @@ def start_server(make_engine):
     async def start(engine_overrides: dict | None = None, trainer_config=None, **app_kwargs):
         # training on (trainer_config, a TrainingConfig) needs feedback_store= too
         core, runner = make_engine(**(engine_overrides or {}), training=trainer_config,
-                                   feedback_store=app_kwargs.get("feedback_store"))
+                                   feedback_store=app_kwargs.get("feedback_store"),
+                                   tenants=sorted(set((app_kwargs.get("tenant_keys") or {}).values())))
         app = build_app(core, runner, **app_kwargs)
         engine = app[STATE].engine
         runner = make_runner(app)
