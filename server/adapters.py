@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +63,9 @@ class Adapters:
         self.served_name = served_name
         self.aliases = aliases
         self._loaded: dict[tuple[Tenant, str], _Loaded] = {}  # (owner, lora_name) -> its adapter
-        self._pinned: dict[tuple[Tenant, int], str] = {}  # (tenant, version) -> internal name
+        # (tenant, version) -> internal name, least recently asked for first; a tenant keeps at
+        # most --keep-versions loaded (the least recently asked for that no request is on goes)
+        self._pinned: OrderedDict[tuple[Tenant, int], str] = OrderedDict()
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()  # one change to the model's adapters at a time
 
@@ -113,9 +116,29 @@ class Adapters:
                     raise ApiError(404, f"The model `{name}` does not exist: version {version} is not kept "
                                         f"(kept: {kept}).", field, "model_not_found")
                 internal = f"pinned{version}" if tenant is None else f"pinned_{tenant}_{version}"
+                await self._evict_pins(tenant, training, training.config.keep_versions - 1)
                 await self._add(internal, training.lora_config(), state)
                 self._pinned[(tenant, version)] = internal
+            self._pinned.move_to_end((tenant, version))
         return AdapterChoice(name, self._pinned[(tenant, version)], version)
+
+    async def _evict_pins(self, tenant: Tenant, training, keep: int) -> None:
+        """Unload the tenant's least recently asked-for pinned versions until at most ``keep``
+        stay, of those that no request is on and that load again when asked for (kept in memory
+        or on disk: a pin whose version left both stays loaded, so it keeps answering)."""
+        mine = [key for key in self._pinned if key[0] == tenant]
+        in_use = {seq.options.adapter for seq in self.engine.core.sequences.values()}
+        reloadable = set(training.executor.kept_versions) | set(training.checkpoint_versions())
+        excess = len(mine) - keep
+        for key in mine:
+            if excess <= 0:
+                break
+            internal = self._pinned[key]
+            if internal in in_use or key[1] not in reloadable:
+                continue
+            excess -= 1
+            del self._pinned[key]
+            await self.engine.run_on_worker(lambda internal=internal: self._delete(internal))
 
     def versions(self, tenant: Tenant = None) -> list[int]:
         """Versions a tenant's request may pin now."""

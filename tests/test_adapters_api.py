@@ -85,6 +85,13 @@ async def test_base_live_and_pinned_versions(start_server, reference_models, dem
         status, _, _ = await _complete(http, url, "demo@1")  # kept neither in memory nor on disk
         assert status == 404
         pinned4, live5 = await _text(http, url, "demo@4"), await _text(http, url, "demo")
+        # pins loaded at once stay within --keep-versions (3): pinning 3 then 5 unloads 4, the least
+        # recently asked for; 2 has left memory and disk, so it stays loaded (and keeps answering)
+        assert await _text(http, url, "demo@3") and await _text(http, url, "demo@5")
+        peft_config = engine.training.executor.model.peft_config
+        assert sorted(n for n in peft_config if n.startswith("pinned")) == ["pinned2", "pinned3", "pinned5"]
+        assert await _text(http, url, "demo@2") == live2
+        assert await _text(http, url, "demo@4") == pinned4  # loads again, the same weights
     # after a restart, the versions on disk are there to pin
     store = FeedbackStore(tmp_path / "f.sqlite3")
     async with start_server(model_name="demo", feedback_store=store, trainer_config=config) as (url, engine), \
