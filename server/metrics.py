@@ -121,3 +121,18 @@ class _EngineCounters(Collector):
                                 value=training.adapter_version)
         loss = trainer.mean_recent_loss
         yield GaugeMetricFamily("mace_dpo_loss", "Mean DPO loss of the recent pairs.", value=loss if loss is not None else float("nan"))
+        if not self._core.tenants:
+            return
+        # each tenant's adapter (--tenants), labelled; the families above are the default adapter's
+        steps = CounterMetricFamily("mace_tenant_train_steps", "Optimizer steps taken on a tenant's adapter.",
+                                    labels=["tenant"])
+        versions = GaugeMetricFamily("mace_tenant_adapter_version", "Version of a tenant's adapter.", labels=["tenant"])
+        losses = GaugeMetricFamily("mace_tenant_dpo_loss", "Mean DPO loss of a tenant's recent pairs.", labels=["tenant"])
+        for tenant, t in sorted(self._core.tenants.items()):
+            steps.add_metric([tenant], t.trainer.num_steps)
+            versions.add_metric([tenant], t.adapter_version)
+            loss = t.trainer.mean_recent_loss
+            losses.add_metric([tenant], loss if loss is not None else float("nan"))
+        yield steps
+        yield versions
+        yield losses

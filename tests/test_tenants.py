@@ -135,3 +135,8 @@ async def test_each_tenant_trains_its_own_adapter_toward_its_own_taste(start_ser
         async with http.post(f"{url}/v1/completions", json={"model": "demo", "prompt": "Hi", "max_tokens": 2},
                              headers={"Authorization": "Bearer key-bob"}) as r:
             assert r.headers["x-adapter-version"] == str(await _version(bob))
+        async with http.get(f"{url}/metrics", headers={"Authorization": "Bearer operator"}) as r:
+            metrics = await r.text()
+        bob_version = await _version(bob)
+        assert f'mace_tenant_adapter_version{{tenant="bob"}} {float(bob_version)}' in metrics
+        assert "mace_adapter_version 0.0" in metrics  # the default adapter never trained
