@@ -16,7 +16,7 @@ from trainer.tenants import TrainerGroup, read_tenants
 
 KEYS = {"key-alice": "alice", "key-bob": "bob"}
 YES, NO = " Yes, gladly.", " No."
-HELD_OUT = "Question 99: can you help me with this?"
+HELD_OUT = "Question 99: can you help me?"  # the pairs' form, a prompt none of them has
 
 
 def test_the_tenants_file_is_checked_line_by_line(tmp_path):
@@ -46,9 +46,21 @@ def test_the_offer_goes_to_the_highest_loss_and_waiting_counts():
     assert group.offer(0.0).loss == 0.2
 
 
-async def _margin(client: AsyncClient) -> float:
-    chosen, rejected = await asyncio.gather(client.score(HELD_OUT, YES), client.score(HELD_OUT, NO))
-    return chosen.logprob - rejected.logprob
+async def _margin(engine, tenant: str) -> float:
+    """logp(YES) - logp(NO) after the held-out prompt under the tenant's serving adapter, each
+    response tokenized as its training pairs are (its end token included): the quantity DPO
+    moves. Run on the worker, between iterations, where the executor may switch adapters."""
+    from tests.test_trainer_loop import _Stored
+
+    training = engine.core.tenants[tenant]
+    executor, pair = training.executor, training.trainer._tokenize(_Stored(HELD_OUT))
+
+    def margin() -> float:
+        with torch.no_grad(), executor._serving_active():
+            chosen, rejected = executor._logprobs([pair])
+        return (chosen - rejected).item()
+
+    return await engine.run_on_worker(margin)
 
 
 async def _version(client: AsyncClient) -> int:
@@ -67,7 +79,9 @@ async def _post(http, url, key, pairs):
 
 
 async def test_each_tenant_trains_its_own_adapter_toward_its_own_taste(start_server, demo_model_dir, tmp_path):
-    config = TrainingConfig(lr=2e-2, grad_accum=2, state_dir=str(tmp_path / "state"), max_step_delay_s=1.0)
+    # the adapters' LoRA A factors are drawn from torch's global generator: the same in any test order
+    torch.manual_seed(0)
+    config = TrainingConfig(lr=5e-3, grad_accum=2, state_dir=str(tmp_path / "state"), max_step_delay_s=1.0)
     (tmp_path / "state").mkdir()
     store = FeedbackStore(tmp_path / "state" / "feedback.sqlite3")
     lora = _save_adapter(demo_model_dir, tmp_path / "lora", ("q_proj",), 5)
@@ -75,8 +89,8 @@ async def test_each_tenant_trains_its_own_adapter_toward_its_own_taste(start_ser
                             api_key="operator") as (url, engine), \
             AsyncClient(url, api_key="key-alice") as alice, AsyncClient(url, api_key="key-bob") as bob, \
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
-        base = await _margin(alice)
-        assert await _margin(bob) == pytest.approx(base, abs=1e-5)  # both adapters start at the base
+        base = await _margin(engine, "alice")
+        assert await _margin(engine, "bob") == pytest.approx(base, abs=1e-5)  # both adapters start at the base
         async with AsyncClient(url, api_key="nobody") as nobody:
             with pytest.raises(APIError) as err:
                 await nobody.adapters()
@@ -129,7 +143,7 @@ async def test_each_tenant_trains_its_own_adapter_toward_its_own_taste(start_ser
             if await _version(alice) >= alice_at + 2 and await _version(bob) >= 4:
                 break
         assert await _version(alice) >= alice_at + 2 and await _version(bob) >= 4
-        alice_margin, bob_margin = await _margin(alice), await _margin(bob)
+        alice_margin, bob_margin = await _margin(engine, "alice"), await _margin(engine, "bob")
         assert alice_margin > base + 0.5  # toward " Yes"
         assert bob_margin < base - 0.5  # toward " No"
         async with http.post(f"{url}/v1/completions", json={"model": "demo", "prompt": "Hi", "max_tokens": 2},
