@@ -211,7 +211,8 @@ class DecodeStep:
             for name, projection, adapter in zip(names, projections, layer_adapters):
                 projection.fill(getattr(spec, name), adapter)
         self._head.fill(model.lm_head, head)
-        return model, layers, (adapters, head)
+        pointer = ctypes.pointer(model)  # what the step takes: an array of these, one per group
+        return model, layers, (adapters, head), pointer
 
     def covers(self) -> bool:
         """Whether the C step computes what PEFT's active adapters would now; selects the
@@ -264,10 +265,10 @@ class DecodeStep:
         row m reads adapter ``groups[row_group[m]]`` (call ``covers_adapters(groups)`` first)."""
         m = len(ids)
         if groups is None:
-            specs = (ctypes.POINTER(_Model) * 1)(ctypes.pointer(self._current[0]))
+            specs = (ctypes.POINTER(_Model) * 1)(self._current[3])
             group_t = None
         else:
-            specs = (ctypes.POINTER(_Model) * len(groups))(*(ctypes.pointer(self._named[g][0]) for g in groups))
+            specs = (ctypes.POINTER(_Model) * len(groups))(*(self._named[g][3] for g in groups))
             group_t = torch.tensor(row_group, dtype=torch.long)
         pos = torch.tensor([positions], dtype=torch.long)
         cos, sin = self._rotary(self._embed, pos)  # (1, M, D) each, fp32 like the embedding

@@ -96,19 +96,17 @@ class ModelRunner:
         default = self._default_adapter()
         return [default if c.adapter is None else c.adapter for c in chunks]
 
-    def _whole_step_covers(self, chunks: list[SequenceChunk], names: list[str] | None) -> bool:
+    def _whole_step_covers(self, chunks: list[SequenceChunk], groups: list[str] | None) -> bool:
         if not (self.decode_step is not None and len(chunks) <= WHOLE_STEP_ROWS
                 and all(len(c.token_ids) == 1 and not c.prompt_logprob_targets for c in chunks)):
             return False
-        if names is None:
-            return self.decode_step.covers()
-        return self.decode_step.covers_adapters(list(dict.fromkeys(names)))
+        return self.decode_step.covers() if groups is None else self.decode_step.covers_adapters(groups)
 
-    def _whole_step(self, chunks: list[SequenceChunk], names: list[str] | None) -> torch.Tensor:
-        """Logits of the sampling chunks among ``chunks`` (all one-token decodes), in order."""
-        groups = row_group = None
+    def _whole_step(self, chunks: list[SequenceChunk], names: list[str] | None, groups: list[str] | None) -> torch.Tensor:
+        """Logits of the sampling chunks among ``chunks`` (all one-token decodes), in order;
+        ``groups``: the distinct ``names`` in order of first use."""
+        row_group = None
         if names is not None:
-            groups = list(dict.fromkeys(names))
             index = {name: i for i, name in enumerate(groups)}
             row_group = [index[name] for name in names]
         bs = self.block_size
@@ -298,9 +296,11 @@ class ModelRunner:
         if not plan.chunks:
             return IterationResult(plan.iteration, [], 0)
         names = self._adapter_names(plan.chunks)
-        if self._whole_step_covers(plan.chunks, names):
+        groups = list(dict.fromkeys(names)) if names is not None else None
+        if self._whole_step_covers(plan.chunks, groups):
             t1 = time.perf_counter()
-            ordered, logits, score_rows, num_tokens = plan.chunks, self._whole_step(plan.chunks, names), [], len(plan.chunks)
+            logits = self._whole_step(plan.chunks, names, groups)
+            ordered, score_rows, num_tokens = plan.chunks, [], len(plan.chunks)
         else:
             ordered, logits, t1, score_rows = self._module_forward(plan.chunks, names)
             num_tokens = sum(len(c.token_ids) for c in ordered)

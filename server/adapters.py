@@ -108,9 +108,7 @@ class Adapters:
                            "model_not_found")
         async with self._lock:
             if (tenant, version) not in self._pinned:
-                state = await self.engine.run_on_worker(lambda: training.executor.kept(version))
-                if state is None:
-                    state = await asyncio.to_thread(training.checkpoint_state, version)
+                state = await training.version_state(version, self.engine.run_on_worker)
                 if state is None:
                     kept = ", ".join(str(v) for v in self.versions(tenant)) or "none"
                     raise ApiError(404, f"The model `{name}` does not exist: version {version} is not kept "

@@ -133,6 +133,19 @@ def spawn_server(model_dir: str, *args: str):
     return proc, f"http://127.0.0.1:{port}"
 
 
+def stop_spawned(proc) -> None:
+    """End a ``spawn_server`` process still running: SIGTERM, then SIGKILL after 30 s."""
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 async def wait_ready(http, url: str, timeout_s: float = 120.0) -> None:
     """Poll /health until 200 (bounded: a server that never comes up fails the test; start-up
     profiles the machine, which a busy machine slows down)."""

@@ -224,9 +224,8 @@ async def test_rollback_serves_and_trains_from_a_kept_version(start_server, tmp_
 
 async def test_sigkill_during_a_rollback_or_a_load_restarts_cleanly(demo_model_dir, tmp_path):
     import signal
-    import subprocess
 
-    from tests.conftest import spawn_server, wait_ready
+    from tests.conftest import spawn_server, stop_spawned, wait_ready
 
     adapter = _save_adapter(demo_model_dir, tmp_path / "lora", ("q_proj",), 4)
     state_dir = tmp_path / "state"
@@ -281,9 +280,4 @@ async def test_sigkill_during_a_rollback_or_a_load_restarts_cleanly(demo_model_d
             async with http.get(f"{url}/v1/feedback/stats") as r:
                 assert (await r.json())["received"] == 4  # nothing acknowledged was lost
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_spawned(proc)

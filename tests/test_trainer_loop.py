@@ -96,11 +96,10 @@ async def test_feedback_over_http_trains_the_serving_adapter(start_server, tmp_p
 
 async def test_sigkill_mid_training_loses_no_acknowledged_pair(demo_model_dir, tmp_path):
     import signal
-    import subprocess
 
     import aiohttp
 
-    from tests.conftest import spawn_server, wait_ready
+    from tests.conftest import spawn_server, stop_spawned, wait_ready
 
     def start():
         return spawn_server(demo_model_dir, "--state-dir", str(tmp_path), "--grad-accum", "1",
@@ -137,12 +136,7 @@ async def test_sigkill_mid_training_loses_no_acknowledged_pair(demo_model_dir, t
             adapters, stats = await poll(http, url, lambda a, s: s["trained"] == 40)
             assert stats == {"received": 40, "trained": 40, "pending": 0, "set_aside": 0}
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_spawned(proc)
 
 
 async def test_feedback_raises_held_out_clpd_while_the_server_streams(start_server, tmp_path):

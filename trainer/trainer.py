@@ -473,15 +473,20 @@ class Trainer:
         pairs accumulated go back to the queue, a reference pass cut at layers starts over.
         Pairs stepped into the versions left behind are not trained again."""
         assert not self._in_flight, "roll back between fine-tune chunks"
-        self._ready.extendleft(reversed(self._accumulated))
-        self._accumulated, self._split, self._reset = [], None, True
-        self._accumulating_since = None
         if self._ref_pair is not None:
             self._needs_reference.appendleft(self._ref_pair)
             self._ref_pair, self._ref_unit = None, 0
         self.adapter_version = version
-        self._rank()
+        self._requeue_accumulation()
         self._on_new_work()
+
+    def _requeue_accumulation(self) -> None:
+        """The accumulated pairs back at the head of the queue; the next gradient chunk drops
+        whatever gradients the executor holds."""
+        self._ready.extendleft(reversed(self._accumulated))
+        self._accumulated, self._split, self._reset = [], None, True
+        self._accumulating_since = None
+        self._rank()
 
     def on_failure(self, task_id: int) -> None:
         """The iteration carrying this chunk failed. A reference chunk's pairs go back; for a
@@ -496,10 +501,7 @@ class Trainer:
             else:
                 self._needs_reference.extendleft(reversed(chunk.pairs))
             return
-        self._ready.extendleft(reversed(self._accumulated))
-        self._accumulated, self._split, self._reset = [], None, True
-        self._accumulating_since = None
-        self._rank()
+        self._requeue_accumulation()
 
     def _io(self, fn, *args) -> asyncio.Task:
         """Store writes off the loop, in order of submission per call site."""

@@ -104,9 +104,7 @@ class Training:
             trainer, executor = self.trainer, self.executor
             was_paused, trainer.paused = trainer.paused, True
             try:
-                state = await run_on_worker(lambda: executor.kept(version))  # after the plans in flight
-                if state is None:
-                    state = await asyncio.to_thread(self.checkpoint_state, version)
+                state = await self.version_state(version, run_on_worker)  # after the plans in flight
                 if state is None:
                     return False
                 if self.checkpoints is not None:
@@ -135,6 +133,14 @@ class Training:
         if self.config.state_dir is None:
             return []
         return [version for _, version in checkpoints(self.config.state_dir)]
+
+    async def version_state(self, version: int, run_on_worker) -> dict[str, torch.Tensor] | None:
+        """Version ``version``'s weights while it is kept: the executor's copy (read on the
+        worker, after the plans queued before), else its checkpoint on disk; None otherwise."""
+        state = await run_on_worker(lambda: self.executor.kept(version))
+        if state is None:
+            state = await asyncio.to_thread(self.checkpoint_state, version)
+        return state
 
     def checkpoint_state(self, version: int) -> dict[str, torch.Tensor] | None:
         """Checkpoint ``version``'s weights from disk, or None without one (any thread)."""
