@@ -53,6 +53,7 @@ async def _model_ids(http, url) -> dict:
 
 
 async def test_base_live_and_pinned_versions(start_server, reference_models, demo_model_dir, tmp_path):
+    torch.manual_seed(0)  # the adapters' LoRA A factors: the same in any test order
     tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
     base_text = tokenizer.decode(reference(reference_models(demo_model_dir), PROMPT, MAX_NEW))
     store = FeedbackStore(tmp_path / "f.sqlite3")
@@ -173,6 +174,7 @@ async def _adapters_info(http, url) -> dict:
 
 
 async def test_rollback_serves_and_trains_from_a_kept_version(start_server, tmp_path):
+    torch.manual_seed(0)  # the adapters' LoRA A factors: the same in any test order
     state_dir = tmp_path / "state"
     config = TrainingConfig(lr=2e-2, grad_accum=1, keep_versions=4, state_dir=str(state_dir), checkpoint_every=1)
     store = FeedbackStore(tmp_path / "f.sqlite3")
