@@ -4,8 +4,9 @@ Routes: OpenAI's ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``; 
 ``/generate``, ``/generate_stream``, ``/info``; feedback's ``/v1/feedback`` and
 ``/v1/feedback/stats``; ``/health`` and ``/metrics``.
 
-Every response carries ``x-request-id``. Errors are JSON in the route's family shape (see
-``server.errors``). A client that disconnects cancels its handler (``handler_cancellation``),
+The routes themselves are transport-independent (``server.api``, ``server.service``); this
+module serves them with aiohttp. Every response carries ``x-request-id``. Errors are JSON in the
+route's family shape (see ``server.errors``). A client that disconnects cancels its handler (``handler_cancellation``),
 which closes its engine stream and aborts the request at once. SIGTERM: stop listening, refuse
 new requests (503), give in-flight ones ``--shutdown-grace`` seconds, abort the rest (their
 streams end cleanly), stop the worker, exit 0.
@@ -17,138 +18,72 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import hmac
 import logging
 import signal
 import socket
 import threading
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
 
 import uvloop
 from aiohttp import web
 
 from engine.runner import ModelRunner
-from scheduler.async_engine import AsyncEngine
 from scheduler.builder import build_engine
 from scheduler.core import EngineCore
-from scheduler.trace import IterationTrace
-from server import feedback_api, openai_api, tgi_api
-from server.errors import ApiError, error_response, is_expected
+from server import service
+from server.api import ApiRequest, BodyTooLarge, dispatch, error_response
+from server.errors import ApiError
 from server.flags import engine_config, training_config
-from server.metrics import ServerMetrics
-from server.adapters import Adapters
-from server.serving import Serving
-from server.state import REQUEST_ID, STATE, TENANT, ServerState, response_headers
+from server.state import STATE
 from trainer.feedback import FeedbackStore
 
 log = logging.getLogger(__name__)
-_OPEN_PATHS = frozenset({"/health"})
 
 
-@web.middleware
-async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """Request ids on every response; exceptions rendered in the route family's error shape."""
-    rid = request.headers.get("x-request-id", "")
-    request[REQUEST_ID] = rid if 0 < len(rid) <= 128 and rid.isascii() and rid.isprintable() else Serving.new_request_id()
-    try:
-        response = await handler(request)
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
-        if not is_expected(exc):
-            log.exception("unhandled error in %s", request.path)
-        response = error_response(exc, request.path.startswith("/generate"))
-    if not response.prepared:
-        response.headers.update(response_headers(request))
-    return response
-
-
-@web.middleware
-async def _auth(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def _handle(request: web.Request) -> web.StreamResponse:
+    """Every route: the aiohttp request as an ``ApiRequest``, the ``ApiResponse`` written back.
+    A client that disconnects cancels this (``handler_cancellation``); closing the response then
+    aborts its engine streams."""
     state = request.app[STATE]
-    key, tenants = state.api_key, state.tenant_keys
-    request[TENANT] = None
-    if (key is not None or tenants) and request.path not in _OPEN_PATHS:
-        given = request.headers.get("Authorization", "")
-        token = given[7:].encode() if given.startswith("Bearer ") else None
-        tenant = _tenant_of(tenants, token) if tenants and token is not None else None
-        if tenant is not None:
-            request[TENANT] = tenant
-        elif token is None or key is None or not hmac.compare_digest(token, key.encode()):
-            raise ApiError(401, "a valid API key is required: Authorization: Bearer KEY", "Authorization", "invalid_api_key")
-    return await handler(request)
+
+    async def read() -> bytes:
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge as exc:
+            raise BodyTooLarge from exc
+
+    api_request = ApiRequest(state, request.method, request.path, request.headers, read, request.query)
+    response = await dispatch(api_request)
+    if response.stream is None:
+        return web.Response(status=response.status, body=response.body, headers=response.headers)
+    try:
+        stream = web.StreamResponse(status=response.status, headers=response.headers)
+        await stream.prepare(request)
+        async for data in response.stream:
+            await stream.write(data)
+        return stream
+    finally:
+        await response.close()
 
 
-def _tenant_of(tenants: dict[str, str], token: bytes) -> str | None:
-    """The tenant of ``token`` (every key compared in constant time), or None."""
-    found = None
-    for key, tenant in tenants.items():
-        if hmac.compare_digest(token, key.encode()):
-            found = tenant
-    return found
-
-
-async def health(request: web.Request) -> web.Response:
-    serving = request.app[STATE].serving
-    if serving.is_draining:
-        return web.json_response({"status": "shutting down"}, status=503)
-    return web.json_response({"status": "ok"})
-
-
-async def metrics(request: web.Request) -> web.Response:
-    body = await request.app[STATE].metrics.render()
-    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
-
-
-def build_app(
-    core: EngineCore,
-    runner: ModelRunner,
-    *,
-    model_name: str | None = None,
-    api_key: str | None = None,
-    max_waiting_requests: int = 256,
-    refuse_late_requests: bool = False,
-    max_request_bytes: int = 4 << 20,
-    shutdown_grace_s: float = 30.0,
-    feedback_store: FeedbackStore | None = None,
-    trace: TextIO | None = None,
-    tenant_keys: dict[str, str] | None = None,
-) -> web.Application:
-    """The application, and the ``AsyncEngine`` over ``core`` and ``runner`` that it starts on
-    startup and stops on cleanup (``app[STATE].engine``). It owns ``feedback_store`` too (closed
-    on cleanup). ``trace``: a text file that gets one JSON line per iteration (its opener closes it)."""
-    model_path = core.config.model.path
-    name = model_name or (Path(model_path).name if model_path else "mace")
-    aliases = frozenset(a for a in (name, model_path, str(Path(model_path).resolve()) if model_path else None) if a)
-    metrics_ = ServerMetrics(core)
-    observers = [metrics_.observe_iteration] + ([IterationTrace(trace)] if trace is not None else [])
-    engine = AsyncEngine(core, runner, observers)
-    app = web.Application(client_max_size=max_request_bytes, middlewares=[_errors, _auth])
-    app[STATE] = state = ServerState(
-        engine=engine, serving=Serving(engine, metrics_, max_waiting_requests, refuse_late_requests), metrics=metrics_, model_name=name,
-        model_aliases=aliases, created=int(time.time()), api_key=api_key, shutdown_grace_s=shutdown_grace_s,
-        feedback=feedback_store, tenant_keys=tenant_keys or None,
-    )
-    state.adapters = Adapters(engine, name, aliases)
-    app.router.add_get("/health", health)
-    app.router.add_get("/metrics", metrics)
-    openai_api.add_routes(app)
-    tgi_api.add_routes(app)
-    feedback_api.add_routes(app)
+def build_app(core: EngineCore, runner: ModelRunner, **options) -> web.Application:
+    """The aiohttp application over ``service.build_state(core, runner, **options)``
+    (``app[STATE]``): it starts the engine on startup, drains on shutdown and stops the engine
+    (and closes the feedback store) on cleanup."""
+    state = service.build_state(core, runner, **options)
+    app = web.Application(client_max_size=state.max_request_bytes)
+    app[STATE] = state
+    app.router.add_route("*", "/{tail:.*}", _handle)
 
     async def start(app: web.Application) -> None:
-        await engine.start()  # training, if on, loads the pairs stored before a restart
+        await service.start(state)
 
     async def drain(app: web.Application) -> None:
-        await state.serving.drain(state.shutdown_grace_s)
+        await service.drain(state)
 
     async def stop(app: web.Application) -> None:
-        await engine.stop()
-        if feedback_store is not None:
-            feedback_store.close()
+        await service.stop(state)
 
     app.on_startup.append(start)
     app.on_shutdown.append(drain)
@@ -168,13 +103,11 @@ def _starting_app() -> web.Application:
     connection."""
 
     async def starting(request: web.Request) -> web.Response:
-        headers = {"Retry-After": "1"}
         if request.path == "/health":
-            return web.json_response({"status": "loading"}, status=503, headers=headers)
-        response = error_response(ApiError(503, "the model is loading; retry shortly", None, "loading"),
-                                  request.path.startswith("/generate"))
-        response.headers.update(headers)
-        return response
+            return web.json_response({"status": "loading"}, status=503, headers={"Retry-After": "1"})
+        error = error_response(ApiError(503, "the model is loading; retry shortly", None, "loading"),
+                               request.path.startswith("/generate"))
+        return web.Response(status=error.status, body=error.body, headers=error.headers)
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", starting)

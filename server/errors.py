@@ -1,7 +1,7 @@
 """Errors of the HTTP layer and their two body shapes.
 
 ``/v1/*`` answers OpenAI's ``{"error": {"message", "type", "param", "code"}}``; ``/generate*``
-answers TGI's ``{"error", "error_type"}``. Handlers raise; the error middleware renders.
+answers TGI's ``{"error", "error_type"}``. Handlers raise; ``server.api.dispatch`` renders.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 
 import msgspec
-from aiohttp import web
 
 from engine.sampling_params import InvalidRequestError
 from scheduler.async_engine import EngineError
@@ -29,25 +28,7 @@ class ApiError(Exception):
         self.code = code
 
 
-async def read_json(request: web.Request, body_type: type):
-    """Decode a JSON body into ``body_type`` or raise ``ApiError`` naming the problem."""
-    if request.content_type != "application/json":
-        raise ApiError(415, f"Content-Type must be application/json, got {request.content_type or 'none'}",
-                       "Content-Type", "unsupported_media_type")
-    try:
-        raw = await request.read()  # raises 413 past client_max_size
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise ApiError(413, f"the body is over the limit of {request.app._client_max_size} bytes",
-                       None, "request_too_large") from exc
-    try:
-        return msgspec.json.decode(raw, type=body_type)
-    except msgspec.ValidationError as exc:
-        raise InvalidRequestError(str(exc), _param(str(exc))) from exc
-    except msgspec.DecodeError as exc:
-        raise InvalidRequestError(f"malformed JSON: {exc}") from exc
-
-
-def _param(message: str) -> str | None:
+def param_of(message: str) -> str | None:
     """The field a msgspec validation message is about: its path, and a missing field's name."""
     path, missing = _PATH.search(message), _MISSING.search(message)
     parts = [m.group(1) for m in (path, missing) if m is not None and m.group(1)]
@@ -56,7 +37,7 @@ def _param(message: str) -> str | None:
 
 def is_expected(exc: BaseException) -> bool:
     """Errors that are the request's fault or the server's state, not a bug of ours."""
-    return isinstance(exc, (ApiError, InvalidRequestError, Overloaded, ShuttingDown, EngineError, web.HTTPException))
+    return isinstance(exc, (ApiError, InvalidRequestError, Overloaded, ShuttingDown, EngineError))
 
 
 _TGI_KIND = {401: "unauthorized", 404: "not_found"}
@@ -74,8 +55,6 @@ def classify(exc: BaseException, is_tgi: bool) -> tuple[int, str, str | None, st
         return 503, str(exc), None, "shutting_down", "unavailable"
     if isinstance(exc, EngineError):
         return 500, str(exc), None, None, "generation"
-    if isinstance(exc, web.HTTPException):
-        return exc.status, exc.reason if exc.text is None or exc.text.startswith(f"{exc.status}:") else exc.text, None, None, "validation"
     return 500, f"internal error: {type(exc).__name__}", None, None, "generation"
 
 
@@ -90,13 +69,13 @@ def error_body(status: int, message: str, param: str | None, code: str | None, k
     return _encode(openai.ErrorResponse(openai.ErrorInfo(message=message, type=etype, param=param, code=code)))
 
 
-def error_response(exc: BaseException, is_tgi: bool) -> web.Response:
+def render_error(exc: BaseException, is_tgi: bool) -> tuple[int, bytes, dict[str, str]]:
+    """(status, JSON body, headers) of the error answer to ``exc``."""
     status, message, param, code, kind = classify(exc, is_tgi)
-    # 429 (queue full) and 503 (draining) are worth retrying; say when
-    headers = None
+    headers = {"Content-Type": "application/json"}
+    # 429 (queue full) and 503 (draining, loading) are worth retrying; say when
     if isinstance(exc, Overloaded):
-        headers = {"Retry-After": str(exc.retry_after_s)}
-    elif code == "shutting_down":
-        headers = {"Retry-After": "1"}
-    return web.Response(status=status, body=error_body(status, message, param, code, kind, is_tgi),
-                        content_type="application/json", headers=headers)
+        headers["Retry-After"] = str(exc.retry_after_s)
+    elif code in ("shutting_down", "loading"):
+        headers["Retry-After"] = "1"
+    return status, error_body(status, message, param, code, kind, is_tgi), headers

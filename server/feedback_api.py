@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 
 import msgspec
-from aiohttp import web
 
 from engine.sampling_params import InvalidRequestError
-from server.errors import ApiError, read_json
+from server.api import ApiRequest, ApiResponse, Routes, read_json
+from server.errors import ApiError
 from server.openai_api import render_chat_text
 from protocol import feedback as fb
-from server.state import STATE, TENANT, ServerState
+from server.state import ServerState
 from trainer.feedback import FeedbackStore, NewPair
 
 MAX_PAIRS = 256
@@ -89,9 +89,9 @@ def _validate(state: ServerState, at: str, item: fb.FeedbackItem) -> NewPair:
                    is_chat=item.messages is not None)
 
 
-async def post_feedback(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    tenant = request[TENANT]
+async def post_feedback(request: ApiRequest) -> ApiResponse:
+    state = request.state
+    tenant = request.tenant
     store = _store(state, tenant)
     body: fb.FeedbackRequest = await read_json(request, fb.FeedbackRequest)
     pairs = [_validate(state, at, item) for at, item in _items(body)]
@@ -101,26 +101,26 @@ async def post_feedback(request: web.Request) -> web.Response:
     if training is not None and num_stored:
         await training.trainer.refill()  # picks the new pairs up and wakes the engine
     answer = fb.FeedbackResponse(ids=[i for i, _ in results], stored=num_stored, duplicates=len(results) - num_stored)
-    return web.Response(body=_encode(answer), content_type="application/json")
+    return ApiResponse.json(_encode(answer))
 
 
-async def feedback_stats(request: web.Request) -> web.Response:
-    store = _store(request.app[STATE], request[TENANT])
+async def feedback_stats(request: ApiRequest) -> ApiResponse:
+    store = _store(request.state, request.tenant)
     stats = await asyncio.to_thread(store.stats)
-    return web.Response(body=_encode(fb.FeedbackStats(**stats)), content_type="application/json")
+    return ApiResponse.json(_encode(fb.FeedbackStats(**stats)))
 
 
-async def adapters(request: web.Request) -> web.Response:
+async def adapters(request: ApiRequest) -> ApiResponse:
     """The adapter inference reads, and the trainer's counters (the caller's tenant's)."""
-    training = request.app[STATE].engine.training_for(request[TENANT])
+    training = request.state.engine.training_for(request.tenant)
     if training is None:
-        return web.json_response({"serving": None, "training": False})
+        return ApiResponse.json({"serving": None, "training": False})
     trainer = training.trainer
-    return web.json_response({
+    return ApiResponse.json({
         "training": True,
         "training_enabled": not trainer.paused,
         "serving": {"name": "serving", "version": training.adapter_version},
-        "versions": request.app[STATE].adapters.versions(request[TENANT]),
+        "versions": request.state.adapters.versions(request.tenant),
         "steps": trainer.num_steps,
         "pairs_stepped": trainer.num_pairs_stepped,
         "skipped_steps": trainer.num_skipped_steps,
@@ -129,37 +129,37 @@ async def adapters(request: web.Request) -> web.Response:
     })
 
 
-def _training(request: web.Request):
-    training = request.app[STATE].engine.training_for(request[TENANT])
+def _training(request: ApiRequest):
+    training = request.state.engine.training_for(request.tenant)
     if training is None:
         raise ApiError(400, "training is off on this server (--no-training): there are no adapter versions", None,
                        "training_off")
     return training
 
 
-async def rollback(request: web.Request) -> web.Response:
+async def rollback(request: ApiRequest) -> ApiResponse:
     """``{version}``: serve and train from that kept version again; the next step gets a
     version number above every one used before."""
-    state = request.app[STATE]
+    state = request.state
     training = _training(request)
     body: fb.RollbackRequest = await read_json(request, fb.RollbackRequest)
     if not await training.rollback(body.version, state.engine.run_on_worker):
-        kept = ", ".join(str(v) for v in state.adapters.versions(request[TENANT])) or "none"
+        kept = ", ".join(str(v) for v in state.adapters.versions(request.tenant)) or "none"
         raise ApiError(404, f"version {body.version} is not kept (kept: {kept})", "version", "version_not_found")
-    return web.json_response({"version": training.adapter_version, "next_version": training.executor.max_version + 1})
+    return ApiResponse.json({"version": training.adapter_version, "next_version": training.executor.max_version + 1})
 
 
-async def set_training(request: web.Request) -> web.Response:
+async def set_training(request: ApiRequest) -> ApiResponse:
     """``{enabled}``: pause or resume training; feedback is stored either way."""
     training = _training(request)
     body: fb.TrainingRequest = await read_json(request, fb.TrainingRequest)
     training.set_training(body.enabled)
-    return web.json_response({"training_enabled": body.enabled})
+    return ApiResponse.json({"training_enabled": body.enabled})
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/feedback", post_feedback)
-    app.router.add_get("/v1/feedback/stats", feedback_stats)
-    app.router.add_get("/v1/adapters", adapters)
-    app.router.add_post("/v1/adapters/rollback", rollback)
-    app.router.add_post("/v1/adapters/training", set_training)
+def add_routes(routes: Routes) -> None:
+    routes.post("/v1/feedback", post_feedback)
+    routes.get("/v1/feedback/stats", feedback_stats)
+    routes.get("/v1/adapters", adapters)
+    routes.post("/v1/adapters/rollback", rollback)
+    routes.post("/v1/adapters/training", set_training)

@@ -16,19 +16,19 @@ import time
 from collections.abc import Callable
 
 import msgspec
-from aiohttp import web
 
 from engine.plan import TokenLogprob
 from engine.sampling_params import MAX_TOP_LOGPROBS, InvalidRequestError, SamplingParams
 from scheduler.async_engine import EngineError
 from scheduler.core import RequestOutput
 from scheduler.request import RequestOptions
-from server.errors import ApiError, error_body, read_json
+from server.api import ApiRequest, ApiResponse, Routes, read_json
+from server.errors import error_body
 from protocol import openai as oa
 from server.serving import SequenceSpec, Serving
 from protocol.sse import DONE, encode_event
 from server.adapters import AdapterChoice
-from server.state import ADAPTER, REQUEST_ID, STATE, TENANT, ServerState, response_headers
+from server.state import ServerState
 
 MAX_N = 16
 _encode = msgspec.json.Encoder().encode
@@ -38,11 +38,11 @@ _ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 # -- request -> engine --------------------------------------------------------------------------
 
 
-async def _choose_adapter(request: web.Request, model: str | None) -> AdapterChoice:
+async def _choose_adapter(request: ApiRequest, model: str | None) -> AdapterChoice:
     """The adapter the request's ``model`` names (404 naming ``model`` for none), kept on the
     request for its headers."""
-    choice = await request.app[STATE].adapters.resolve(model, tenant=request[TENANT])
-    request[ADAPTER] = choice
+    choice = await request.state.adapters.resolve(model, tenant=request.tenant)
+    request.adapter = choice
     return choice
 
 
@@ -171,36 +171,31 @@ def _usage(prompts: list[list[int]], choices: list[_Choice]) -> oa.Usage:
     return oa.Usage(num_prompt, num_out, num_prompt + num_out)
 
 
-async def _sse_response(request: web.Request) -> web.StreamResponse:
-    response = web.StreamResponse(headers={
-        "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **response_headers(request),
-    })
-    await response.prepare(request)
-    return response
+def _sse(stream, chunk: Callable[[int, RequestOutput], bytes | None],
+         usage_chunk: Callable[[], bytes] | None) -> ApiResponse:
+    """One SSE event per useful output, then the usage chunk (if asked) and [DONE]; closing the
+    response closes (aborts) ``stream``."""
 
+    async def events():
+        try:
+            async for i, out in stream:
+                data = chunk(i, out)
+                if data is not None:
+                    yield encode_event(data)
+            if usage_chunk is not None:
+                yield encode_event(usage_chunk())
+        except EngineError as exc:
+            yield encode_event(error_body(500, str(exc), None, None, "generation", False))
+        yield encode_event(DONE)
 
-async def _stream(request: web.Request, serving: Serving, stream, chunk: Callable[[int, RequestOutput], bytes | None],
-                  usage_chunk: Callable[[], bytes] | None) -> web.StreamResponse:
-    """Write one SSE event per useful output, then the usage chunk (if asked) and [DONE]."""
-    response = await _sse_response(request)
-    try:
-        async for i, out in stream:
-            data = chunk(i, out)
-            if data is not None:
-                await response.write(encode_event(data))
-        if usage_chunk is not None:
-            await response.write(encode_event(usage_chunk()))
-    except EngineError as exc:
-        await response.write(encode_event(error_body(500, str(exc), None, None, "generation", False)))
-    await response.write(encode_event(DONE))
-    return response
+    return ApiResponse.sse(events(), stream.aclose)
 
 
 # -- routes -------------------------------------------------------------------------------------
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
+async def chat_completions(request: ApiRequest) -> ApiResponse:
+    state = request.state
     serving = state.serving
     body: oa.ChatCompletionRequest = await read_json(request, oa.ChatCompletionRequest)
     choice = await _choose_adapter(request, body.model)
@@ -213,7 +208,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise InvalidRequestError(f"max_tokens must be >= 1, got {max_tokens}", "max_tokens")
     params = _sampling(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
     prompt = _render_chat(state, body.messages)
-    rid = request[REQUEST_ID]
+    rid = request.request_id
     stream = await serving.submit(_choices([prompt], params, body.n), _options(body, choice))
     created, model = int(time.time()), choice.name
     choices = [_Choice() for _ in range(body.n)]
@@ -228,7 +223,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                     logprobs=_chat_logprobs(serving, c.logprobs) if body.logprobs else None, stop_reason=c.stop_reason,
                 ) for i, c in enumerate(choices)],
             )
-            return web.Response(body=_encode(result), content_type="application/json")
+            await stream.aclose()
+            return ApiResponse.json(_encode(result))
 
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         usage_field = None
@@ -254,9 +250,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             return _encode(oa.ChatCompletionChunk(id=f"chatcmpl-{rid}", created=created, model=model, choices=[],
                                                   usage=_usage([prompt], choices)))
 
-        return await _stream(request, serving, stream, chunk, usage_chunk if include_usage else None)
-    finally:
+        return _sse(stream, chunk, usage_chunk if include_usage else None)
+    except BaseException:
         await stream.aclose()
+        raise
 
 
 def _completion_prompts(state: ServerState, prompt) -> list[tuple[list[int], str | None, list[int] | None]]:
@@ -281,8 +278,8 @@ def _completion_prompts(state: ServerState, prompt) -> list[tuple[list[int], str
     return out
 
 
-async def completions(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
+async def completions(request: ApiRequest) -> ApiResponse:
+    state = request.state
     serving = state.serving
     body: oa.CompletionRequest = await read_json(request, oa.CompletionRequest)
     choice = await _choose_adapter(request, body.model)
@@ -293,7 +290,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     params = _sampling(body, body.max_tokens, body.logprobs,
                        prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None)
     prompts = _completion_prompts(state, body.prompt)
-    rid = request[REQUEST_ID]
+    rid = request.request_id
     stream = await serving.submit(_choices([p[0] for p in prompts], params, body.n), _options(body, choice))
     created, model, n = int(time.time()), choice.name, body.n
     choices = [_Choice() for _ in range(len(prompts) * n)]
@@ -325,8 +322,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
                 lp = logprobs(i, c, c.logprobs, len(head), body.echo) if body.logprobs is not None else None
                 result.append(oa.CompletionChoice(i, head + "".join(c.text), c.finish_reason, lp, c.stop_reason))
             usage = _usage([p[0] for p in prompts], choices)
-            return web.Response(body=_encode(oa.Completion(f"cmpl-{rid}", created, model, result, usage)),
-                                content_type="application/json")
+            await stream.aclose()
+            return ApiResponse.json(_encode(oa.Completion(f"cmpl-{rid}", created, model, result, usage)))
 
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         started = [False] * len(choices)
@@ -361,38 +358,39 @@ async def completions(request: web.Request) -> web.StreamResponse:
         def usage_chunk() -> bytes:
             return _encode(oa.Completion(f"cmpl-{rid}", created, model, [], _usage([p[0] for p in prompts], choices)))
 
-        return await _stream(request, serving, stream, chunk, usage_chunk if include_usage else None)
-    finally:
+        return _sse(stream, chunk, usage_chunk if include_usage else None)
+    except BaseException:
         await stream.aclose()
+        raise
 
 
-async def models(request: web.Request) -> web.Response:
+async def models(request: ApiRequest) -> ApiResponse:
     """Every name a request's ``model`` may use: the served model, its base, the versions a
     request may pin, the adapters loaded at run time (vLLM's ``root`` and ``parent``)."""
-    state = request.app[STATE]
+    state = request.state
     max_len = state.engine.core.config.model.max_model_len
     listing = [oa.Model(id=i, created=state.created, max_model_len=max_len, root=root, parent=parent)
-               for i, root, parent in state.adapters.listing(request[TENANT])]
-    return web.Response(body=_encode(oa.ModelList(listing)), content_type="application/json")
+               for i, root, parent in state.adapters.listing(request.tenant)]
+    return ApiResponse.json(_encode(oa.ModelList(listing)))
 
 
-async def load_lora_adapter(request: web.Request) -> web.Response:
+async def load_lora_adapter(request: ApiRequest) -> ApiResponse:
     """vLLM's route and body: ``{lora_name, lora_path}``; the adapter serves requests whose
     ``model`` is ``lora_name`` from the next iteration on."""
     body: oa.LoadLoraAdapterRequest = await read_json(request, oa.LoadLoraAdapterRequest)
-    await request.app[STATE].adapters.load(body.lora_name, body.lora_path, request[TENANT])
-    return web.Response(text=f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+    await request.state.adapters.load(body.lora_name, body.lora_path, request.tenant)
+    return ApiResponse.text(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
-async def unload_lora_adapter(request: web.Request) -> web.Response:
+async def unload_lora_adapter(request: ApiRequest) -> ApiResponse:
     body: oa.UnloadLoraAdapterRequest = await read_json(request, oa.UnloadLoraAdapterRequest)
-    await request.app[STATE].adapters.unload(body.lora_name, request[TENANT])
-    return web.Response(text=f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+    await request.state.adapters.unload(body.lora_name, request.tenant)
+    return ApiResponse.text(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_get("/v1/models", models)
-    app.router.add_post("/v1/load_lora_adapter", load_lora_adapter)
-    app.router.add_post("/v1/unload_lora_adapter", unload_lora_adapter)
+def add_routes(routes: Routes) -> None:
+    routes.post("/v1/chat/completions", chat_completions)
+    routes.post("/v1/completions", completions)
+    routes.get("/v1/models", models)
+    routes.post("/v1/load_lora_adapter", load_lora_adapter)
+    routes.post("/v1/unload_lora_adapter", unload_lora_adapter)

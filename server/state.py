@@ -1,13 +1,15 @@
-"""What the route handlers share, kept on the aiohttp application under one key."""
+"""What the route handlers share: one ``ServerState`` per server (the aiohttp application keeps
+it under ``STATE``; a Ray Serve replica holds it), reached from each request as ``request.state``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from scheduler.async_engine import AsyncEngine
-from server.adapters import AdapterChoice, Adapters
+from server.adapters import Adapters
+from server.api import ApiRequest, Routes
 from server.metrics import ServerMetrics
 from server.serving import Serving
 from trainer.feedback import FeedbackStore
@@ -26,26 +28,9 @@ class ServerState:
     feedback: FeedbackStore | None = None  # preference pairs for the trainer (None: /v1/feedback answers 503)
     adapters: Adapters | None = None  # what a request's `model` may choose (built by build_app)
     tenant_keys: dict[str, str] | None = None  # API key -> tenant (--tenants)
+    max_request_bytes: int = 4 << 20  # a longer body is a 413
+    routes: Routes = field(default_factory=Routes)  # every route of the API (server.routes)
 
 
 STATE = web.AppKey("state", ServerState)
-# The id a response shows (x-request-id): the client's own when it sent one, else ours.
-REQUEST_ID = web.RequestKey("request_id", str)
-# The adapter the request chose, once its `model` is resolved.
-ADAPTER = web.RequestKey("adapter", AdapterChoice)
-# The tenant whose key the request carries (None: no tenant, the default adapter).
-TENANT = web.RequestKey("tenant", object)
 
-
-def response_headers(request: web.Request) -> dict[str, str]:
-    """Headers every answer carries: the request id, and the serving adapter's version when a
-    trainer is on (the version inference read when the response started)."""
-    headers = {"x-request-id": request[REQUEST_ID]}
-    training = request.app[STATE].engine.training_for(request.get(TENANT))
-    choice = request.get(ADAPTER)
-    if choice is not None and choice.version is not None:
-        headers["x-adapter-version"] = str(choice.version)  # a pinned version
-    elif training is not None and (choice is None or choice.adapter == request.app[STATE].adapters.live_adapter(
-            request.get(TENANT))):  # the live adapter answered
-        headers["x-adapter-version"] = str(training.adapter_version)
-    return headers

@@ -10,18 +10,16 @@ and ``details``. A stream aborted by the server (shutdown) ends with an error ev
 from __future__ import annotations
 
 import msgspec
-from aiohttp import web
 
 from engine.plan import TokenLogprob
 from engine.sampling_params import MAX_STOP_SEQUENCES, MAX_TOP_LOGPROBS, InvalidRequestError, SamplingParams
 from scheduler.async_engine import EngineError
 from scheduler.core import RequestOutput
 from scheduler.request import RequestOptions
-from server.errors import read_json
+from server.api import ApiRequest, ApiResponse, Routes, read_json
 from protocol import tgi
 from server.serving import SequenceSpec, Serving
 from protocol.sse import encode_event
-from server.state import ADAPTER, STATE, TENANT, response_headers
 
 _encode = msgspec.json.Encoder().encode
 
@@ -52,15 +50,15 @@ def _sampling(p: tgi.GenerateParameters) -> SamplingParams:
     )
 
 
-async def _submit(request: web.Request):
-    state = request.app[STATE]
+async def _submit(request: ApiRequest):
+    state = request.state
     body: tgi.GenerateRequest = await read_json(request, tgi.GenerateRequest)
     if not body.inputs:
         raise InvalidRequestError("`inputs` must not be empty", "inputs")
     p = body.parameters
     params = _sampling(p)
-    choice = await state.adapters.resolve(p.adapter_id, "parameters.adapter_id", request[TENANT])
-    request[ADAPTER] = choice
+    choice = await state.adapters.resolve(p.adapter_id, "parameters.adapter_id", request.tenant)
+    request.adapter = choice
     prompt = state.serving.tokenizer.encode(body.inputs, add_special_tokens=True)
     options = RequestOptions(priority=p.priority, slo_ttft_ms=p.slo_ttft_ms, slo_tbt_ms=p.slo_tbt_ms,
                              adapter=choice.adapter)
@@ -77,7 +75,7 @@ def _top_tokens(serving: Serving, logprob: TokenLogprob | None) -> list[tgi.Toke
     return [] if logprob is None else [_token(serving, i, TokenLogprob(i, lp)) for i, lp in logprob.top]
 
 
-async def generate(request: web.Request) -> web.Response:
+async def generate(request: ApiRequest) -> ApiResponse:
     serving, body, params, prompt, stream = await _submit(request)
     p = body.parameters
     text, tokens, top_tokens, last, prefill = [], [], [], None, []
@@ -104,46 +102,44 @@ async def generate(request: web.Request) -> web.Response:
             finish_reason=_finish_reason(last), generated_tokens=last.num_output_tokens, seed=params.seed,
             prefill=prefill, tokens=tokens, top_tokens=top_tokens if p.top_n_tokens else [],
         )
-    return web.Response(body=_encode(tgi.GenerateResponse(generated, details)), content_type="application/json")
+    return ApiResponse.json(_encode(tgi.GenerateResponse(generated, details)))
 
 
-async def generate_stream(request: web.Request) -> web.StreamResponse:
+async def generate_stream(request: ApiRequest) -> ApiResponse:
     serving, body, params, prompt, stream = await _submit(request)
     p = body.parameters
-    response = web.StreamResponse(headers={
-        "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **response_headers(request),
-    })
-    try:
-        await response.prepare(request)
+
+    async def events():
         text = [body.inputs] if p.return_full_text else []
         index = 0
-        async for _, out in stream:
-            text.append(out.new_text)
-            if out.finished and out.finish_reason == "abort":
-                await response.write(encode_event(_encode(tgi.ErrorResponse(
-                    "the request was aborted: the server is shutting down", "aborted")), with_space=False))
-                break
-            if not out.new_token_ids:
-                continue
-            index += 1
-            lp = out.new_logprobs[0] if out.new_logprobs else None
-            event = tgi.StreamResponse(index, _token(serving, out.new_token_ids[0], lp),
-                                       _top_tokens(serving, lp) if p.top_n_tokens else None)
-            if out.finished:
-                event.generated_text = "".join(text)
-                event.details = tgi.StreamDetails(_finish_reason(out), out.num_output_tokens, params.seed, len(prompt))
-            await response.write(encode_event(_encode(event), with_space=False))
-    except EngineError as exc:
-        await response.write(encode_event(_encode(tgi.ErrorResponse(str(exc), "generation")), with_space=False))
-    finally:
-        await stream.aclose()
-    return response
+        try:
+            async for _, out in stream:
+                text.append(out.new_text)
+                if out.finished and out.finish_reason == "abort":
+                    yield encode_event(_encode(tgi.ErrorResponse(
+                        "the request was aborted: the server is shutting down", "aborted")), with_space=False)
+                    break
+                if not out.new_token_ids:
+                    continue
+                index += 1
+                lp = out.new_logprobs[0] if out.new_logprobs else None
+                event = tgi.StreamResponse(index, _token(serving, out.new_token_ids[0], lp),
+                                           _top_tokens(serving, lp) if p.top_n_tokens else None)
+                if out.finished:
+                    event.generated_text = "".join(text)
+                    event.details = tgi.StreamDetails(_finish_reason(out), out.num_output_tokens, params.seed,
+                                                      len(prompt))
+                yield encode_event(_encode(event), with_space=False)
+        except EngineError as exc:
+            yield encode_event(_encode(tgi.ErrorResponse(str(exc), "generation")), with_space=False)
+
+    return ApiResponse.sse(events(), stream.aclose)
 
 
-async def info(request: web.Request) -> web.Response:
-    state = request.app[STATE]
+async def info(request: ApiRequest) -> ApiResponse:
+    state = request.state
     config = state.engine.core.config.model
-    return web.json_response({
+    return ApiResponse.json({
         "model_id": state.model_name,
         "model_dtype": str(config.dtype),
         "max_input_tokens": config.max_model_len - 1,
@@ -154,7 +150,7 @@ async def info(request: web.Request) -> web.Response:
     })
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_post("/generate", generate)
-    app.router.add_post("/generate_stream", generate_stream)
-    app.router.add_get("/info", info)
+def add_routes(routes: Routes) -> None:
+    routes.post("/generate", generate)
+    routes.post("/generate_stream", generate_stream)
+    routes.get("/info", info)
