@@ -245,6 +245,9 @@ class FinetuneResult:
     # so (trainer/checkpoint.py CheckpointWriter), not when this result arrives.
     checkpoint_version: int | None = None
     elapsed_s: float = 0.0
+    # An executor that hands its gradients over (replicas: trainer/distributed.py) instead of
+    # stepping: the accumulated LoRA gradients (CPU, keyed as a checkpoint keys the weights).
+    gradients: dict | None = None
 
 
 @dataclass(slots=True)

@@ -104,6 +104,12 @@ class FinetuneExecutor:
         # a reference pass cut at layers: (pair id, which pass, its job), and the first pass's result
         self._ref_job: tuple[str, int, SequenceJob] | None = None
         self._ref_logps: tuple[float, float] | None = None
+        # Replicas (trainer/distributed.py): a step hands the accumulated gradients over in the
+        # result instead of stepping here; the coordinator steps, and its weights come back
+        # through ``adopt``. The gradients are keyed as a checkpoint keys the weights.
+        self.hands_over_gradients = False
+        self._grad_keys = [n.replace(f".{train}.", ".") for n, p in peft_model.named_parameters()
+                           if f".{train}." in n and "lora_" in n]
 
     def run(self, chunk: FinetuneChunk) -> FinetuneResult:
         t0 = time.perf_counter()
@@ -330,7 +336,10 @@ class FinetuneExecutor:
                 layer._disable_adapters = False
 
     def _maybe_step(self, chunk: FinetuneChunk, result: FinetuneResult) -> FinetuneResult:
-        if chunk.step:
+        if chunk.step and self.hands_over_gradients:
+            result.gradients = self._hand_over()
+            result.stepped = result.gradients is not None
+        elif chunk.step:
             result.stepped = self._step()
             due = self.version % self.checkpoint_every == 0 or chunk.checkpoint
             if result.stepped and self.checkpoints is not None and due:
@@ -360,6 +369,47 @@ class FinetuneExecutor:
         self.version = version
         if version not in self._kept:
             self._keep(version)
+
+    def _hand_over(self) -> dict[str, torch.Tensor] | None:
+        """The accumulated gradients (CPU copies), dropped here; None when any is not finite."""
+        ok = not self._bad_accumulation
+        grads = [p.grad for p in self.params]
+        if ok:
+            present = [g for g in grads if g is not None]
+            ok = not present or bool(torch.isfinite(torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g) for g in present]))))
+        out = ({k: g.detach().to("cpu", copy=True) for k, g in zip(self._grad_keys, grads) if g is not None}
+               if ok else None)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._bad_accumulation = False
+        self._num_accumulated = 0
+        return out
+
+    @property
+    def mid_pass(self) -> bool:
+        """Whether a pass cut at decoder layers is part-way (its graph holds the weights)."""
+        return self._job is not None or self._ref_job is not None
+
+    @torch.no_grad()
+    def adopt(self, version: int, state: dict[str, torch.Tensor]) -> bool:
+        """Both adapters take version ``version``'s weights (a coordinator's step), the
+        gradients accumulated so far kept (they count as stale by the versions between). Only
+        between iterations; False (nothing changed) while a pass cut at layers is part-way:
+        try again at a later boundary."""
+        if self.mid_pass:
+            return False
+        if self._serving_weights is not None and state.keys() == self._serving_weights.keys():
+            for key, tensor in self._serving_weights.items():
+                tensor.copy_(state[key])
+        else:
+            set_peft_model_state_dict(self.model, state, adapter_name=self.serving_name)
+        for serving, trainable in self._publish:
+            trainable.copy_(serving)
+        self.version = version
+        self.max_version = max(self.max_version, version)
+        if version not in self._kept:
+            self._keep(version)
+        return True
 
     def _keep(self, version: int) -> None:
         self._kept[version] = self.snapshot()

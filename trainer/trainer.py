@@ -84,7 +84,11 @@ class Trainer:
         # when the accumulation's first gradient chunk was handed out (max_step_delay_s), and the
         # clock as of the last offer (the scheduler's)
         self._accumulating_since: float | None = None
+        self._accumulating_from = 0  # the adapter version when it began
         self._now: float | None = None
+        # Replicas (trainer/distributed.py): called with (the version the accumulation began
+        # from, its pair ids, the gradients) when a step hands the gradients over.
+        self.gradient_sink: Callable[[int, list[str], dict], None] | None = None
         # since when references run ahead of ready pairs for ranking: the last step, or the
         # first time a ready pair waited behind them
         self._look_ahead_since: float | None = None
@@ -359,6 +363,7 @@ class Trainer:
             chunk.reset, self._reset = True, False
         if chunk.kind == "gradient" and self._accumulating_since is None:
             self._accumulating_since = self._now
+            self._accumulating_from = self.adapter_version
         self._in_flight[chunk.task_id] = chunk
         self._offered_since = None  # the wait starts again when work is offered next
         return chunk
@@ -434,6 +439,8 @@ class Trainer:
         self.adapter_version = result.adapter_version
         kept = [p for p in accumulated if p.pair_id not in self._set_aside]
         if result.stepped:
+            if self.gradient_sink is not None:
+                self.gradient_sink(self._accumulating_from, [p.pair_id for p in kept], result.gradients)
             self.num_steps += 1
             self.num_pairs_stepped += len(kept)
             self._unsaved.append((result.adapter_version, [p.pair_id for p in kept]))
