@@ -24,11 +24,18 @@ def _demo_model(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
+    if args.model is None:
+        args.model = str(_default_model())
+    if args.replicas:
+        from server.ray_serve import serve_replicas
+
+        args.model = os.path.abspath(args.model)  # the replicas' working directory may differ
+        args.state_dir = os.path.abspath(args.state_dir)
+        serve_replicas(args)
+        return
     from server.app import serve
     from server.flags import apply_threads
 
-    if args.model is None:
-        args.model = str(_default_model())
     apply_threads(args)
     serve(args)
 
@@ -126,6 +133,15 @@ def build_parser(bench_name: str | None = None) -> argparse.ArgumentParser:
                    help="where durable state lives: the feedback store (feedback.sqlite3) and adapter checkpoints")
     g.add_argument("--trace-iterations", default=None, metavar="FILE",
                    help="write one JSON line per iteration: the plan, its predicted and measured time (diagnosis)")
+    g = p.add_argument_group("scale-out on Ray Serve")
+    g.add_argument("--replicas", type=int, default=0, metavar="N",
+                   help="serve N replicas as a Ray Serve application (a local Ray instance, or --ray-address); "
+                        "they train one adapter through a coordinator actor")
+    g.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="join this Ray cluster (e.g. auto after `ray start --head`) instead of starting one")
+    g.add_argument("--replica-threads", type=int, default=1, help="CPU threads (and Ray CPUs) per replica")
+    g.add_argument("--ray-dashboard", action=argparse.BooleanOptionalAction, default=None,
+                   help="start Ray's dashboard with a local Ray (default: Ray's choice)")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("profile", help="measure iteration costs on this machine and write a cost profile")

@@ -14,6 +14,7 @@ from engine.sampling_params import InvalidRequestError
 from scheduler.async_engine import EngineError
 from protocol import openai, tgi
 from server.serving import Overloaded, ShuttingDown
+from trainer.feedback import StoreUnavailable
 
 _encode = msgspec.json.Encoder().encode
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
@@ -37,7 +38,7 @@ def param_of(message: str) -> str | None:
 
 def is_expected(exc: BaseException) -> bool:
     """Errors that are the request's fault or the server's state, not a bug of ours."""
-    return isinstance(exc, (ApiError, InvalidRequestError, Overloaded, ShuttingDown, EngineError))
+    return isinstance(exc, (ApiError, InvalidRequestError, Overloaded, ShuttingDown, EngineError, StoreUnavailable))
 
 
 _TGI_KIND = {401: "unauthorized", 404: "not_found"}
@@ -53,6 +54,8 @@ def classify(exc: BaseException, is_tgi: bool) -> tuple[int, str, str | None, st
         return 429, str(exc), None, exc.code, "overloaded"
     if isinstance(exc, ShuttingDown):
         return 503, str(exc), None, "shutting_down", "unavailable"
+    if isinstance(exc, StoreUnavailable):
+        return 503, str(exc), None, "store_unavailable", "unavailable"
     if isinstance(exc, EngineError):
         return 500, str(exc), None, None, "generation"
     return 500, f"internal error: {type(exc).__name__}", None, None, "generation"
@@ -76,6 +79,6 @@ def render_error(exc: BaseException, is_tgi: bool) -> tuple[int, bytes, dict[str
     # 429 (queue full) and 503 (draining, loading) are worth retrying; say when
     if isinstance(exc, Overloaded):
         headers["Retry-After"] = str(exc.retry_after_s)
-    elif code in ("shutting_down", "loading"):
+    elif code in ("shutting_down", "loading", "store_unavailable"):
         headers["Retry-After"] = "1"
     return status, error_body(status, message, param, code, kind, is_tgi), headers

@@ -111,22 +111,30 @@ async def feedback_stats(request: ApiRequest) -> ApiResponse:
 
 
 async def adapters(request: ApiRequest) -> ApiResponse:
-    """The adapter inference reads, and the trainer's counters (the caller's tenant's)."""
-    training = request.state.engine.training_for(request.tenant)
+    """The adapter inference reads, and the trainer's counters (the caller's tenant's). Behind
+    ``--replicas``: every replica's serving version and the coordinator's counters too."""
+    state = request.state
+    training = state.engine.training_for(request.tenant)
     if training is None:
         return ApiResponse.json({"serving": None, "training": False})
     trainer = training.trainer
-    return ApiResponse.json({
+    answer = {
         "training": True,
         "training_enabled": not trainer.paused,
         "serving": {"name": "serving", "version": training.adapter_version},
-        "versions": request.state.adapters.versions(request.tenant),
+        "versions": state.adapters.versions(request.tenant),
         "steps": trainer.num_steps,
         "pairs_stepped": trainer.num_pairs_stepped,
         "skipped_steps": trainer.num_skipped_steps,
         "tokens": trainer.num_tokens,
         "dpo_loss": trainer.mean_recent_loss,
-    })
+    }
+    if state.cluster is not None:
+        coordinator = await state.cluster.status()
+        answer["replicas"] = coordinator.pop("replicas")
+        answer["coordinator"] = coordinator
+        answer["training_enabled"] = coordinator["training_enabled"]
+    return ApiResponse.json(answer)
 
 
 def _training(request: ApiRequest):
@@ -143,6 +151,11 @@ async def rollback(request: ApiRequest) -> ApiResponse:
     state = request.state
     training = _training(request)
     body: fb.RollbackRequest = await read_json(request, fb.RollbackRequest)
+    if state.cluster is not None:  # the coordinator rolls back; every replica adopts it
+        if not await state.cluster.rollback(body.version):
+            raise ApiError(404, f"version {body.version} is not kept", "version", "version_not_found")
+        status = await state.cluster.status()
+        return ApiResponse.json({"version": status["version"], "next_version": status["max_version"] + 1})
     if not await training.rollback(body.version, state.engine.run_on_worker):
         kept = ", ".join(str(v) for v in state.adapters.versions(request.tenant)) or "none"
         raise ApiError(404, f"version {body.version} is not kept (kept: {kept})", "version", "version_not_found")
@@ -153,7 +166,10 @@ async def set_training(request: ApiRequest) -> ApiResponse:
     """``{enabled}``: pause or resume training; feedback is stored either way."""
     training = _training(request)
     body: fb.TrainingRequest = await read_json(request, fb.TrainingRequest)
-    training.set_training(body.enabled)
+    if request.state.cluster is not None:
+        await request.state.cluster.set_training(body.enabled)
+    else:
+        training.set_training(body.enabled)
     return ApiResponse.json({"training_enabled": body.enabled})
 
 

@@ -29,7 +29,8 @@ class ServerState:
     adapters: Adapters | None = None  # what a request's `model` may choose (built by build_app)
     tenant_keys: dict[str, str] | None = None  # API key -> tenant (--tenants)
     max_request_bytes: int = 4 << 20  # a longer body is a 413
-    routes: Routes = field(default_factory=Routes)  # every route of the API (server.routes)
+    routes: Routes = field(default_factory=Routes)  # every route of the API (server.service)
+    cluster: object | None = None  # a Ray Serve replica's coordinator (server.ray_serve.Cluster)
 
 
 STATE = web.AppKey("state", ServerState)

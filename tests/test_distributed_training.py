@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from engine.config import TrainingConfig
-from trainer.checkpoint import _config_json
 from trainer.distributed import Coordinator, CoordinatorStore, ReplicaSync
 from trainer.feedback import NewPair
 
@@ -56,14 +55,16 @@ def test_stale_gradients_are_dropped_and_their_pairs_train_again(tmp_path):
     coord.add(_pairs(6))
     leased = [p.id for p in coord.lease("r0", 6)]
     grad = {"a.lora_A.weight": torch.ones(2, 4), "a.lora_B.weight": torch.ones(4, 2)}
-    assert coord.submit("r0", 0, leased[:2], grad)  # two pairs: a full accumulation, a step
-    assert coord.version == 1
+    g0 = coord.generation
+    assert not coord.submit("r0", g0 - 1, leased[:1], grad)  # from before this coordinator started
+    assert coord.submit("r0", g0, leased[:2], grad)  # two pairs: a full accumulation, a step
+    assert coord.version == 1 and coord.generation == g0 + 1
     assert not torch.equal(coord.weights["a.lora_A.weight"], torch.zeros(2, 4))
-    assert coord.submit("r0", 0, leased[2:3], grad)  # one version behind: kept
-    coord.submit("r0", 1, leased[3:4], grad)
+    assert coord.submit("r0", g0, leased[2:3], grad)  # one change behind: kept
+    coord.submit("r0", g0 + 1, leased[3:4], grad)
     assert coord.version == 2
-    assert not coord.submit("r0", 0, leased[4:5], grad)  # two behind: dropped
-    assert coord.status()["stale_gradients"] == 1
+    assert not coord.submit("r0", g0, leased[4:5], grad)  # two behind: dropped
+    assert coord.status()["stale_gradients"] == 2
     coord.flush()
     again = [p.id for p in coord.lease("r0", 6)]
     assert leased[4] in again and leased[5] not in again  # p5 is still leased to r0
@@ -77,7 +78,7 @@ def test_a_restarted_coordinator_resumes_from_its_checkpoint_and_store(tmp_path)
     coord.register("r0", _weights(), '{"peft_type": "LORA"}')
     coord.add(_pairs(3))
     leased = [p.id for p in coord.lease("r0", 3)]
-    coord.submit("r0", 0, leased[:1], {"a.lora_A.weight": torch.ones(2, 4)})
+    coord.submit("r0", coord.generation, leased[:1], {"a.lora_A.weight": torch.ones(2, 4)})
     coord.flush()
     weights = {k: v.clone() for k, v in coord.weights.items()}
     coord.store.close()  # a crash: nothing else is written
@@ -86,6 +87,7 @@ def test_a_restarted_coordinator_resumes_from_its_checkpoint_and_store(tmp_path)
     assert all(torch.equal(again.weights[k], weights[k]) for k in weights)
     assert again.stats() == {"received": 3, "trained": 1, "pending": 2, "set_aside": 0}
     assert [p.id for p in again.lease("r1", 3)] == leased[1:]  # the lost leases are pending again
+    assert not again.submit("r0", coord.generation, leased[1:2], {"a.lora_A.weight": torch.ones(2, 4)})
     again.close()
 
 
@@ -103,15 +105,15 @@ async def _replicas(start_server, coord: Coordinator, config: TrainingConfig, n:
             url, engine = await stack.enter_async_context(start_server(
                 engine_overrides={"seed": 0}, trainer_config=config, feedback_store=store, model_name="demo"))
             training = engine.training
-            executor = training.executor
 
             async def submit(*args):
                 return coord.submit(*args)
 
-            sync = ReplicaSync(training, engine, replica, coord.poll, submit, poll_timeout_s=0.5)
-            update = coord.register(replica, executor.snapshot(), _config_json(executor.model, executor.serving_name))
-            await sync.adopt(update)
-            sync.start()
+            async def register(*args):
+                return coord.register(*args)
+
+            sync = ReplicaSync(training, engine, replica, coord.poll, submit, register, poll_timeout_s=0.5)
+            await sync.start()
             stack.push_async_callback(sync.stop)
             out.append((url, engine, sync))
         yield out

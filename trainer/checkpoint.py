@@ -36,7 +36,7 @@ _PREFIX = "v"
 log = logging.getLogger(__name__)
 
 
-def _config_json(peft_model: PeftModel, adapter: str = SERVING) -> str:
+def adapter_config_json(peft_model: PeftModel, adapter: str = SERVING) -> str:
     """The ``adapter_config.json`` that ``save_pretrained`` writes for the serving adapter."""
     config = copy.deepcopy(peft_model.peft_config[adapter])
     config.inference_mode = True
@@ -57,7 +57,7 @@ class CheckpointWriter:
                  on_saved: Callable[[int], None] | None = None, adapter: str = SERVING) -> None:
         self.state_dir = Path(state_dir)
         self.keep = keep
-        self.config_json = _config_json(peft_model, adapter)
+        self.config_json = adapter_config_json(peft_model, adapter)
         self._cond = threading.Condition()
         self._next: tuple[int, dict[str, torch.Tensor]] | None = None  # newest snapshot not yet written
         self._writing = False

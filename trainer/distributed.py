@@ -14,10 +14,11 @@ optimizer and the checkpoints; every replica computes DPO gradients in its own s
     adopt the weights at the next iteration boundary
 
 Stale gradients. A replica keeps serving and computing gradients while a step lands: a gradient
-accumulated from version ``v`` reaches a coordinator at version ``V``. It is summed into the next
-step when ``V - v <= max_staleness`` (default 1: bounded-staleness asynchronous SGD, as in
-parameter servers), else dropped, and its pairs go back to pending for a replica to train on
-fresh weights (nothing is lost; the work is redone). A replica adopts a new version only between
+accumulated from weights ``g`` changes old (the coordinator's ``generation`` counts every change
+of the weights: steps and rollbacks) is summed into the next step when ``g <= max_staleness``
+(default 1: bounded-staleness asynchronous SGD, as in parameter servers), else dropped, and its
+pairs go back to pending for a replica to train on fresh weights (nothing is lost; the work is
+redone). A gradient from weights older than a rollback is always dropped. A replica adopts a new version only between
 two layer pieces of a pair (a pass cut at decoder layers holds an autograd graph over the old
 weights), so its accumulation in progress carries on across the version change.
 
@@ -35,10 +36,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,8 +50,9 @@ from pathlib import Path
 import torch
 
 from engine.config import TrainingConfig
-from trainer.checkpoint import checkpoints, latest_checkpoint, load_checkpoint_state, max_version_on_disk, write_checkpoint
-from trainer.feedback import FeedbackPair, FeedbackStore, NewPair
+from trainer.checkpoint import (adapter_config_json, checkpoints, latest_checkpoint, load_checkpoint_state, max_version_on_disk,
+                                rollback_name, write_checkpoint)
+from trainer.feedback import FeedbackPair, FeedbackStore, NewPair, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,9 @@ class Update:
     weights: dict[str, torch.Tensor] | None
     work_seq: int
     training_enabled: bool = True
+    generation: int = 0  # changes of the weights so far (steps and rollbacks)
+    rolled_back: bool = False  # these weights come from a rollback: drop gradients of older ones
+    registered: bool = True  # False: the coordinator restarted with no weights; register again
 
 
 @dataclass
@@ -86,11 +93,12 @@ class Coordinator:
         self.version = self.max_version = 0
         self.weights: dict[str, torch.Tensor] | None = None  # the serving version's (CPU, keyed as a checkpoint)
         latest = latest_checkpoint(self.state_dir)
+        self.config_json: str | None = None  # adapter_config.json: the checkpoint's, else the first replica's
         if latest is not None:
             self.weights = load_checkpoint_state(latest[0])
+            self.config_json = (latest[0] / "adapter_config.json").read_text()
             self.version, self.max_version = latest[1], max_version_on_disk(self.state_dir)
             log.info("coordinator resumed the adapter from %s (version %d)", latest[0], self.version)
-        self.config_json: str | None = None  # adapter_config.json, from the first replica
         self._params: dict[str, torch.nn.Parameter] = {}
         self._optimizer: torch.optim.Optimizer | None = None
         self._leases: dict[str, tuple[str, float]] = {}  # pair id -> (replica, leased at)
@@ -98,7 +106,15 @@ class Coordinator:
         self._acc = _Accumulation()
         self._seen: dict[str, float] = {}  # replica -> last poll
         self.work_seq = 0
+        # Every change of the weights (steps, rollbacks) adds one. It starts at this start's time
+        # in milliseconds, so gradients from before a restart are far behind (dropped as stale)
+        # and no replica's generation equals a restarted coordinator's by chance.
+        self.generation = self._start_generation = int(time.time() * 1000)
+        self._rollback_generation = self.generation  # the generation the last rollback made
         self.training_enabled = True
+        self._stepped_at: dict[int, float] = {}  # generation -> wall time of the change
+        self._replica_versions: dict[str, int] = {}  # what each replica last said it serves
+        self.broadcast_s: list[float] = []  # change -> a replica serving it, recent
         self._changed: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="mace-coordinator-ckpt")  # in order, off the caller
         # counters (the coordinator's /metrics and /v1/adapters)
@@ -119,7 +135,13 @@ class Coordinator:
             if self.config_json is None:
                 self.config_json = config_json
             self._seen[replica] = self.clock()
-            return Update(self.version, self.weights, self.work_seq, self.training_enabled)
+            return self._update(None)
+
+    def _update(self, generation: int | None) -> Update:
+        """The state for a replica that serves ``generation`` (None: nothing yet)."""
+        rolled_back = self._rollback_generation == self.generation != self._start_generation
+        return Update(self.version, self.weights if generation != self.generation else None, self.work_seq,
+                      self.training_enabled, self.generation, rolled_back, self.weights is not None)
 
     # -- the feedback store -----------------------------------------------------------------------
 
@@ -184,16 +206,22 @@ class Coordinator:
     def stats(self) -> dict[str, int]:
         return self.store.stats()
 
+    def trained_ids(self) -> set[str]:
+        return self.store.ids("trained")
+
     # -- gradients and steps ----------------------------------------------------------------------
 
-    def submit(self, replica: str, base_version: int, pair_ids: Sequence[str], grads: dict[str, torch.Tensor]) -> bool:
+    def submit(self, replica: str, base_generation: int, pair_ids: Sequence[str],
+               grads: dict[str, torch.Tensor]) -> bool:
         """A replica's accumulated gradient over ``pair_ids`` (a sum over pairs, computed from
-        weights of version ``base_version`` or later). False: too stale, dropped, the pairs are
-        pending again. A step follows when the accumulation is due."""
+        weights of generation ``base_generation`` or later). False: too stale (or from before a
+        rollback), dropped, the pairs are pending again. A step follows when one is due."""
         with self._lock:
             for i in pair_ids:
                 self._leases.pop(i, None)
-            if self.version - base_version > self.max_staleness or not self.training_enabled:
+            behind = self.generation - base_generation
+            stale = not 0 <= behind <= self.max_staleness or base_generation < self._rollback_generation
+            if stale or not self.training_enabled or self.weights is None:
                 self.num_stale += 1
                 self._work_changed()
                 return False
@@ -260,6 +288,7 @@ class Coordinator:
             return
         self.weights = {k: p.detach().clone() for k, p in self._params.items()}
         self.version = self.max_version = self.max_version + 1
+        self._changed_weights()
         self.num_steps += 1
         self.step_s.append(time.perf_counter() - t0)
         del self.step_s[:-64]
@@ -273,9 +302,8 @@ class Coordinator:
 
         def write() -> None:
             try:
-                if self.config_json is not None:
-                    write_checkpoint(weights, self.config_json, self.state_dir, version,
-                                     max(3, self.config.keep_versions), max_version)
+                write_checkpoint(weights, self.config_json, self.state_dir, version,
+                                 max(3, self.config.keep_versions), max_version)
                 self.store.mark_trained(pair_ids)
             except Exception:  # noqa: BLE001 - the pairs stay pending and train again
                 log.exception("checkpoint of version %d failed", version)
@@ -306,12 +334,11 @@ class Coordinator:
             return False
         self.flush()
         with self._lock:
-            from trainer.checkpoint import rollback_name
-
-            if self.config_json is not None:
-                write_checkpoint(state, self.config_json, self.state_dir, version, max(3, self.config.keep_versions),
+            write_checkpoint(state, self.config_json, self.state_dir, version, max(3, self.config.keep_versions),
                                  self.max_version, rollback_name(self.state_dir, self.max_version))
             self.weights, self.version = state, version
+            self._changed_weights()
+            self._rollback_generation = self.generation
             self._acc = _Accumulation()
             self._submitted.clear()
             if self._optimizer is not None:
@@ -320,20 +347,29 @@ class Coordinator:
         self._work_changed()
         return True
 
+    def _changed_weights(self) -> None:
+        self.generation += 1
+        self._stepped_at[self.generation] = time.time()
+        for g in [g for g in self._stepped_at if g < self.generation - 64]:
+            del self._stepped_at[g]
+
     def versions(self) -> list[int]:
         return sorted({v for _, v in checkpoints(self.state_dir)})
 
     # -- the replicas' sync loop ------------------------------------------------------------------
 
-    async def poll(self, replica: str, version: int, work_seq: int, timeout_s: float = 5.0) -> Update:
-        """Wait (up to ``timeout_s``) until the serving version is not ``version`` or the work
-        count is not ``work_seq``; the update (with weights when the version differs)."""
+    async def poll(self, replica: str, generation: int, work_seq: int, version: int = 0,
+                   timeout_s: float = 5.0) -> Update:
+        """Wait (up to ``timeout_s``) until the weights are not ``generation`` or the work count
+        is not ``work_seq``; the update (with weights when the generation differs). ``version``:
+        what the replica serves now (reported in ``status``)."""
         loop = asyncio.get_running_loop()
         event = asyncio.Event()
         with self._lock:
             self._seen[replica] = self.clock()
+            self._note_serving(replica, generation, version)
             self._expire(self.clock())
-            if self.version == version and self.work_seq == work_seq:
+            if self.generation == generation and self.work_seq == work_seq:
                 self._changed.append((loop, event))
             else:
                 event.set()
@@ -344,8 +380,17 @@ class Coordinator:
         with self._lock:
             self._seen[replica] = self.clock()
             self.maybe_step()  # a delayed step comes due while replicas poll
-            return Update(self.version, self.weights if self.version != version else None, self.work_seq,
-                          self.training_enabled)
+            return self._update(generation)
+
+    def _note_serving(self, replica: str, generation: int, version: int) -> None:
+        """A replica's poll says what it serves: the broadcast delay of a change is from the
+        change to the first poll that reports it (a replica polls again right after adopting)."""
+        if self._replica_versions.get(replica) != (generation, version):
+            stepped = self._stepped_at.get(generation)
+            if stepped is not None:
+                self.broadcast_s.append(max(0.0, time.time() - stepped))
+                del self.broadcast_s[:-256]
+            self._replica_versions[replica] = (generation, version)
 
     def _work_changed(self) -> None:
         with self._lock:
@@ -364,12 +409,18 @@ class Coordinator:
     def status(self) -> dict:
         with self._lock:
             steps = sorted(self.step_s)
+            broadcast = sorted(self.broadcast_s)
             return {
                 "version": self.version, "max_version": self.max_version, "steps": self.num_steps,
                 "skipped_steps": self.num_skipped_steps, "stale_gradients": self.num_stale,
                 "pairs_by_replica": dict(self.pairs_by_replica), "leased": len(self._leases),
                 "accumulated": len(self._acc.pair_ids), "training_enabled": self.training_enabled,
-                "step_ms_p50": steps[len(steps) // 2] * 1e3 if steps else None,
+                "step_ms_p50": _quantile(steps, 0.5) * 1e3 if steps else None,
+                "broadcast_ms_p50": _quantile(broadcast, 0.5) * 1e3 if broadcast else None,
+                "broadcast_ms_p99": _quantile(broadcast, 0.99) * 1e3 if broadcast else None,
+                "generation": self.generation,
+                "replicas": [{"id": r, "version": v} for r, (_, v) in sorted(self._replica_versions.items())
+                             if r in self._seen],
             }
 
     def close(self) -> None:
@@ -378,20 +429,41 @@ class Coordinator:
         self.store.close()
 
 
+def _quantile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 # -- the replica's side ---------------------------------------------------------------------------
 
 
 class CoordinatorStore:
     """The ``FeedbackStore`` a replica's server and trainer use: every call goes to the
     coordinator. ``call(name, *args)`` runs the coordinator's method and returns its result,
-    blocking (the server and the trainer call the store from threads, never on the loop)."""
+    blocking (the server and the trainer call the store from threads, never on the loop). A
+    coordinator that does not answer (restarting) is retried for ``retry_s``, then
+    ``StoreUnavailable`` (the feedback route answers 503 with Retry-After: nothing was stored,
+    or what was is a duplicate of the retry)."""
 
-    def __init__(self, call: Callable[..., object], replica: str) -> None:
-        self._call = call
+    def __init__(self, call: Callable[..., object], replica: str, retry_s: float = 10.0) -> None:
+        self._raw_call = call
         self.replica = replica
+        self.retry_s = retry_s
+
+    def _call(self, name: str, *args):
+        deadline = time.monotonic() + self.retry_s
+        while True:
+            try:
+                return self._raw_call(name, *args)
+            except Exception as exc:  # noqa: BLE001 - the coordinator's transport failed
+                if time.monotonic() >= deadline:
+                    raise StoreUnavailable(f"the feedback coordinator is unavailable ({type(exc).__name__}); "
+                                           "retry shortly") from exc
+                time.sleep(0.2)
 
     def add(self, pairs: Sequence[NewPair]) -> list[tuple[str, bool]]:
-        return self._call("add", list(pairs))
+        # ids fixed here, so a retry after a lost answer stores nothing twice
+        pairs = [p if p.id is not None else dataclasses.replace(p, id=uuid.uuid4().hex) for p in pairs]
+        return self._call("add", pairs)
 
     def pending(self, limit: int, exclude: Iterable[str] = ()) -> list[FeedbackPair]:
         return self._call("lease", self.replica, limit, list(exclude))
@@ -423,14 +495,17 @@ class ReplicaSync:
 
     ``poll`` and ``submit`` are the coordinator's methods, awaited (an actor's, under Ray)."""
 
-    def __init__(self, training, engine, replica: str, poll, submit, *, poll_timeout_s: float = 5.0) -> None:
+    def __init__(self, training, engine, replica: str, poll, submit, register, *,
+                 poll_timeout_s: float = 5.0) -> None:
         self.training = training
         self.engine = engine
         self.replica = replica
         self._poll = poll
         self._submit = submit
+        self._register_call = register
         self.poll_timeout_s = poll_timeout_s
         self.work_seq = -1
+        self.generation = -1  # the coordinator's weights this replica serves (-1: none yet)
         self.adopted_at: dict[int, float] = {}  # version -> when this replica served it (time.time)
         self.num_submitted = 0
         self.num_stale = 0
@@ -446,15 +521,26 @@ class ReplicaSync:
     async def adopt(self, update: Update) -> None:
         """Serve ``update``'s weights from the next iteration boundary at which no pass cut at
         layers is part-way."""
-        executor = self.training.executor
+        executor, trainer = self.training.executor, self.training.trainer
         while not await self.engine.run_on_worker(lambda: executor.adopt(update.version, update.weights)):
             await asyncio.sleep(0.005)
-        self.training.trainer.adapter_version = update.version
+        if update.rolled_back:  # the accumulation's gradients are of weights left behind
+            trainer.drop_accumulation()
+        trainer.adapter_version = update.version
+        trainer.weights_generation = self.generation = update.generation
         self.adopted_at[update.version] = time.time()
         while len(self.adopted_at) > 64:
             del self.adopted_at[min(self.adopted_at)]
 
-    def start(self) -> None:
+    async def _register(self) -> Update:
+        executor = self.training.executor
+        snapshot = await self.engine.run_on_worker(executor.snapshot)
+        return await self._register_call(self.replica, snapshot, adapter_config_json(executor.model, executor.serving_name))
+
+    async def start(self) -> None:
+        """Join: register (the first replica's adapter seeds a coordinator without one), serve
+        the coordinator's weights, then poll."""
+        await self.apply(await self._register())
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
@@ -468,17 +554,26 @@ class ReplicaSync:
     async def _run(self) -> None:
         while True:
             try:
-                update = await self._poll(self.replica, self.version, self.work_seq, self.poll_timeout_s)
+                update = await self._poll(self.replica, self.generation, self.work_seq, self.version,
+                                          self.poll_timeout_s)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - the coordinator restarting: poll again shortly
                 log.warning("coordinator poll failed; retrying", exc_info=True)
                 await asyncio.sleep(0.5)
                 continue
-            await self.apply(update)
+            try:
+                await self.apply(update)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001
+                log.warning("applying the coordinator's update failed; retrying", exc_info=True)
+                await asyncio.sleep(0.5)
 
     async def apply(self, update: Update) -> None:
-        if update.weights is not None and update.version != self.version:
+        if not update.registered:
+            update = await self._register()
+        if update.weights is not None and update.generation != self.generation:
             await self.adopt(update)
         trainer = self.training.trainer
         if update.training_enabled == trainer.paused:

@@ -79,6 +79,10 @@ class FeedbackPair:
         return self.ref_chosen is not None and self.ref_rejected is not None
 
 
+class StoreUnavailable(RuntimeError):
+    """The store cannot be reached now (a coordinator restarting): nothing was stored; retry."""
+
+
 class FeedbackStore:
     """Preference pairs in one SQLite table; see the module docstring for the contract."""
 
@@ -167,6 +171,11 @@ class FeedbackStore:
         with self._transaction() as db:
             cur = db.execute("UPDATE pairs SET state = 'set_aside' WHERE id = ? AND state = 'pending'", (pair_id,))
         return cur.rowcount == 1
+
+    def ids(self, state: str) -> set[str]:
+        """Ids of the pairs in ``state`` (pending, trained, set_aside)."""
+        with self._transaction(is_write=False) as db:
+            return {row[0] for row in db.execute("SELECT id FROM pairs WHERE state = ?", (state,))}
 
     def stats(self) -> dict[str, int]:
         """Counts: ``received`` (all stored), ``trained``, ``pending``, ``set_aside``."""

@@ -84,10 +84,13 @@ class Trainer:
         # when the accumulation's first gradient chunk was handed out (max_step_delay_s), and the
         # clock as of the last offer (the scheduler's)
         self._accumulating_since: float | None = None
-        self._accumulating_from = 0  # the adapter version when it began
+        self._accumulating_from = 0  # weights_generation when it began
+        # Counts the changes of the trainable weights from outside (replicas: each version a
+        # coordinator broadcasts); an accumulation's gradients are as stale as the changes since.
+        self.weights_generation = 0
         self._now: float | None = None
-        # Replicas (trainer/distributed.py): called with (the version the accumulation began
-        # from, its pair ids, the gradients) when a step hands the gradients over.
+        # Replicas (trainer/distributed.py): called with (the weights generation the
+        # accumulation began from, its pair ids, the gradients) when a step hands them over.
         self.gradient_sink: Callable[[int, list[str], dict], None] | None = None
         # since when references run ahead of ready pairs for ranking: the last step, or the
         # first time a ready pair waited behind them
@@ -363,7 +366,7 @@ class Trainer:
             chunk.reset, self._reset = True, False
         if chunk.kind == "gradient" and self._accumulating_since is None:
             self._accumulating_since = self._now
-            self._accumulating_from = self.adapter_version
+            self._accumulating_from = self.weights_generation
         self._in_flight[chunk.task_id] = chunk
         self._offered_since = None  # the wait starts again when work is offered next
         return chunk
@@ -484,6 +487,12 @@ class Trainer:
             self._needs_reference.appendleft(self._ref_pair)
             self._ref_pair, self._ref_unit = None, 0
         self.adapter_version = version
+        self._requeue_accumulation()
+        self._on_new_work()
+
+    def drop_accumulation(self) -> None:
+        """The weights changed under the accumulation (a replica adopting a rollback): its pairs
+        train again from the new weights."""
         self._requeue_accumulation()
         self._on_new_work()
 
