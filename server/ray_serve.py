@@ -142,6 +142,40 @@ class Cluster:
     async def set_training(self, enabled: bool) -> None:
         await self.coordinator.set_training.remote(enabled)
 
+    async def metrics(self) -> bytes:
+        """The coordinator's figures and which replica answered, in Prometheus' text format
+        (appended to the replica's own /metrics)."""
+        try:
+            s = await self.coordinator.status.remote()
+        except Exception:  # noqa: BLE001 - restarting: this scrape goes without them
+            s = None
+        me = self.sync.replica
+        lines = ["# HELP mace_replica_info The replica that answered this scrape.", "# TYPE mace_replica_info gauge",
+                 f'mace_replica_info{{replica="{me}"}} 1']
+        if s is not None:
+            def family(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+                lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
+                lines.extend(f"{name}{labels} {value}" for labels, value in samples)
+
+            family("mace_coordinator_steps_total", "counter", "Optimizer steps the coordinator took.",
+                   [("", s["steps"])])
+            family("mace_coordinator_stale_gradients_total", "counter",
+                   "Gradients dropped as too stale (their pairs trained again).", [("", s["stale_gradients"])])
+            family("mace_coordinator_version", "gauge", "The adapter version the coordinator serves.",
+                   [("", s["version"])])
+            family("mace_coordinator_pairs_total", "counter", "Pairs whose gradients each replica handed over.",
+                   [(f'{{replica="{r}"}}', n) for r, n in sorted(s["pairs_by_replica"].items())])
+            family("mace_replica_serving_version", "gauge", "The adapter version each replica serves.",
+                   [(f'{{replica="{r["id"]}"}}', r["version"]) for r in s["replicas"]])
+            for key, name, help_ in (("broadcast_ms", "mace_coordinator_broadcast_seconds",
+                                      "From a step to a replica serving it (recent, quantiles)."),
+                                     ("step_ms", "mace_coordinator_step_seconds", "One optimizer step (recent).")):
+                samples = [(f'{{quantile="{q}"}}', s[f"{key}_{p}"] / 1e3)
+                           for q, p in (("0.5", "p50"), ("0.99", "p99")) if s.get(f"{key}_{p}") is not None]
+                if samples:
+                    family(name, "gauge", help_, samples)
+        return ("\n".join(lines) + "\n").encode()
+
 
 class Replica:
     """One engine and its routes; a Ray Serve deployment (``serve_replicas`` wraps it)."""
@@ -342,9 +376,10 @@ class Application:
     joined: bool  # a cluster of someone else's (--ray-address): only what this started goes
 
 
-def start_application(args: argparse.Namespace) -> Application:
+def start_application(args: argparse.Namespace, stop: threading.Event | None = None) -> Application:
     """Ray (local, or ``--ray-address``), the coordinator, Serve's proxy on ``--host``/``--port``
-    and the application, ready to answer."""
+    and the application, ready to answer. With ``stop``, SIGTERM and SIGINT set it from the
+    moment Ray is up (``ray.init`` installs handlers of its own that kill the process)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     from ray import serve
@@ -354,6 +389,9 @@ def start_application(args: argparse.Namespace) -> Application:
     Path(args.state_dir).mkdir(parents=True, exist_ok=True)
     ray.init(address=args.ray_address or "local", namespace=NAMESPACE, log_to_driver=True,
              include_dashboard=args.ray_dashboard, **({} if args.ray_address else {"num_cpus": os.cpu_count()}))
+    if stop is not None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
     app = Application(start_coordinator(args), bool(args.ray_address))
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
@@ -385,10 +423,8 @@ def serve_replicas(args: argparse.Namespace) -> None:
     """``mace serve --replicas N``: run the application until SIGTERM or SIGINT, then shut Serve
     and the local Ray down (exit 0)."""
     t0 = time.monotonic()
-    app = start_application(args)
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own
-        signal.signal(sig, lambda *_: stop.set())
+    app = start_application(args, stop)
     log.info("serving %d replicas on http://%s:%d (started in %.1f s)", args.replicas, args.host, args.port,
              time.monotonic() - t0)
     stop.wait()

@@ -29,6 +29,8 @@ async def health(request: ApiRequest) -> ApiResponse:
 
 async def metrics(request: ApiRequest) -> ApiResponse:
     body = await request.state.metrics.render()
+    if request.state.cluster is not None:  # a Ray Serve replica: the coordinator's figures too
+        body += await request.state.cluster.metrics()
     return ApiResponse(200, body, {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 

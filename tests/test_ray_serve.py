@@ -155,6 +155,17 @@ async def test_feedback_to_both_replicas_trains_one_adapter(cluster):
 
         await _wait_for(same_version, 5, "both replicas serving the coordinator's version")
         assert coordinator["broadcast_ms_p99"] < 1000.0  # each step reached each replica within 1 s
+        async with http.get(f"{url}/metrics") as r:
+            text = await r.text()
+        assert f'mace_replica_info{{replica="{r.headers["x-mace-replica"]}"}} 1' in text
+        steps = float(next(line.split()[1] for line in text.splitlines()
+                           if line.startswith("mace_coordinator_steps_total ")))
+        assert steps >= coordinator["steps"]
+        for replica in state["replicas"]:
+            assert f'mace_coordinator_pairs_total{{replica="{replica["id"]}"}}' in text
+            assert f'mace_replica_serving_version{{replica="{replica["id"]}"}}' in text
+        assert 'mace_coordinator_broadcast_seconds{quantile="0.99"}' in text
+        assert "mace_prefix_cache_hits" in text  # the replica's own metrics, as without Ray
 
 
 async def test_a_replica_killed_under_a_stream_load_loses_nothing_acknowledged(cluster):

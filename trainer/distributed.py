@@ -416,6 +416,7 @@ class Coordinator:
                 "pairs_by_replica": dict(self.pairs_by_replica), "leased": len(self._leases),
                 "accumulated": len(self._acc.pair_ids), "training_enabled": self.training_enabled,
                 "step_ms_p50": _quantile(steps, 0.5) * 1e3 if steps else None,
+                "step_ms_p99": _quantile(steps, 0.99) * 1e3 if steps else None,
                 "broadcast_ms_p50": _quantile(broadcast, 0.5) * 1e3 if broadcast else None,
                 "broadcast_ms_p99": _quantile(broadcast, 0.99) * 1e3 if broadcast else None,
                 "generation": self.generation,
