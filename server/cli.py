@@ -89,6 +89,8 @@ BENCHES = {
     "plan": ("bench.plan", "the scheduler's planning time per iteration at 16, 256 and 1024 queued requests"),
     "policies": ("bench.policies", "the fine-tune policies under a chat load with 10/30/50%% feedback"),
     "adapters": ("bench.adapters", "decode throughput with a batch spread over 1, 4 and 8 LoRA adapters"),
+    "replicas": ("bench.replicas", "1 vs 2 Ray Serve replicas training one adapter: throughput, latency, "
+                                   "pairs trained/s, broadcast delay, prefix hits"),
     "cpu": ("bench.cpu", "mace serve vs llama.cpp's llama-server on the CPU: throughput, batch-1 decode, prefill"),
     "paper": ("bench.paper", "MACE's evaluation over HTTP: recovery after drift, latency vs retrain rate, ablation"),
 }
@@ -140,6 +142,9 @@ def build_parser(bench_name: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="join this Ray cluster (e.g. auto after `ray start --head`) instead of starting one")
     g.add_argument("--replica-threads", type=int, default=1, help="CPU threads (and Ray CPUs) per replica")
+    g.add_argument("--replica-router", choices=["prefix", "pow2"], default="prefix",
+                   help="prefix: requests sharing a prompt prefix go to the replica that holds it (balanced against "
+                        "queue length); pow2: Ray Serve's default power-of-two choices")
     g.add_argument("--ray-dashboard", action=argparse.BooleanOptionalAction, default=None,
                    help="start Ray's dashboard with a local Ray (default: Ray's choice)")
     p.set_defaults(func=_serve)

@@ -167,6 +167,14 @@ class Cluster:
                    [(f'{{replica="{r}"}}', n) for r, n in sorted(s["pairs_by_replica"].items())])
             family("mace_replica_serving_version", "gauge", "The adapter version each replica serves.",
                    [(f'{{replica="{r["id"]}"}}', r["version"]) for r in s["replicas"]])
+            family("mace_replica_prefix_cache_hits", "counter",
+                   "Each replica's prefix-cache hit tokens (mace_prefix_cache_hits), as of its last poll.",
+                   [(f'{{replica="{r["id"]}"}}', r["prefix_hit_tokens"]) for r in s["replicas"]
+                    if "prefix_hit_tokens" in r])
+            family("mace_replica_prefix_cache_queries", "counter",
+                   "Each replica's prefix-cache query tokens (mace_prefix_cache_queries), as of its last poll.",
+                   [(f'{{replica="{r["id"]}"}}', r["prefix_query_tokens"]) for r in s["replicas"]
+                    if "prefix_query_tokens" in r])
             for key, name, help_ in (("broadcast_ms", "mace_coordinator_broadcast_seconds",
                                       "From a step to a replica serving it (recent, quantiles)."),
                                      ("step_ms", "mace_coordinator_step_seconds", "One optimizer step (recent).")):
@@ -217,10 +225,13 @@ class Replica:
         if coordinator is not None:
             from trainer.distributed import ReplicaSync
 
+            queues = core.queues
             self.sync = ReplicaSync(
                 self.state.engine.training, self.state.engine, replica_id,
                 lambda *a: coordinator.poll.remote(*a), lambda *a: coordinator.submit.remote(*a),
-                lambda *a: coordinator.register.remote(*a))
+                lambda *a: coordinator.register.remote(*a), poll_timeout_s=2.0,
+                stats=lambda: {"prefix_query_tokens": queues.num_prefix_query_tokens,
+                               "prefix_hit_tokens": queues.num_prefix_hit_tokens})
             await self.sync.start()
             self.state.cluster = Cluster(coordinator, self.sync)
         _freeze_start_up_objects()
@@ -337,15 +348,17 @@ def build_application(args: argparse.Namespace):
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
+    routing = ({"request_router_config": RequestRouterConfig(
+        request_router_class="server.ray_router.PrefixAffinityRouter")} if args.replica_router == "prefix" else {})
     replica = serve.deployment(
         Replica, name="Replica", num_replicas=args.replicas,
         ray_actor_options={"num_cpus": args.replica_threads},
         max_ongoing_requests=args.max_waiting_requests + 64,
-        request_router_config=RequestRouterConfig(request_router_class="server.ray_router.PrefixAffinityRouter"),
         health_check_period_s=2.0, graceful_shutdown_timeout_s=args.shutdown_grace,
+        logging_config={"enable_access_log": False}, **routing,  # no log line per request, as without Ray
     )
     front = serve.deployment(Front, name="Front", num_replicas=1, ray_actor_options={"num_cpus": 0},
-                             max_ongoing_requests=100_000)
+                             max_ongoing_requests=100_000, logging_config={"enable_access_log": False})
     replica_args = argparse.Namespace(**{**vars(args), "threads": args.replica_threads})
     replica_args.func = None
     return front.bind(replica.bind(replica_args), args.max_request_bytes)

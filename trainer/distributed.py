@@ -113,7 +113,8 @@ class Coordinator:
         self._rollback_generation = self.generation  # the generation the last rollback made
         self.training_enabled = True
         self._stepped_at: dict[int, float] = {}  # generation -> wall time of the change
-        self._replica_versions: dict[str, int] = {}  # what each replica last said it serves
+        self._replica_versions: dict[str, tuple[int, int]] = {}  # replica -> (generation, version) it serves
+        self._replica_stats: dict[str, dict] = {}  # replica -> its counters, as of its last poll
         self.broadcast_s: list[float] = []  # change -> a replica serving it, recent
         self._changed: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="mace-coordinator-ckpt")  # in order, off the caller
@@ -359,14 +360,16 @@ class Coordinator:
     # -- the replicas' sync loop ------------------------------------------------------------------
 
     async def poll(self, replica: str, generation: int, work_seq: int, version: int = 0,
-                   timeout_s: float = 5.0) -> Update:
+                   timeout_s: float = 5.0, stats: dict | None = None) -> Update:
         """Wait (up to ``timeout_s``) until the weights are not ``generation`` or the work count
-        is not ``work_seq``; the update (with weights when the generation differs). ``version``:
-        what the replica serves now (reported in ``status``)."""
+        is not ``work_seq``; the update (with weights when the generation differs). ``version``
+        and ``stats`` (the replica's own counters): what ``status`` reports of it."""
         loop = asyncio.get_running_loop()
         event = asyncio.Event()
         with self._lock:
             self._seen[replica] = self.clock()
+            if stats is not None:
+                self._replica_stats[replica] = stats
             self._note_serving(replica, generation, version)
             self._expire(self.clock())
             if self.generation == generation and self.work_seq == work_seq:
@@ -420,8 +423,8 @@ class Coordinator:
                 "broadcast_ms_p50": _quantile(broadcast, 0.5) * 1e3 if broadcast else None,
                 "broadcast_ms_p99": _quantile(broadcast, 0.99) * 1e3 if broadcast else None,
                 "generation": self.generation,
-                "replicas": [{"id": r, "version": v} for r, (_, v) in sorted(self._replica_versions.items())
-                             if r in self._seen],
+                "replicas": [{"id": r, "version": v, **self._replica_stats.get(r, {})}
+                             for r, (_, v) in sorted(self._replica_versions.items()) if r in self._seen],
             }
 
     def close(self) -> None:
@@ -497,13 +500,14 @@ class ReplicaSync:
     ``poll`` and ``submit`` are the coordinator's methods, awaited (an actor's, under Ray)."""
 
     def __init__(self, training, engine, replica: str, poll, submit, register, *,
-                 poll_timeout_s: float = 5.0) -> None:
+                 poll_timeout_s: float = 5.0, stats: Callable[[], dict] | None = None) -> None:
         self.training = training
         self.engine = engine
         self.replica = replica
         self._poll = poll
         self._submit = submit
         self._register_call = register
+        self._stats = stats  # this replica's counters, sent with each poll
         self.poll_timeout_s = poll_timeout_s
         self.work_seq = -1
         self.generation = -1  # the coordinator's weights this replica serves (-1: none yet)
@@ -556,7 +560,7 @@ class ReplicaSync:
         while True:
             try:
                 update = await self._poll(self.replica, self.generation, self.work_seq, self.version,
-                                          self.poll_timeout_s)
+                                          self.poll_timeout_s, self._stats() if self._stats else None)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - the coordinator restarting: poll again shortly
