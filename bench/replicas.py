@@ -126,6 +126,7 @@ def run_case(args: argparse.Namespace, model: str, replicas: int, router: str, s
         "pairs_by_replica": coordinator["pairs_by_replica"],
         "broadcast_ms_p50": coordinator["broadcast_ms_p50"], "broadcast_ms_p99": coordinator["broadcast_ms_p99"],
         "step_ms_p50": coordinator["step_ms_p50"], "step_ms_p99": coordinator["step_ms_p99"],
+        "submit_ms_p50": coordinator["submit_ms_p50"], "adapter_bytes": coordinator["adapter_bytes"],
         "prefix_hit_ratio": hits / queries if queries else None,
         "replica_versions": [r["version"] for r in adapters["replicas"]],
     }
@@ -139,7 +140,7 @@ def _stat(values: list) -> dict:
 
 
 FIELDS = ("output_tokens_per_s", "ttft_p99_ms", "tbt_p99_ms", "slo_attainment", "pairs_trained_per_s",
-          "broadcast_ms_p50", "broadcast_ms_p99", "step_ms_p50", "prefix_hit_ratio")
+          "broadcast_ms_p50", "broadcast_ms_p99", "step_ms_p50", "submit_ms_p50", "prefix_hit_ratio")
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -98,8 +98,9 @@ async def post_feedback(request: ApiRequest) -> ApiResponse:
     results = await asyncio.to_thread(store.add, pairs)  # returns after the commit
     num_stored = sum(is_new for _, is_new in results)
     training = state.engine.training_for(tenant)
-    if training is not None and num_stored:
-        await training.trainer.refill()  # picks the new pairs up and wakes the engine
+    if training is not None and num_stored and state.cluster is None:
+        # picks the new pairs up and wakes the engine (replicas: the coordinator tells them all)
+        await training.trainer.refill()
     answer = fb.FeedbackResponse(ids=[i for i, _ in results], stored=num_stored, duplicates=len(results) - num_stored)
     return ApiResponse.json(_encode(answer))
 

@@ -23,7 +23,7 @@ from scheduler.async_engine import EngineError
 from scheduler.core import RequestOutput
 from scheduler.request import RequestOptions
 from server.api import ApiRequest, ApiResponse, Routes, read_json
-from server.errors import error_body
+from server.errors import ApiError, error_body
 from protocol import openai as oa
 from server.serving import SequenceSpec, Serving
 from protocol.sse import DONE, encode_event
@@ -374,16 +374,25 @@ async def models(request: ApiRequest) -> ApiResponse:
     return ApiResponse.json(_encode(oa.ModelList(listing)))
 
 
+def _one_server_only(request: ApiRequest, what: str) -> None:
+    """Behind ``--replicas`` a request reaches one replica; what must reach them all is refused."""
+    if request.state.cluster is not None:
+        raise ApiError(400, f"{what} at run time is not supported with --replicas: it would reach one replica",
+                       None, "unsupported_with_replicas")
+
+
 async def load_lora_adapter(request: ApiRequest) -> ApiResponse:
     """vLLM's route and body: ``{lora_name, lora_path}``; the adapter serves requests whose
     ``model`` is ``lora_name`` from the next iteration on."""
     body: oa.LoadLoraAdapterRequest = await read_json(request, oa.LoadLoraAdapterRequest)
+    _one_server_only(request, "loading an adapter")
     await request.state.adapters.load(body.lora_name, body.lora_path, request.tenant)
     return ApiResponse.text(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
 async def unload_lora_adapter(request: ApiRequest) -> ApiResponse:
     body: oa.UnloadLoraAdapterRequest = await read_json(request, oa.UnloadLoraAdapterRequest)
+    _one_server_only(request, "unloading an adapter")
     await request.state.adapters.unload(body.lora_name, request.tenant)
     return ApiResponse.text(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 

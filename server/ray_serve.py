@@ -374,8 +374,13 @@ def start_coordinator(args: argparse.Namespace):
     config = training_config(args, str(args.state_dir))
     if config is None:
         return None
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # on this node, where --state-dir is (a restart comes back to it)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     actor = ray.remote(Coordinator).options(name=COORDINATOR, namespace=NAMESPACE, max_restarts=-1,
-                                            max_task_retries=0, num_cpus=0, get_if_exists=True)
+                                            max_task_retries=0, num_cpus=0, get_if_exists=True,
+                                            scheduling_strategy=here)
     handle = actor.remote(str(args.state_dir), config)
     ray.get(handle.status.remote())  # constructed (the store opened, the checkpoint loaded)
     return handle

@@ -5,6 +5,7 @@ coordinator killed mid-training). One Ray instance for the module; every wait is
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import time
@@ -122,6 +123,9 @@ async def test_openai_package_through_the_proxy_and_the_same_greedy_answer_from_
                                                             "error_type": "validation"}
         async with http.get(f"{url}/v1/nope") as r:
             assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
+        # what would reach one replica only is refused, not half done
+        async with http.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/nowhere"}) as r:
+            assert r.status == 400 and (await r.json())["error"]["code"] == "unsupported_with_replicas"
 
 
 async def test_feedback_to_both_replicas_trains_one_adapter(cluster):
@@ -166,6 +170,20 @@ async def test_feedback_to_both_replicas_trains_one_adapter(cluster):
             assert f'mace_replica_serving_version{{replica="{replica["id"]}"}}' in text
         assert 'mace_coordinator_broadcast_seconds{quantile="0.99"}' in text
         assert "mace_prefix_cache_hits" in text  # the replica's own metrics, as without Ray
+
+        # a rollback through any replica: the coordinator goes back, every replica follows
+        target = coordinator["version"] - 1
+        async with http.post(f"{url}/v1/adapters/rollback", json={"version": target}) as r:
+            assert r.status == 200
+            assert await r.json() == {"version": target, "next_version": coordinator["max_version"] + 1}
+
+        async def rolled_back():
+            replicas = (await _adapters(http, url))["replicas"]
+            return len(replicas) == 2 and {r["version"] for r in replicas} == {target}
+
+        await _wait_for(rolled_back, 5, "both replicas serving the version rolled back to")
+        async with http.post(f"{url}/v1/adapters/rollback", json={"version": 999}) as r:
+            assert r.status == 404 and (await r.json())["error"]["param"] == "version"
 
 
 async def test_a_replica_killed_under_a_stream_load_loses_nothing_acknowledged(cluster):
@@ -235,7 +253,8 @@ async def test_a_killed_coordinator_restarts_from_its_store_and_checkpoint(clust
                 assert r.status == 200
                 acknowledged.append(body["id"])
         await asyncio.sleep(0.3)  # training under way
-        ray.kill(coordinator, no_restart=False)
+        pid = ray.get(coordinator.__ray_call__.remote(lambda self: os.getpid()))
+        os.kill(pid, signal.SIGKILL)  # Ray restarts it (max_restarts=-1)
         for i in range(6, 10):  # posted while it restarts: acknowledged only once stored
             body = {"prompt": f"During the restart {i}?", "chosen": " Yes.", "rejected": " No.", "id": f"crash-{i}"}
             async with http.post(f"{url}/v1/feedback", json=body) as r:

@@ -124,6 +124,7 @@ class Coordinator:
         self.num_stale = 0  # gradients dropped as too stale
         self.pairs_by_replica: dict[str, int] = {}
         self.step_s: list[float] = []  # recent step times (seconds)
+        self.submit_s: list[float] = []  # recent times to add a replica's gradients (seconds)
 
     # -- replicas joining -------------------------------------------------------------------------
 
@@ -217,6 +218,7 @@ class Coordinator:
         """A replica's accumulated gradient over ``pair_ids`` (a sum over pairs, computed from
         weights of generation ``base_generation`` or later). False: too stale (or from before a
         rollback), dropped, the pairs are pending again. A step follows when one is due."""
+        t0 = time.perf_counter()
         with self._lock:
             for i in pair_ids:
                 self._leases.pop(i, None)
@@ -237,6 +239,8 @@ class Coordinator:
             if acc.since is None:
                 acc.since = self.clock()
             self.pairs_by_replica[replica] = self.pairs_by_replica.get(replica, 0) + len(pair_ids)
+            self.submit_s.append(time.perf_counter() - t0)  # the sum, before any step
+            del self.submit_s[:-256]
             self.maybe_step()
             return True
 
@@ -412,6 +416,7 @@ class Coordinator:
     def status(self) -> dict:
         with self._lock:
             steps = sorted(self.step_s)
+            submits = sorted(self.submit_s)
             broadcast = sorted(self.broadcast_s)
             return {
                 "version": self.version, "max_version": self.max_version, "steps": self.num_steps,
@@ -420,6 +425,8 @@ class Coordinator:
                 "accumulated": len(self._acc.pair_ids), "training_enabled": self.training_enabled,
                 "step_ms_p50": _quantile(steps, 0.5) * 1e3 if steps else None,
                 "step_ms_p99": _quantile(steps, 0.99) * 1e3 if steps else None,
+                "submit_ms_p50": _quantile(submits, 0.5) * 1e3 if submits else None,
+                "adapter_bytes": sum(t.numel() * t.element_size() for t in self.weights.values()) if self.weights else 0,
                 "broadcast_ms_p50": _quantile(broadcast, 0.5) * 1e3 if broadcast else None,
                 "broadcast_ms_p99": _quantile(broadcast, 0.99) * 1e3 if broadcast else None,
                 "generation": self.generation,
