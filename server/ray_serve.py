@@ -364,12 +364,25 @@ def build_application(args: argparse.Namespace):
     return front.bind(replica.bind(replica_args), args.max_request_bytes)
 
 
+def _shared_coordinator():
+    import ray
+
+    from trainer.distributed import Coordinator
+
+    class SharedCoordinator(Coordinator):
+        """The coordinator as a Ray actor: each step's weights go into the object store once."""
+
+        def share(self, weights):
+            return ray.put(weights)
+
+    return SharedCoordinator
+
+
 def start_coordinator(args: argparse.Namespace):
     """The coordinator actor (restarted by Ray if it dies), or None with training off."""
     import ray
 
     from server.flags import training_config
-    from trainer.distributed import Coordinator
 
     config = training_config(args, str(args.state_dir))
     if config is None:
@@ -378,7 +391,7 @@ def start_coordinator(args: argparse.Namespace):
 
     # on this node, where --state-dir is (a restart comes back to it)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    actor = ray.remote(Coordinator).options(name=COORDINATOR, namespace=NAMESPACE, max_restarts=-1,
+    actor = ray.remote(_shared_coordinator()).options(name=COORDINATOR, namespace=NAMESPACE, max_restarts=-1,
                                             max_task_retries=0, num_cpus=0, get_if_exists=True,
                                             scheduling_strategy=here)
     handle = actor.remote(str(args.state_dir), config)

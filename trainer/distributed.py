@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import logging
 import math
 import threading
@@ -64,7 +65,7 @@ class Update:
     work to lease."""
 
     version: int
-    weights: dict[str, torch.Tensor] | None
+    weights: object  # the weights (dict of tensors), or an awaitable of them (a Ray object ref); None: unchanged
     work_seq: int
     training_enabled: bool = True
     generation: int = 0  # changes of the weights so far (steps and rollbacks)
@@ -115,6 +116,7 @@ class Coordinator:
         self._stepped_at: dict[int, float] = {}  # generation -> wall time of the change
         self._replica_versions: dict[str, tuple[int, int]] = {}  # replica -> (generation, version) it serves
         self._replica_stats: dict[str, dict] = {}  # replica -> its counters, as of its last poll
+        self._shared: tuple[int, object] | None = None  # (generation, share(weights)) of the last change
         self.broadcast_s: list[float] = []  # change -> a replica serving it, recent
         self._changed: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="mace-coordinator-ckpt")  # in order, off the caller
@@ -142,8 +144,19 @@ class Coordinator:
     def _update(self, generation: int | None) -> Update:
         """The state for a replica that serves ``generation`` (None: nothing yet)."""
         rolled_back = self._rollback_generation == self.generation != self._start_generation
-        return Update(self.version, self.weights if generation != self.generation else None, self.work_seq,
-                      self.training_enabled, self.generation, rolled_back, self.weights is not None)
+        weights = None
+        if generation != self.generation and self.weights is not None:
+            if self._shared is None or self._shared[0] != self.generation:
+                self._shared = (self.generation, self.share(self.weights))
+            weights = self._shared[1]
+        return Update(self.version, weights, self.work_seq, self.training_enabled, self.generation, rolled_back,
+                      self.weights is not None)
+
+    def share(self, weights: dict[str, torch.Tensor]) -> object:
+        """What updates carry for ``weights``, made once per change: the weights themselves here;
+        the Ray actor puts them in the object store once, and every replica's update carries the
+        reference (one serialization per step, not one per replica)."""
+        return weights
 
     # -- the feedback store -----------------------------------------------------------------------
 
@@ -534,7 +547,10 @@ class ReplicaSync:
         """Serve ``update``'s weights from the next iteration boundary at which no pass cut at
         layers is part-way."""
         executor, trainer = self.training.executor, self.training.trainer
-        while not await self.engine.run_on_worker(lambda: executor.adopt(update.version, update.weights)):
+        weights = update.weights
+        if inspect.isawaitable(weights):  # a Ray object ref
+            weights = await weights
+        while not await self.engine.run_on_worker(lambda: executor.adopt(update.version, weights)):
             await asyncio.sleep(0.005)
         if update.rolled_back:  # the accumulation's gradients are of weights left behind
             trainer.drop_accumulation()
