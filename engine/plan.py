@@ -248,6 +248,7 @@ class FinetuneResult:
     # An executor that hands its gradients over (replicas: trainer/distributed.py) instead of
     # stepping: the accumulated LoRA gradients (CPU, keyed as a checkpoint keys the weights).
     gradients: dict | None = None
+    gradients_generation: int | None = None  # the oldest weights they were computed from (a coordinator's change number)
 
 
 @dataclass(slots=True)

@@ -18,9 +18,10 @@ accumulated from weights ``g`` changes old (the coordinator's ``generation`` cou
 of the weights: steps and rollbacks) is summed into the next step when ``g <= max_staleness``
 (default 1: bounded-staleness asynchronous SGD, as in parameter servers), else dropped, and its
 pairs go back to pending for a replica to train on fresh weights (nothing is lost; the work is
-redone). A gradient from weights older than a rollback is always dropped. A replica adopts a new version only between
-two layer pieces of a pair (a pass cut at decoder layers holds an autograd graph over the old
-weights), so its accumulation in progress carries on across the version change.
+redone). A gradient from weights older than a rollback is always dropped. A replica serves a
+new version from its next iteration; its trainable adapter takes it too, unless a pass cut at
+decoder layers is part-way (its autograd graph holds the trainable weights: then when that pass
+ends), and what it hands over is labelled with the oldest weights any of its pieces saw.
 
 Leases. A replica that stops polling for ``lease_s`` (killed, or stuck) loses its leases and
 those pairs are handed to the others. Leases and accumulated gradients live in the coordinator's
@@ -53,6 +54,7 @@ import torch
 from engine.config import TrainingConfig
 from trainer.checkpoint import (adapter_config_json, checkpoints, latest_checkpoint, load_checkpoint_state, max_version_on_disk,
                                 rollback_name, write_checkpoint)
+from trainer.optim import make_adamw
 from trainer.feedback import FeedbackPair, FeedbackStore, NewPair, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,8 @@ class Coordinator:
             log.info("coordinator resumed the adapter from %s (version %d)", latest[0], self.version)
         self._params: dict[str, torch.nn.Parameter] = {}
         self._optimizer: torch.optim.Optimizer | None = None
+        if self.weights is not None:
+            self._ensure_optimizer()
         self._leases: dict[str, tuple[str, float]] = {}  # pair id -> (replica, leased at)
         self._submitted: set[str] = set()  # in the accumulation or a step not yet on disk
         self._acc = _Accumulation()
@@ -136,6 +140,7 @@ class Coordinator:
         with self._lock:
             if self.weights is None:
                 self.weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in weights.items()}
+                self._ensure_optimizer()  # now, not inside the first step
             if self.config_json is None:
                 self.config_json = config_json
             self._seen[replica] = self.clock()
@@ -275,10 +280,8 @@ class Coordinator:
     def _ensure_optimizer(self) -> None:
         if self._optimizer is not None:
             return
-        from trainer.executor import _make_adamw
-
         self._params = {k: torch.nn.Parameter(v.clone()) for k, v in self.weights.items()}
-        self._optimizer = _make_adamw(list(self._params.values()), self.config)
+        self._optimizer = make_adamw(list(self._params.values()), self.config)
 
     @torch.no_grad()
     def _step(self) -> None:
@@ -544,18 +547,16 @@ class ReplicaSync:
         return self.training.adapter_version
 
     async def adopt(self, update: Update) -> None:
-        """Serve ``update``'s weights from the next iteration boundary at which no pass cut at
-        layers is part-way."""
+        """Serve ``update``'s weights from the next iteration on (``FinetuneExecutor.adopt``)."""
         executor, trainer = self.training.executor, self.training.trainer
         weights = update.weights
         if inspect.isawaitable(weights):  # a Ray object ref
             weights = await weights
-        while not await self.engine.run_on_worker(lambda: executor.adopt(update.version, weights)):
-            await asyncio.sleep(0.005)
+        await self.engine.run_on_worker(lambda: executor.adopt(update.version, weights, update.generation))
         if update.rolled_back:  # the accumulation's gradients are of weights left behind
             trainer.drop_accumulation()
         trainer.adapter_version = update.version
-        trainer.weights_generation = self.generation = update.generation
+        self.generation = update.generation
         self.adopted_at[update.version] = time.time()
         while len(self.adopted_at) > 64:
             del self.adopted_at[min(self.adopted_at)]
@@ -610,8 +611,9 @@ class ReplicaSync:
             self.work_seq = update.work_seq
             await trainer.refill()
 
-    def _on_gradient(self, base_version: int, pair_ids: list[str], grads: dict) -> None:
-        task = asyncio.get_running_loop().create_task(self._send(base_version, pair_ids, grads))
+    def _on_gradient(self, pair_ids: list[str], result) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._send(result.gradients_generation, pair_ids, result.gradients))
         self._sends.add(task)
         task.add_done_callback(self._sends.discard)
 

@@ -28,6 +28,7 @@ from trainer.adapters import SERVING, TRAIN, adapter_pairs, adapter_parameters, 
 from trl.trainer.utils import selective_log_softmax
 
 from trainer.dpo import dpo_loss, response_logprobs
+from trainer.optim import make_adamw
 from trainer.staged import LayerStages, SequenceJob, UnitCosts
 
 def _has_dropout(model: torch.nn.Module) -> bool:
@@ -37,15 +38,6 @@ def _has_dropout(model: torch.nn.Module) -> bool:
     if getattr(config, "attention_dropout", 0.0):
         return True
     return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
-
-
-def _make_adamw(params: list[torch.nn.Parameter], config: TrainingConfig) -> torch.optim.Optimizer:
-    """AdamW, fused where the device has the kernel: one op over all the LoRA tensors instead of
-    a loop over them (0.4 against 1.8 ms a step for the tiny demo model's 32 tensors here)."""
-    try:
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
-    except (RuntimeError, ValueError):
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
 class FinetuneExecutor:
@@ -75,7 +67,7 @@ class FinetuneExecutor:
         self.kept_versions: tuple[int, ...] = ()
         self._keep(self.version)
         self.params = adapter_parameters(peft_model, train)
-        self.optimizer = _make_adamw(self.params, config)
+        self.optimizer = make_adamw(self.params, config)
         self._publish = adapter_pairs(peft_model, serving, train)  # (serving, trainable) per weight
         # Fixed costs of every fine-tune chunk, kept small (they are most of a small chunk's time
         # on a small model, whose layer units run in a millisecond or two): the adapter switch
@@ -108,6 +100,10 @@ class FinetuneExecutor:
         # result instead of stepping here; the coordinator steps, and its weights come back
         # through ``adopt``. The gradients are keyed as a checkpoint keys the weights.
         self.hands_over_gradients = False
+        # the coordinator's change number of the serving and of the trainable weights, and of the
+        # oldest trainable weights the accumulation in progress saw (None: nothing accumulated)
+        self._serving_generation = self._trainable_generation = 0
+        self._accumulated_generation: int | None = None
         self._grad_keys = [n.replace(f".{train}.", ".") for n, p in peft_model.named_parameters()
                            if f".{train}." in n and "lora_" in n]
 
@@ -119,6 +115,8 @@ class FinetuneExecutor:
             self._num_accumulated = 0
             self._chosen_part = None
             self._job = None
+            self._accumulated_generation = None
+        self._sync_trainable()  # weights adopted while a layer pass was part-way
         if chunk.kind == "reference":
             result = self._reference(chunk)
         elif chunk.kind == "gradient":
@@ -291,6 +289,8 @@ class FinetuneExecutor:
 
     def _gradient(self, chunk: FinetuneChunk) -> FinetuneResult:
         result = FinetuneResult(chunk.task_id, "gradient")
+        if self._accumulated_generation is None:
+            self._accumulated_generation = self._trainable_generation
         self._use(self.train_name)
         if self._needs_train_mode:
             self.model.train()
@@ -337,6 +337,7 @@ class FinetuneExecutor:
 
     def _maybe_step(self, chunk: FinetuneChunk, result: FinetuneResult) -> FinetuneResult:
         if chunk.step and self.hands_over_gradients:
+            result.gradients_generation = self._accumulated_generation
             result.gradients = self._hand_over()
             result.stepped = result.gradients is not None
         elif chunk.step:
@@ -383,33 +384,37 @@ class FinetuneExecutor:
         self.optimizer.zero_grad(set_to_none=True)
         self._bad_accumulation = False
         self._num_accumulated = 0
+        self._accumulated_generation = None
         return out
 
-    @property
-    def mid_pass(self) -> bool:
-        """Whether a pass cut at decoder layers is part-way (its graph holds the weights)."""
-        return self._job is not None or self._ref_job is not None
-
     @torch.no_grad()
-    def adopt(self, version: int, state: dict[str, torch.Tensor]) -> bool:
-        """Both adapters take version ``version``'s weights (a coordinator's step), the
-        gradients accumulated so far kept (they count as stale by the versions between). Only
-        between iterations; False (nothing changed) while a pass cut at layers is part-way:
-        try again at a later boundary."""
-        if self.mid_pass:
-            return False
+    def adopt(self, version: int, state: dict[str, torch.Tensor], generation: int) -> None:
+        """Serve version ``version``'s weights (a coordinator's change number ``generation``)
+        from the next iteration on; the trainable adapter takes them too, now or, while a pass
+        cut at decoder layers is part-way (its graph holds the trainable weights), when it ends.
+        The gradients accumulated so far are kept: the hand-over reports the oldest weights any
+        of them saw (``_hand_over``). Only between iterations."""
         if self._serving_weights is not None and state.keys() == self._serving_weights.keys():
             for key, tensor in self._serving_weights.items():
                 tensor.copy_(state[key])
         else:
             set_peft_model_state_dict(self.model, state, adapter_name=self.serving_name)
-        for serving, trainable in self._publish:
-            trainable.copy_(serving)
         self.version = version
         self.max_version = max(self.max_version, version)
         if version not in self._kept:
             self._keep(version)
-        return True
+        self._serving_generation = generation
+        self._sync_trainable()
+
+    @torch.no_grad()
+    def _sync_trainable(self) -> None:
+        """The trainable adapter takes the adopted serving weights, unless a pass cut at layers
+        is part-way or it already has them."""
+        if self._job is not None or self._trainable_generation == self._serving_generation:
+            return
+        for serving, trainable in self._publish:
+            trainable.copy_(serving)
+        self._trainable_generation = self._serving_generation
 
     def _keep(self, version: int) -> None:
         self._kept[version] = self.snapshot()

@@ -84,14 +84,10 @@ class Trainer:
         # when the accumulation's first gradient chunk was handed out (max_step_delay_s), and the
         # clock as of the last offer (the scheduler's)
         self._accumulating_since: float | None = None
-        self._accumulating_from = 0  # weights_generation when it began
-        # Counts the changes of the trainable weights from outside (replicas: each version a
-        # coordinator broadcasts); an accumulation's gradients are as stale as the changes since.
-        self.weights_generation = 0
         self._now: float | None = None
-        # Replicas (trainer/distributed.py): called with (the weights generation the
-        # accumulation began from, its pair ids, the gradients) when a step hands them over.
-        self.gradient_sink: Callable[[int, list[str], dict], None] | None = None
+        # Replicas (trainer/distributed.py): called with the accumulation's pair ids and the
+        # result that hands its gradients over (instead of a step).
+        self.gradient_sink: Callable[[list[str], FinetuneResult], None] | None = None
         # since when references run ahead of ready pairs for ranking: the last step, or the
         # first time a ready pair waited behind them
         self._look_ahead_since: float | None = None
@@ -366,7 +362,6 @@ class Trainer:
             chunk.reset, self._reset = True, False
         if chunk.kind == "gradient" and self._accumulating_since is None:
             self._accumulating_since = self._now
-            self._accumulating_from = self.weights_generation
         self._in_flight[chunk.task_id] = chunk
         self._offered_since = None  # the wait starts again when work is offered next
         return chunk
@@ -443,7 +438,7 @@ class Trainer:
         kept = [p for p in accumulated if p.pair_id not in self._set_aside]
         if result.stepped:
             if self.gradient_sink is not None:
-                self.gradient_sink(self._accumulating_from, [p.pair_id for p in kept], result.gradients)
+                self.gradient_sink([p.pair_id for p in kept], result)
             self.num_steps += 1
             self.num_pairs_stepped += len(kept)
             self._unsaved.append((result.adapter_version, [p.pair_id for p in kept]))
